@@ -1,0 +1,73 @@
+"""What every modality's data check returns, and the upload limits they share.
+
+`inspect_data` in each modality never raises on bad user data: it returns a DataReport whose problems
+name the file and row (or entry) and say why, so the UI can show them before any training starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Problem:
+    file: str
+    reason: str
+    row: int | None = None  # 1-based data row (or line, for JSONL); None for the whole file
+
+    def __str__(self) -> str:
+        where = f"{self.file}, row {self.row}" if self.row is not None else self.file
+        return f"{where}: {self.reason}"
+
+
+@dataclass
+class DataReport:
+    format: str = ""                     # detected or chosen shape of the data
+    rows_found: int = 0
+    rows_usable: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    preview: list[dict[str, Any]] = field(default_factory=list)  # first rows, as the model will see them
+    stats: dict[str, Any] = field(default_factory=dict)
+    columns: list[str] = field(default_factory=list)
+    mapping: dict[str, str] = field(default_factory=dict)       # role -> column actually used
+    validation_rows: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.rows_usable > 0
+
+    def problem(self, file: str | Path, reason: str, row: int | None = None) -> None:
+        self.problems.append(Problem(Path(file).name if file else "", reason, row))
+
+    def summary(self) -> str:
+        """One line for the UI and the CLI."""
+        if not self.rows_found and self.problems:
+            return f"No usable data: {self.problems[0]}"
+        text = f"{self.rows_usable} of {self.rows_found} rows usable"
+        if self.format:
+            text += f" ({self.format})"
+        if self.validation_rows:
+            text += f", {self.validation_rows} held out for validation"
+        dropped = len([p for p in self.problems if p.row is not None])
+        if dropped:
+            text += f"; {dropped} rows dropped"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _limit(name: str, default: int) -> int:
+    """Upload limits are settings: environment variables with sensible defaults (see README)."""
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+# Defaults sized for a workstation; documented in the README's "Limits" section.
+MAX_TABLE_BYTES = _limit("STUDIO_MAX_TABLE_MB", 512) * 2**20
+MAX_CELL_CHARS = _limit("STUDIO_MAX_CELL_CHARS", 1_000_000)

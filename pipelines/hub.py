@@ -1,0 +1,94 @@
+"""Where a base model comes from: a built-in preset, a local folder, or the Hugging Face hub.
+
+All three modalities resolve `base_model` the same way and fail the same way: one sentence that says
+what went wrong and what to do instead, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Callable, TypeVar
+from urllib.parse import urlparse
+
+from pipelines.training import TrainingFailure
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+T = TypeVar("T")
+
+
+class ModelUnavailable(TrainingFailure):
+    """The base model cannot be loaded; the message says why in one sentence."""
+
+
+def workspace() -> Path:
+    """All studio state lives here: $STUDIO_HOME, default ./workspace."""
+    return Path(os.environ.get("STUDIO_HOME", "workspace")).resolve()
+
+
+def allowed_model_roots() -> list[Path]:
+    """Folders a user may load local models from (STUDIO_MODEL_DIRS, ':'-separated); the workspace
+    and the home folder by default, so a browser user cannot point the server at arbitrary paths."""
+    raw = os.environ.get("STUDIO_MODEL_DIRS")
+    roots = [Path(p) for p in raw.split(os.pathsep) if p] if raw else [workspace(), Path.home()]
+    return [r.expanduser().resolve() for r in roots]
+
+
+def resolve_source(base_model: str, presets: dict) -> tuple[str, str]:
+    """("preset", name) | ("local", absolute path) | ("hub", repo id). Raises ModelUnavailable."""
+    text = base_model.strip()
+    if text in presets:
+        return "preset", text
+    path = Path(text).expanduser()
+    if text.startswith(("/", ".", "~")) or path.exists():
+        path = path.resolve()
+        if not any(path == root or root in path.parents for root in allowed_model_roots()):
+            raise ModelUnavailable(f"The folder {path} is outside the folders models may be loaded from.",
+                                   "Move it under your home or workspace folder, or add its parent to "
+                                   "STUDIO_MODEL_DIRS.")
+        if not path.exists():
+            raise ModelUnavailable(f"The model path {path} does not exist.", "Check the folder name.")
+        return "local", str(path)
+    if HUB_ID.match(text) and ".." not in text:
+        return "hub", text
+    raise ModelUnavailable(f"'{text}' is neither a built-in preset, an existing folder nor a hub id.",
+                           f"Use one of {', '.join(presets)}, an id like 'Qwen/Qwen2.5-0.5B-Instruct', "
+                           "or a local folder.")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so an offline machine gets its answer in seconds, not after minutes of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_from_hub(loader: Callable[..., T], repo_id: str, **kwargs) -> T:
+    """Call a `from_pretrained`-style loader for a hub id, turning network and access errors into
+    one clear sentence. Offline, it still loads what the local cache already holds."""
+    online = hub_reachable()
+    try:
+        return loader(repo_id, local_files_only=not online, **kwargs)
+    except Exception as err:  # the hub client raises many kinds; sort them by what the user can do
+        name = type(err).__name__
+        text = str(err)
+        if "Gated" in name or "gated" in text or "401" in text:
+            raise ModelUnavailable(f"'{repo_id}' is a gated model on the Hugging Face hub and needs your access token.",
+                                   "Accept its licence on the hub, then set HF_TOKEN or run `hf auth login`.") from None
+        if "RepositoryNotFound" in name or "404" in text:
+            raise ModelUnavailable(f"There is no model '{repo_id}' on the Hugging Face hub.",
+                                   "Check the spelling of the id.") from None
+        if not online:
+            raise ModelUnavailable(f"'{repo_id}' cannot be downloaded: this machine cannot reach the Hugging Face hub "
+                                   "and the model is not in the local cache.",
+                                   "Pick a built-in tiny preset, or download the model on a connected machine "
+                                   "and choose its folder.") from None
+        raise ModelUnavailable(f"'{repo_id}' could not be loaded from the hub: {text.splitlines()[0] if text else name}.",
+                               "Check the id, your network and your disk space.") from None

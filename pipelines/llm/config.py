@@ -1,0 +1,66 @@
+"""Settings of a language-model LoRA run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pipelines.config import RunConfig, option
+
+DATA_FORMATS = ["auto", "alpaca", "prompt_completion", "chat", "text"]
+TARGETS = {
+    "attention": "Attention projections only (q, k, v, o): smallest adapter.",
+    "all-linear": "Every linear layer but the output head: learns the most.",
+    "custom": "The module names listed in 'custom target modules'.",
+}
+
+
+@dataclass
+class LLMConfig(RunConfig):
+    modality: ClassVar[str] = "llm"
+    path_fields: ClassVar[tuple[str, ...]] = ("train_files", "validation_files")
+
+    base_model: str = option("tiny-llama", "Built-in preset, Hugging Face hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) "
+                                           "or a local folder in transformers format.")
+    trust_remote_code: bool = option(False, "Run Python code that ships with a hub model. Only for models you trust.",
+                                     advanced=True)
+    load_in_4bit: bool = option(False, "QLoRA: load the base model in 4 bits (needs an NVIDIA GPU and bitsandbytes).")
+
+    train_files: list[str] = option([], "Training data: CSV, JSONL, JSON or Parquet files.")
+    validation_files: list[str] = option([], "Optional validation files; otherwise a fraction of the training rows.")
+    validation_fraction: float = option(0.1, "Share of training rows held out for validation when no validation "
+                                             "file is given.", min=0.0, max=0.5, step=0.05)
+    data_format: str = option("auto", "Shape of each row: auto-detect, alpaca (instruction/input/output), "
+                                      "prompt_completion, chat (messages list) or text.", choices=DATA_FORMATS)
+    prompt_column: str = option("", "Column holding the instruction or prompt (empty = detect).", advanced=True)
+    input_column: str = option("", "Optional column with extra input for the instruction (alpaca).", advanced=True)
+    response_column: str = option("", "Column holding the answer (empty = detect).", advanced=True)
+    text_column: str = option("", "Column holding plain text, for the text format (empty = detect).", advanced=True)
+    messages_column: str = option("", "Column holding chat messages, for the chat format (empty = detect).",
+                                  advanced=True)
+    system_prompt: str = option("", "Optional system message put before every example.")
+    train_on: str = option("responses", "Which tokens the loss counts: the responses only, or all tokens.",
+                           choices=["responses", "all"])
+    max_length: int = option(512, "Longest example in tokens; longer ones are truncated.", min=16, max=32768, step=16)
+    packing: bool = option(True, "Pack several short examples into one row with no padding (faster; "
+                                 "examples never attend to each other).", advanced=True)
+
+    target_modules: str = option("all-linear", "Which layers get LoRA adapters.", choices=list(TARGETS))
+    custom_target_modules: list[str] = option([], "Module names for the custom choice, e.g. q_proj, v_proj.",
+                                              advanced=True)
+    use_dora: bool = option(False, "DoRA: weight-decomposed LoRA. Often better, a little slower.")
+    use_rslora: bool = option(False, "rsLoRA: scale by alpha/sqrt(r), steadier at high ranks.")
+
+    sample_prompts: list[str] = option([], "Prompts generated from while training (empty = the first training prompts).")
+    sample_max_new_tokens: int = option(48, "Tokens to generate per sample.", min=1, max=2048, advanced=True)
+
+    def extra_problems(self) -> list[tuple[str, str]]:
+        problems = super().extra_problems()
+        if not self.train_files:
+            problems.append(("train_files", "no training file given"))
+        if self.target_modules == "custom" and not self.custom_target_modules:
+            problems.append(("custom_target_modules", "is empty but target modules is 'custom'"))
+        return problems
+
+
+CONFIG = LLMConfig

@@ -1,0 +1,351 @@
+"""Reading and checking language-model training data.
+
+Tables (CSV/TSV, JSONL, JSON, Parquet) become examples: a list of chat messages, or plain text. The
+same code feeds the data check the user sees and the training run, so what the check accepts is
+exactly what trains. Bad rows are reported with their row number and reason, never raised.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.data import MAX_CELL_CHARS, MAX_TABLE_BYTES, DataReport
+from pipelines.llm.config import LLMConfig
+
+TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet"}
+
+# Column names recognised for each role, in order of preference (compared case-insensitively).
+ROLE_NAMES = {
+    "messages": ["messages", "conversations", "conversation", "chat"],
+    "prompt": ["instruction", "prompt", "question", "query", "input_text"],
+    "input": ["input", "context"],
+    "response": ["output", "response", "completion", "answer", "target"],
+    "text": ["text", "content", "document"],
+}
+CHAT_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+              "model": "assistant", "bot": "assistant"}
+
+
+@dataclass
+class Example:
+    """One training example: chat messages (loss on assistant turns) or plain text (loss on all)."""
+
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+    source: str = ""  # "file.csv row 3", for messages about this example
+
+    @property
+    def prompt(self) -> str:
+        if self.messages:
+            users = [m["content"] for m in self.messages if m["role"] == "user"]
+            return users[-1] if users else ""
+        return (self.text or "")[:80]
+
+    @property
+    def answer(self) -> str:
+        if self.messages:
+            replies = [m["content"] for m in self.messages if m["role"] == "assistant"]
+            return replies[-1] if replies else ""
+        return ""
+
+
+# ---- reading tables --------------------------------------------------------------------------
+
+def read_table(path: Path, report: DataReport) -> list[tuple[int, dict[str, Any]]]:
+    """Rows of one file as (row number, record). Problems go into the report."""
+    name = path.name
+    if not path.is_file():
+        report.problem(name, "file not found")
+        return []
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        report.problem(name, f"unsupported file type '{suffix}': use CSV, TSV, JSONL, JSON or Parquet")
+        return []
+    size = path.stat().st_size
+    if size == 0:
+        report.problem(name, "the file is empty")
+        return []
+    if size > MAX_TABLE_BYTES:
+        report.problem(name, f"the file is {size / 2**20:.0f} MB, over the {MAX_TABLE_BYTES // 2**20} MB limit "
+                             "(STUDIO_MAX_TABLE_MB)")
+        return []
+    if suffix == ".parquet":
+        return _read_parquet(path, report)
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        report.problem(name, f"looks like a binary file, not {suffix[1:].upper()} text")
+        return []
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        report.problem(name, f"is not UTF-8 text (byte 0x{raw[err.start]:02x} at position {err.start}); "
+                             "save it as UTF-8 and upload again")
+        return []
+    if not text.strip():
+        report.problem(name, "the file holds only blank space")
+        return []
+    if suffix in (".csv", ".tsv"):
+        return _read_csv(name, text, "\t" if suffix == ".tsv" else None, report)
+    if suffix == ".jsonl":
+        return _read_jsonl(name, text, report)
+    return _read_json(name, text, report)
+
+
+def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -> list[tuple[int, dict]]:
+    if delimiter is None:
+        try:
+            delimiter = csv.Sniffer().sniff(text[:8192], delimiters=",;\t|").delimiter
+        except csv.Error:
+            delimiter = ","
+    csv.field_size_limit(MAX_CELL_CHARS + 1)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows: list[tuple[int, dict]] = []
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error) as err:
+        report.problem(name, f"the header row cannot be read: {err}")
+        return []
+    header = [h.strip() for h in header]
+    if len(set(header)) != len(header) or any(not h for h in header):
+        report.problem(name, f"the header row has empty or repeated column names: {header}")
+        return []
+    report.columns = report.columns or header
+    number = 0
+    while True:
+        number += 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            reason = str(err)
+            if "field larger" in reason:
+                reason = f"a cell is longer than the {MAX_CELL_CHARS:,} character limit (STUDIO_MAX_CELL_CHARS)"
+            report.problem(name, f"cannot be read: {reason}; the rest of the file was skipped", number)
+            break
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            report.problem(name, f"has {len(cells)} fields but the header has {len(header)}"
+                                 " (a stray delimiter or a missing quote?)", number)
+            continue
+        rows.append((number, dict(zip(header, cells))))
+    if not rows and number <= 1 and not report.problems:
+        report.problem(name, "has a header row but no data rows")
+    return rows
+
+
+def _read_jsonl(name: str, text: str, report: DataReport) -> list[tuple[int, dict]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            report.problem(name, f"is not valid JSON ({err.msg} at column {err.colno})", number)
+            continue
+        if not isinstance(record, dict):
+            report.problem(name, f"is a JSON {type(record).__name__}, not an object with named fields", number)
+            continue
+        rows.append((number, record))
+    return rows
+
+
+def _read_json(name: str, text: str, report: DataReport) -> list[tuple[int, dict]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        report.problem(name, f"is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})")
+        return []
+    if isinstance(data, dict):  # {"data": [...]} and similar wrappers
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else [data]
+    if not isinstance(data, list):
+        report.problem(name, "must hold a list of objects")
+        return []
+    rows = []
+    for number, record in enumerate(data, start=1):
+        if isinstance(record, dict):
+            rows.append((number, record))
+        else:
+            report.problem(name, f"item is a {type(record).__name__}, not an object", number)
+    return rows
+
+
+def _read_parquet(path: Path, report: DataReport) -> list[tuple[int, dict]]:
+    try:
+        import pyarrow.parquet as pq
+        records = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for damaged files
+        report.problem(path.name, f"cannot be read as Parquet (truncated or damaged?): {str(err).splitlines()[0]}")
+        return []
+    return list(enumerate(records, start=1))
+
+
+# ---- shapes ----------------------------------------------------------------------------------
+
+def detect_mapping(columns: list[str], config: LLMConfig) -> tuple[str, dict[str, str]]:
+    """Pick the data format and the column for each role, honouring explicit choices."""
+    lower = {c.lower(): c for c in columns}
+
+    def find(role: str, explicit: str) -> str:
+        if explicit:
+            return explicit if explicit in columns else ""
+        return next((lower[n] for n in ROLE_NAMES[role] if n in lower), "")
+
+    mapping = {role: find(role, getattr(config, f"{role}_column")) for role in ROLE_NAMES}
+    if mapping["prompt"] == mapping["input"]:
+        mapping["input"] = ""
+    fmt = config.data_format
+    if fmt == "auto":
+        if mapping["messages"]:
+            fmt = "chat"
+        elif mapping["prompt"] and mapping["response"]:
+            fmt = "alpaca" if mapping["input"] or "instruction" in lower else "prompt_completion"
+        elif mapping["text"]:
+            fmt = "text"
+        else:
+            fmt = ""
+    needed = {"chat": ["messages"], "alpaca": ["prompt", "response"], "prompt_completion": ["prompt", "response"],
+              "text": ["text"]}.get(fmt, [])
+    used = {role: mapping[role] for role in needed + (["input"] if fmt == "alpaca" else []) if mapping[role]}
+    return fmt, used
+
+
+def _cell(record: dict, column: str) -> str:
+    value = record.get(column)
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+def to_example(record: dict, fmt: str, mapping: dict[str, str], system_prompt: str) -> Example | str:
+    """An Example, or the reason this row cannot be used."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if fmt == "text":
+        text = _cell(record, mapping["text"])
+        return Example(text=text) if text.strip() else f"the '{mapping['text']}' column is empty"
+    if fmt == "chat":
+        return _chat_example(record.get(mapping["messages"]), mapping["messages"], system)
+    prompt, response = _cell(record, mapping["prompt"]), _cell(record, mapping["response"])
+    if not prompt.strip():
+        return f"the '{mapping['prompt']}' column is empty"
+    if not response.strip():
+        return f"the '{mapping['response']}' column is empty"
+    extra = _cell(record, mapping["input"]) if mapping.get("input") else ""
+    if extra.strip():
+        prompt = f"{prompt}\n\n{extra}"
+    return Example(messages=system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+
+
+def _chat_example(value: Any, column: str, system: list[dict]) -> Example | str:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return f"the '{column}' column is not a JSON list of messages"
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        return f"the '{column}' column must be a non-empty list of messages"
+    messages = []
+    for i, message in enumerate(value, start=1):
+        if not isinstance(message, dict):
+            return f"message {i} is not an object with role and content"
+        role = str(message.get("role", message.get("from", ""))).lower()
+        content = message.get("content", message.get("value"))
+        if role not in CHAT_ROLES:
+            return f"message {i} has an unknown role '{role}' (use system, user or assistant)"
+        if not isinstance(content, str) or not content.strip():
+            return f"message {i} has no text content"
+        messages.append({"role": CHAT_ROLES[role], "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        return "the conversation has no assistant message to learn from"
+    if messages[0]["role"] != "system":
+        messages = system + messages
+    return Example(messages=messages)
+
+
+# ---- the whole data set ----------------------------------------------------------------------
+
+def load_examples(config: LLMConfig, report: DataReport | None = None
+                  ) -> tuple[DataReport, list[Example], list[Example]]:
+    """Read every file, report every problem, split train/validation. Never raises on bad data."""
+    report = report or DataReport()
+    train = _examples_from(config.train_files, config, report)
+    validation: list[Example] = []
+    if config.validation_files:
+        validation = _examples_from(config.validation_files, config, report, count=False)
+    elif config.validation_fraction > 0 and len(train) >= 5:
+        shuffled = train[:]
+        random.Random(config.seed).shuffle(shuffled)
+        held = max(1, round(len(train) * config.validation_fraction))
+        validation, held_ids = shuffled[:held], {id(e) for e in shuffled[:held]}
+        train = [e for e in train if id(e) not in held_ids]
+    report.validation_rows = len(validation)
+    return report, train, validation
+
+
+def _examples_from(files: list[str], config: LLMConfig, report: DataReport, count: bool = True) -> list[Example]:
+    examples: list[Example] = []
+    for file in files:
+        path = Path(file)
+        rows = read_table(path, report)
+        if count:
+            report.rows_found += len(rows)
+        if not rows:
+            continue
+        columns = list(dict.fromkeys(k for _, record in rows[:200] for k in record))
+        fmt, mapping = detect_mapping(columns, config)
+        if count:
+            report.columns, report.format, report.mapping = columns, fmt, mapping
+        if not fmt:
+            report.problem(path, f"no known columns among {columns}: expected instruction/output, prompt/completion, "
+                                 "question/answer, messages or text; or map the columns yourself")
+            continue
+        missing = [role for role, column in mapping.items() if column not in columns]
+        if missing or (fmt in ("alpaca", "prompt_completion") and not {"prompt", "response"} <= mapping.keys()):
+            report.problem(path, f"the columns for the {fmt} format were not found among {columns}")
+            continue
+        for number, record in rows:
+            example = to_example(record, fmt, mapping, config.system_prompt)
+            if isinstance(example, str):
+                report.problem(path, example, number)
+                continue
+            example.source = f"{path.name} row {number}"
+            examples.append(example)
+        if count:
+            report.rows_usable = len(examples)
+    return examples
+
+
+def inspect_data(config: LLMConfig) -> DataReport:
+    """The data check the UI and CLI show before training: rows, format, problems, token lengths."""
+    report, train, validation = load_examples(config)
+    report.rows_usable = len(train) + len(validation) if not config.validation_files else len(train)
+    report.preview = [{"prompt": e.prompt, "response": e.answer} if e.messages else {"text": e.text}
+                      for e in train[:20]]
+    if not train:
+        return report
+    try:
+        from pipelines.llm.model import load_tokenizer
+        from pipelines.llm.tokenize import encode
+        tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)
+    except Exception as err:  # the model may be unreachable offline: still report the rows
+        report.problem("", f"token lengths not computed: {getattr(err, 'cause', None) or err}")
+        return report
+    lengths = [len(encode(e, tokenizer, config)[0]) for e in train + validation]
+    over = sum(n > config.max_length for n in lengths)
+    report.stats = {"tokens_min": min(lengths), "tokens_mean": round(statistics.mean(lengths), 1),
+                    "tokens_p95": sorted(lengths)[int(0.95 * (len(lengths) - 1))], "tokens_max": max(lengths),
+                    "tokens_total": sum(lengths), "over_max_length": over, "max_length": config.max_length,
+                    "lengths": lengths}
+    return report

@@ -1,0 +1,143 @@
+"""Base causal language models: the tiny offline preset, local folders and hub ids, plus LoRA setup.
+
+The tiny preset is materialised once as an ordinary transformers folder in the workspace and then
+loaded like any local model, so the preset exercises the same code path as a downloaded model, and an
+exported adapter's `base_model_name_or_path` points at a real folder plain peft can load.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from pipelines.hub import ModelUnavailable, load_from_hub, resolve_source, workspace
+from pipelines.training import TrainingFailure
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+
+# A few million parameters: trains in well under a minute on a laptop CPU.
+PRESETS = {
+    "tiny-llama": {
+        "tokenizer": "tiny-llama-tokenizer",
+        "config": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
+                       tie_word_embeddings=True, initializer_range=0.05),
+        "seed": 0,
+    },
+}
+
+# Used when a tokenizer has no chat template of its own (documented in the README).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+    "{% else %}### Response:\n{{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+
+ATTENTION_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn",
+                   "Wqkv", "out_proj", "query", "key", "value"}
+
+
+def materialise_preset(name: str) -> Path:
+    """Build the preset deterministically (fixed seed, fixed config) into workspace/models/<name>/ once."""
+    target = workspace() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    spec = PRESETS[name]
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / spec["tokenizer"])
+    config = LlamaConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **spec["config"])
+    torch.manual_seed(spec["seed"])
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = target.with_name(f".tmp-{name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process built it first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def base_location(base_model: str) -> str:
+    """What from_pretrained should load: a folder path or a hub id."""
+    kind, value = resolve_source(base_model, PRESETS)
+    if kind == "preset":
+        return str(materialise_preset(value))
+    if kind == "local" and not (Path(value) / "config.json").exists():
+        raise ModelUnavailable(f"The folder {value} is not a transformers model (it has no config.json).",
+                               "Choose the folder that holds config.json and the weights.")
+    return value
+
+
+def _load(loader, location: str, **kwargs):
+    if Path(location).is_dir():
+        try:
+            return loader(location, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ModelUnavailable(f"The model in {location} could not be read: {str(err).splitlines()[0]}",
+                                   "Check that the folder is complete.") from None
+    return load_from_hub(loader, location, **kwargs)
+
+
+def load_tokenizer(base_model: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = _load(AutoTokenizer.from_pretrained, base_location(base_model), trust_remote_code=trust_remote_code)
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(base_model: str, device: torch.device, *, trust_remote_code: bool = False,
+                    load_in_4bit: bool = False) -> torch.nn.Module:
+    location = base_location(base_model)
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "use_safetensors": None}
+    if device.type == "cuda":
+        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        kwargs["dtype"] = torch.float32
+    if load_in_4bit:
+        kwargs["quantization_config"] = _four_bit_config(device)
+        kwargs["device_map"] = {"": device.index or 0}
+    model = _load(AutoModelForCausalLM.from_pretrained, location, **kwargs)
+    if not load_in_4bit:
+        model.to(device)
+    return model
+
+
+def _four_bit_config(device: torch.device):
+    if device.type != "cuda":
+        raise TrainingFailure("4-bit (QLoRA) loading needs an NVIDIA GPU, and this run is on the CPU.",
+                              "Turn off 4-bit, or run on a machine with a GPU.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TrainingFailure("4-bit (QLoRA) loading needs the bitsandbytes package, which is not installed.",
+                              "Run `.venv/bin/pip install bitsandbytes`, or turn off 4-bit.") from None
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def lora_targets(model: torch.nn.Module, choice: str, custom: list[str]) -> list[str] | str:
+    if choice == "all-linear":
+        return "all-linear"
+    if choice == "custom":
+        return custom
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear4bit"}
+    found = sorted(names & ATTENTION_NAMES)
+    if not found:
+        raise TrainingFailure("No attention projection layers were recognised in this model.",
+                              "Choose 'all-linear' or list the module names under custom target modules.")
+    return found

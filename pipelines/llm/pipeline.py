@@ -1,0 +1,187 @@
+"""Language-model LoRA: train, generate, export. Reads like a recipe: load, attach LoRA, hand the loop a task."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from pipelines.llm.config import LLMConfig
+from pipelines.llm.data import load_examples
+from pipelines.llm.model import base_location, load_base_model, load_tokenizer, lora_targets
+from pipelines.llm.tokenize import collate, counted_tokens, encode
+from pipelines.training import (Events, TrainingFailure, TrainingTask, iterate_in_batches, latest_checkpoint,
+                                pick_device, run_training, seed_everything, shuffled)
+
+
+def attach_lora(model: torch.nn.Module, config: LLMConfig) -> torch.nn.Module:
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=lora_targets(model, config.target_modules, config.custom_target_modules),
+                      use_dora=config.use_dora, use_rslora=config.use_rslora, task_type="CAUSAL_LM")
+    if config.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        raise TrainingFailure(f"LoRA could not be attached: {err}", "Check the target modules.") from None
+
+
+def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: Callable[[], bool],
+          resume: bool = False, log: Callable[[str], None] = print) -> str:
+    run_dir = Path(run_dir)
+    device = pick_device(config.device)
+    report, train_examples, validation_examples = load_examples(config)
+    for problem in report.problems:
+        log(f"Skipped: {problem}")
+    if not train_examples:
+        first = report.problems[0] if report.problems else "no rows"
+        raise TrainingFailure(f"The training data has no usable row ({first}).", "Fix the data and start again.")
+
+    log(f"Loading {config.base_model} on {device.type}.")
+    tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)
+    seed_everything(config.seed)  # LoRA's initial weights depend on it
+    model = attach_lora(load_base_model(config.base_model, device, trust_remote_code=config.trust_remote_code,
+                                        load_in_4bit=config.load_in_4bit), config)
+    model.config.use_cache = False
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"LoRA adds {trainable:,} trainable parameters to {total - trainable:,} frozen ones.")
+
+    encoded = [encode(e, tokenizer, config, truncate=True) for e in train_examples]
+    truncated = sum(len(encode(e, tokenizer, config)[0]) > config.max_length for e in train_examples)
+    if truncated:
+        log(f"{truncated} examples are longer than {config.max_length} tokens and were truncated.")
+    encoded = [pair for pair in encoded if any(label != -100 for label in pair[1][1:])]
+    if not encoded:
+        raise TrainingFailure("After truncation no example has any response token left to learn from.",
+                              "Raise the max length.")
+    validation = [encode(e, tokenizer, config, truncate=True) for e in validation_examples]
+    pad_id = tokenizer.pad_token_id
+
+    def batches_for_epoch(epoch: int) -> list[dict]:
+        order = shuffled(encoded, config.seed, epoch)
+        return [collate(group, pad_id, config.packing) for group in iterate_in_batches(order, config.batch_size)]
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else None
+
+    def forward(batch: dict) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if autocast is None:
+            return model(**batch, use_cache=False).loss
+        with autocast:
+            return model(**batch, use_cache=False).loss
+
+    def loss_on(batch: dict) -> tuple[torch.Tensor, int]:
+        return forward(batch), counted_tokens(batch)
+
+    def evaluate() -> dict[str, float]:
+        if not validation:
+            return {}
+        total_loss, total_tokens = 0.0, 0
+        for group in iterate_in_batches(validation, config.batch_size):
+            batch = collate(group, pad_id, config.packing)
+            n = counted_tokens(batch)
+            if n:
+                total_loss += forward(batch).item() * n
+                total_tokens += n
+        mean = total_loss / max(1, total_tokens)
+        return {"eval_loss": mean, "eval_perplexity": float(torch.exp(torch.tensor(min(mean, 50.0))))}
+
+    prompts = config.sample_prompts or [e.prompt for e in train_examples[:2] if e.messages]
+    answers = {e.prompt: e.answer for e in train_examples}
+
+    def make_samples() -> list[dict]:
+        return [{"prompt": p, "output": complete(model, tokenizer, p, max_new_tokens=config.sample_max_new_tokens),
+                 "expected": answers.get(p, "")} for p in prompts]
+
+    def save_adapter(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        _point_adapter_at_base(folder, config.base_model)
+        tokenizer.save_pretrained(folder)
+
+    task = TrainingTask(model=model, batches_for_epoch=batches_for_epoch, loss_on=loss_on, save_adapter=save_adapter,
+                        unit="tokens", evaluate=evaluate if validation else None,
+                        make_samples=make_samples if prompts else None)
+    events.emit("data", rows=len(encoded), validation_rows=len(validation), format=report.format)
+    return run_training(task, config, run_dir, events, should_stop, resume=resume, log=log)
+
+
+def _point_adapter_at_base(folder: Path, base_model: str) -> None:
+    """Make adapter_config.json name a base that plain peft can load: the preset's materialised folder,
+    the local folder, or the hub id."""
+    path = folder / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["base_model_name_or_path"] = base_location(base_model)
+    path.write_text(json.dumps(data, indent=2))
+
+
+# ---- using a trained run ---------------------------------------------------------------------
+
+def adapter_dir(run_dir: str | Path, checkpoint: str | None = None) -> Path:
+    """The final adapter, or a named checkpoint's ("step-40"), or the latest checkpoint's if training
+    has not finished yet."""
+    run_dir = Path(run_dir)
+    if checkpoint:
+        folder = run_dir / "checkpoints" / checkpoint / "adapter"
+    elif (run_dir / "adapter" / "adapter_config.json").exists():
+        folder = run_dir / "adapter"
+    else:
+        latest = latest_checkpoint(run_dir)
+        folder = latest / "adapter" if latest else run_dir / "adapter"
+    if not (folder / "adapter_config.json").exists():
+        raise TrainingFailure(f"No adapter found at {folder}.", "Train the run (or wait for its first checkpoint).")
+    return folder
+
+
+def load_for_generation(config: LLMConfig, run_dir: str | Path | None, checkpoint: str | None = None):
+    """(model, tokenizer). With a run, the model carries its adapter; `model.disable_adapter()` gives the base."""
+    device = pick_device(config.device)
+    tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)
+    model = load_base_model(config.base_model, device, trust_remote_code=config.trust_remote_code)
+    if run_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir(run_dir, checkpoint))
+    model.eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def complete(model, tokenizer, prompt: str | list[dict], *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, chat: bool = True, seed: int = 0) -> str:
+    """Generate a reply. A string prompt is one user turn; a list is a whole conversation."""
+    if chat:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = prompt
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(model.device)
+    sampling = temperature > 0
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sampling,
+                                temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+                                top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    finally:
+        torch.random.set_rng_state(generator_state)  # sampling must not shift the training run's randomness
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def export(config: LLMConfig, run_dir: str | Path, kind: str, destination: str | Path,
+           checkpoint: str | None = None) -> Path:
+    """kind "adapter": the peft adapter folder; "merged": a full transformers model with its tokenizer."""
+    destination = Path(destination)
+    source = adapter_dir(run_dir, checkpoint)
+    if kind == "adapter":
+        shutil.copytree(source, destination, dirs_exist_ok=True)
+        return destination
+    if kind != "merged":
+        raise ValueError(f"unknown export kind {kind!r}")
+    model, tokenizer = load_for_generation(config.changed(device="cpu"), run_dir, checkpoint)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(destination, safe_serialization=True)
+    tokenizer.save_pretrained(destination)
+    return destination

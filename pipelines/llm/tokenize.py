@@ -1,0 +1,79 @@
+"""Examples to token ids and loss labels, and token ids to batches.
+
+Prompts are rendered with the tokenizer's chat template (or the default one, see model.py). The loss
+counts only assistant replies unless the run says `train_on: all`: each assistant turn is found by
+rendering the conversation up to it with and without the reply.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from pipelines.llm.config import LLMConfig
+from pipelines.llm.data import Example
+
+IGNORE = -100
+
+
+def _segments(example: Example, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+    """The rendered text cut into (piece, counts-for-loss) parts."""
+    if example.text is not None:
+        return [(example.text + (tokenizer.eos_token or ""), True)]
+    messages = example.messages
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            # A template that rewrites earlier turns: fall back to learning the whole conversation.
+            return [(tokenizer.apply_chat_template(messages, tokenize=False), True)]
+        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def encode(example: Example, tokenizer: PreTrainedTokenizerBase, config: LLMConfig,
+           truncate: bool = False) -> tuple[list[int], list[int]]:
+    """(input ids, labels); labels are IGNORE where the loss does not count."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in _segments(example, tokenizer):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if (trained or config.train_on == "all") else [IGNORE] * len(piece)
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids, labels = [tokenizer.bos_token_id] + ids, [IGNORE] + labels
+    if truncate:
+        ids, labels = ids[:config.max_length], labels[:config.max_length]
+    return ids, labels
+
+
+def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
+    """One forward pass worth of examples.
+
+    packing: all examples concatenated into a single row with position ids restarting at each example.
+    The model then builds a block-diagonal causal mask from the position ids, so examples never attend to
+    each other, and no compute is spent on padding. Otherwise: right-padded to the longest example.
+    """
+    if packing:
+        ids, labels, positions = [], [], []
+        for seq, lab in encoded:
+            ids += seq
+            labels += [IGNORE] + lab[1:]  # the first token is never predicted from the previous example
+            positions += list(range(len(seq)))
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions])}
+    longest = max(len(seq) for seq, _ in encoded)
+    ids = [seq + [pad_id] * (longest - len(seq)) for seq, _ in encoded]
+    labels = [lab + [IGNORE] * (longest - len(lab)) for _, lab in encoded]
+    mask = [[1] * len(seq) + [0] * (longest - len(seq)) for seq, _ in encoded]
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+def counted_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens whose prediction the loss counts (labels are shifted by one inside the model)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -1,0 +1,368 @@
+"""What all three pipelines share: the training loop, its events, checkpoints, resume and stop.
+
+A pipeline describes its work as a `TrainingTask` (the model, how to cut an epoch into batches, how to
+compute a batch's loss, how to evaluate, sample and save the adapter) and hands it to `run_training`.
+The loop owns everything else, so stop, resume, NaN handling and progress behave the same in every tab.
+
+Checkpoints are folders `checkpoints/step-N/` of safetensors and JSON (never pickles), written to a
+temporary folder and renamed into place, so a process killed mid-save leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipelines.config import RunConfig
+
+STOP_FILE = "STOP"
+
+
+class TrainingFailure(Exception):
+    """A failure we can explain: `cause` is one sentence, `advice` says what to change."""
+
+    def __init__(self, cause: str, advice: str = ""):
+        self.cause, self.advice = cause, advice
+        super().__init__(f"{cause} {advice}".strip())
+
+
+# ---- events ----------------------------------------------------------------------------------
+
+class Events:
+    """Append-only `events.jsonl`: one JSON object per line, flushed as written, so readers in other
+    processes (the UI, the CLI) see each step as soon as it happens."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / "events.jsonl"
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def emit(self, kind: str, **data: Any) -> dict:
+        event = {"type": kind, "time": round(time.time(), 3), **data}
+        self._file.write(json.dumps(event, default=_jsonable) + "\n")
+        self._file.flush()
+        return event
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to events")
+
+
+def read_events(run_dir: str | Path, offset: int = 0) -> tuple[list[dict], int]:
+    """Events from byte `offset` on, and the offset to continue from. Skips a half-written last line."""
+    path = Path(run_dir) / "events.jsonl"
+    if not path.exists():
+        return [], offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    end = chunk.rfind(b"\n") + 1
+    events = []
+    for line in chunk[:end].splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn line from a killed writer: skip it, keep the rest
+    return events, offset + end
+
+
+def stop_requested(run_dir: str | Path) -> Callable[[], bool]:
+    """The should_stop callback the worker passes in: true once someone wrote the STOP file."""
+    flag = Path(run_dir) / STOP_FILE
+    return flag.exists
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = checkpoint_dirs(run_dir)
+    return found[-1] if found else None
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "plain": plain}
+
+
+def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for flat, value in list(tensors.items()) + list(meta["plain"].items()):
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    return tensors, plain
+
+
+def _restore_rng(tensors: dict, plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+@dataclass
+class TrainingTask:
+    """What a pipeline hands the loop.
+
+    batches_for_epoch(epoch) must return the same batches in the same order for the same epoch, so a
+    resumed run sees exactly the data the uninterrupted one would have.
+    loss_on(batch) returns the mean loss and how many units it covered (tokens, images, clips).
+    """
+
+    model: torch.nn.Module
+    batches_for_epoch: Callable[[int], list]
+    loss_on: Callable[[Any], tuple[torch.Tensor, int]]
+    save_adapter: Callable[[Path], None]
+    unit: str = "tokens"
+    evaluate: Callable[[], dict[str, float]] | None = None
+    make_samples: Callable[[], list[dict]] | None = None
+    evaluate_at_start: bool = False
+    extra_state: dict = field(default_factory=dict)  # written to state.json with each checkpoint
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def make_scheduler(optimizer, config: RunConfig, total_steps: int):
+    warmup = config.warmup_steps
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if config.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if config.scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def count_steps(config: RunConfig, batches_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    per_epoch = max(1, math.ceil(batches_per_epoch / config.gradient_accumulation))
+    total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+    return per_epoch, total
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, events: Events,
+                 should_stop: Callable[[], bool], resume: bool = False,
+                 log: Callable[[str], None] = print) -> str:
+    """Train until done or stopped. Returns "completed" or "stopped"; raises TrainingFailure."""
+    run_dir = Path(run_dir)
+    model = task.model
+    params = trainable_parameters(model)
+    if not params:
+        raise TrainingFailure("The model has no trainable parameters.", "Check the LoRA target modules.")
+    optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
+
+    epoch0 = task.batches_for_epoch(0)
+    if not epoch0:
+        raise TrainingFailure("The training data has no usable example.", "Fix the problems the data check lists.")
+    per_epoch, total_steps = count_steps(config, len(epoch0))
+    scheduler = make_scheduler(optimizer, config, total_steps)
+
+    step, epoch, chunk_start, units_done, elapsed_before = 0, 0, 0, 0, 0.0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        log("No checkpoint found: starting from the beginning.")
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "state.json").read_text())
+        weights = load_file(checkpoint / "trainable.safetensors")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name].to(p.device, p.dtype))
+        _optimizer_from_files(optimizer, load_file(checkpoint / "optimizer.safetensors"), state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(load_file(checkpoint / "rng.safetensors"), state["rng"])
+        step, epoch, chunk_start = state["step"], state["epoch"], state["next_chunk"]
+        units_done, elapsed_before = state.get("units_done", 0), state.get("elapsed_s", 0.0)
+        events.emit("resumed", step=step, checkpoint=checkpoint.name)
+        log(f"Resumed from {checkpoint.name}: step {step} of {total_steps}.")
+    else:
+        seed_everything(config.seed)
+
+    def save_checkpoint() -> Path:
+        final = run_dir / "checkpoints" / f"step-{step}"
+        if final.exists():
+            return final
+        tmp = run_dir / "checkpoints" / f".tmp-step-{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "trainable.safetensors")
+        opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        rng_tensors, rng_plain = _rng_state()
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        task.save_adapter(tmp / "adapter")
+        state = {"step": step, "epoch": epoch, "next_chunk": chunk_start, "total_steps": total_steps,
+                 "units_done": units_done, "elapsed_s": elapsed, "optimizer": opt_meta,
+                 "scheduler": scheduler.state_dict(), "rng": rng_plain, **task.extra_state}
+        # state.json last: a folder without it is incomplete and ignored by latest_checkpoint().
+        (tmp / "state.json").write_text(json.dumps(state))
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(run_dir)[:-config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        events.emit("checkpoint", step=step, path=str(final.relative_to(run_dir)))
+        return final
+
+    def evaluate() -> None:
+        if task.evaluate is None:
+            return
+        model.eval()
+        with torch.no_grad():
+            metrics = task.evaluate()
+        model.train()
+        if metrics:
+            events.emit("eval", step=step, **metrics)
+
+    def samples() -> None:
+        if task.make_samples is None:
+            return
+        model.eval()
+        with torch.no_grad():
+            for sample in task.make_samples():
+                events.emit("sample", step=step, **sample)
+        model.train()
+
+    events.emit("started", total_steps=total_steps, steps_per_epoch=per_epoch, unit=task.unit,
+                resumed_from=step, trainable_parameters=sum(p.numel() for p in params.values()))
+    if task.evaluate_at_start and step == 0:
+        evaluate()
+    model.train()
+    started = time.perf_counter()
+    elapsed = elapsed_before
+    window: list[tuple[float, int]] = []  # (seconds, units) of recent steps, for the throughput figure
+
+    while step < total_steps:
+        batches = epoch0 if epoch == 0 else task.batches_for_epoch(epoch)
+        chunks = [batches[i:i + config.gradient_accumulation]
+                  for i in range(0, len(batches), config.gradient_accumulation)]
+        while chunk_start < len(chunks) and step < total_steps:
+            t0 = time.perf_counter()
+            chunk = chunks[chunk_start]
+            loss_sum, units = 0.0, 0
+            for batch in chunk:
+                loss, n = task.loss_on(batch)
+                if not torch.isfinite(loss):
+                    raise TrainingFailure(f"The loss became {loss.item()} at step {step + 1}.",
+                                          "Lower the learning rate (try half) or check the data for empty examples.")
+                (loss / len(chunk)).backward()
+                loss_sum += loss.item()
+                units += n
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            chunk_start += 1
+            units_done += units
+            seconds = time.perf_counter() - t0
+            elapsed = elapsed_before + (time.perf_counter() - started)
+            window = (window + [(seconds, units)])[-20:]
+            rate = sum(u for _, u in window) / max(1e-9, sum(s for s, _ in window))
+            step_time = sum(s for s, _ in window) / len(window)
+            events.emit("step", step=step, total_steps=total_steps, epoch=epoch + chunk_start / len(chunks),
+                        loss=loss_sum / len(chunk), lr=lr, units=units, units_per_s=rate,
+                        eta_s=step_time * (total_steps - step), elapsed_s=elapsed)
+            last = step == total_steps
+            if config.eval_every and step % config.eval_every == 0 and not last:
+                evaluate()
+            if config.sample_every and step % config.sample_every == 0 and not last:
+                samples()
+            if should_stop() and not last:
+                save_checkpoint()
+                log(f"Stopped at step {step}; checkpoint saved.")
+                return "stopped"
+            if step % config.checkpoint_every == 0 and not last:
+                save_checkpoint()
+        if chunk_start >= len(chunks):
+            epoch, chunk_start = epoch + 1, 0
+
+    evaluate()
+    samples()
+    save_checkpoint()
+    task.save_adapter(run_dir / "adapter")
+    log(f"Finished {total_steps} steps in {elapsed:.1f} s.")
+    return "completed"
+
+
+def iterate_in_batches(items: list, batch_size: int) -> Iterator[list]:
+    for i in range(0, len(items), batch_size):
+        yield items[i:i + batch_size]
+
+
+def shuffled(items: list, seed: int, epoch: int) -> list:
+    """The epoch's order, a function of (seed, epoch) alone: what makes resume exact."""
+    order = list(range(len(items)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [items[i] for i in order]
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise TrainingFailure("This run asks for a GPU (device: cuda) but none is available.",
+                              "Set device to auto or cpu.")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
