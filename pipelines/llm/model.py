@@ -51,8 +51,10 @@ def materialise_preset(name: str) -> Path:
         return target
     spec = PRESETS[name]
     tokenizer = AutoTokenizer.from_pretrained(ASSETS / spec["tokenizer"])
+    # No pad_token_id in the model config: nn.Embedding would zero that row, and as the tokenizer pads
+    # with its end-of-text token, the model could then never learn to stop.
     config = LlamaConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **spec["config"])
+                         pad_token_id=None, bos_token_id=None, **spec["config"])
     torch.manual_seed(spec["seed"])
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -1,0 +1,119 @@
+"""Unpacking uploaded zip files safely, for the image and speech tabs.
+
+A zip from a browser is untrusted: entries may try to escape the target folder (`../`, absolute paths),
+be symlinks, be encrypted, hold other archives, or be a zip bomb. Each such entry is skipped with a
+reason in the report; limits on entry count, total size and compression ratio stop bombs before any
+byte is written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from pipelines.data import DataReport, _limit
+
+MAX_ENTRIES = _limit("STUDIO_MAX_ARCHIVE_ENTRIES", 20_000)
+MAX_UNPACKED_BYTES = _limit("STUDIO_MAX_ARCHIVE_MB", 4096) * 2**20
+MAX_RATIO = _limit("STUDIO_MAX_COMPRESSION_RATIO", 200)
+NESTED = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"}
+JUNK = ("__MACOSX/", ".DS_Store", "Thumbs.db")
+
+
+def extract_zip(archive: str | Path, destination: str | Path, report: DataReport) -> Path | None:
+    """Unpack `archive` into `destination`; returns the folder holding the data (a single top-level
+    folder is stepped into), or None when nothing could be unpacked. Never raises on a bad archive."""
+    archive, destination = Path(archive), Path(destination)
+    name = archive.name
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as err:
+        report.problem(name, f"is not a readable zip file ({err})")
+        return None
+    with zf:
+        entries = zf.infolist()
+        if len(entries) > MAX_ENTRIES:
+            report.problem(name, f"holds {len(entries):,} entries, over the limit of {MAX_ENTRIES:,} "
+                                 "(STUDIO_MAX_ARCHIVE_ENTRIES)")
+            return None
+        total = sum(e.file_size for e in entries)
+        if total > MAX_UNPACKED_BYTES:
+            report.problem(name, f"would unpack to {total / 2**20:,.0f} MB, over the limit of "
+                                 f"{MAX_UNPACKED_BYTES // 2**20:,} MB (STUDIO_MAX_ARCHIVE_MB)")
+            return None
+        packed = sum(e.compress_size for e in entries)
+        if packed and total / packed > MAX_RATIO and total > 10 * 2**20:
+            report.problem(name, f"is compressed {total / packed:,.0f} to 1, which looks like a zip bomb "
+                                 f"(limit {MAX_RATIO} to 1, STUDIO_MAX_COMPRESSION_RATIO)")
+            return None
+        destination.mkdir(parents=True, exist_ok=True)
+        root = destination.resolve()
+        written = 0
+        for entry in entries:
+            path = PurePosixPath(entry.filename.replace("\\", "/"))
+            if entry.is_dir() or any(part in JUNK or entry.filename.startswith(part) for part in JUNK) \
+                    or path.name.startswith("._"):
+                continue
+            reason = _unsafe(entry, path)
+            if reason:
+                report.problem(name, f"entry '{entry.filename}' skipped: {reason}")
+                continue
+            target = (root / Path(*path.parts)).resolve()
+            if root not in target.parents:
+                report.problem(name, f"entry '{entry.filename}' skipped: it points outside the archive's folder")
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(entry) as source, open(target, "wb") as out:
+                    # Count real bytes: the sizes in the zip's directory can lie.
+                    shutil.copyfileobj(_Capped(source, MAX_UNPACKED_BYTES - written), out)
+            except (zipfile.BadZipFile, OSError, RuntimeError, ValueError) as err:
+                report.problem(name, f"entry '{entry.filename}' could not be unpacked: {err}")
+                target.unlink(missing_ok=True)
+                continue
+            written += target.stat().st_size
+    folders = list(destination.iterdir())
+    if not folders:
+        report.problem(name, "holds no usable files")
+        return None
+    if len(folders) == 1 and folders[0].is_dir():
+        return folders[0]
+    return destination
+
+
+def _unsafe(entry: zipfile.ZipInfo, path: PurePosixPath) -> str:
+    if entry.flag_bits & 0x1:
+        return "it is password-protected; upload an unencrypted zip"
+    if path.is_absolute() or entry.filename.startswith(("/", "\\")) or (len(path.parts) and ":" in path.parts[0]):
+        return "it has an absolute path"
+    if ".." in path.parts:
+        return "its path climbs out of the archive ('..')"
+    if stat.S_ISLNK(entry.external_attr >> 16):
+        return "it is a symbolic link"
+    if path.suffix.lower() in NESTED:
+        return "archives inside archives are not unpacked; unpack it and upload its files"
+    return ""
+
+
+class _Capped:
+    """A reader that refuses to yield more than `limit` bytes: the last line against zip bombs."""
+
+    def __init__(self, source, limit: int):
+        self.source, self.left = source, limit
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size if size >= 0 else 1 << 20)
+        self.left -= len(data)
+        if self.left < 0:
+            raise ValueError(f"the archive unpacks to more than {MAX_UNPACKED_BYTES // 2**20:,} MB")
+        return data
+
+
+def safe_name(name: str) -> str:
+    """A file name from user text, stripped of folders and odd characters."""
+    base = os.path.basename(name.replace("\\", "/")).strip()
+    cleaned = "".join(c if c.isalnum() or c in "._- " else "_" for c in base).strip(". ")
+    return cleaned or "file"
