@@ -20,7 +20,7 @@ MAX_ENTRIES = _limit("STUDIO_MAX_ARCHIVE_ENTRIES", 20_000)
 MAX_UNPACKED_BYTES = _limit("STUDIO_MAX_ARCHIVE_MB", 4096) * 2**20
 MAX_RATIO = _limit("STUDIO_MAX_COMPRESSION_RATIO", 200)
 NESTED = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"}
-JUNK = ("__MACOSX/", ".DS_Store", "Thumbs.db")
+JUNK = {".DS_Store", "Thumbs.db", "desktop.ini"}  # operating-system clutter, skipped silently
 
 
 def extract_zip(archive: str | Path, destination: str | Path, report: DataReport) -> Path | None:
@@ -54,8 +54,7 @@ def extract_zip(archive: str | Path, destination: str | Path, report: DataReport
         written = 0
         for entry in entries:
             path = PurePosixPath(entry.filename.replace("\\", "/"))
-            if entry.is_dir() or any(part in JUNK or entry.filename.startswith(part) for part in JUNK) \
-                    or path.name.startswith("._"):
+            if entry.is_dir() or path.parts[:1] == ("__MACOSX",) or path.name in JUNK or path.name.startswith("._"):
                 continue
             reason = _unsafe(entry, path)
             if reason:
