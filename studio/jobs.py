@@ -1,0 +1,159 @@
+"""Starting, stopping and watching training processes.
+
+Each run trains in its own OS process, started in a new session with its output going to the run's
+log.txt (never to a pipe someone must read), so it outlives the server or terminal that started it.
+Queued runs start in order while fewer than STUDIO_MAX_CONCURRENT_RUNS are training; whoever notices a
+free slot (the server's timer, the CLI, a worker that just finished) starts the next one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from pipelines.config import RunConfig
+from pipelines.training import STOP_FILE
+from studio.runs import RESUMABLE, Registry, Run
+
+
+def max_concurrent_runs() -> int:
+    try:
+        return max(1, int(os.environ.get("STUDIO_MAX_CONCURRENT_RUNS", "1")))
+    except ValueError:
+        return 1
+
+
+def submit(config: RunConfig, registry: Registry | None = None) -> Run:
+    """Create a run and queue it; it starts now if a slot is free."""
+    registry = registry or Registry()
+    run = registry.create(config, status="queued")
+    dispatch(registry)
+    return registry.get(run.id)
+
+
+def resume(run_id: str, registry: Registry | None = None) -> Run:
+    """Queue a stopped, interrupted or failed run to continue from its latest checkpoint."""
+    registry = registry or Registry()
+    run = registry.get(run_id)
+    if run is None:
+        raise ValueError(f"There is no run {run_id}.")
+    if run.status not in RESUMABLE:
+        raise ValueError(f"Run {run_id} is {run.status}; only {', '.join(RESUMABLE)} runs can be resumed.")
+    (run.dir / STOP_FILE).unlink(missing_ok=True)
+    registry.set_status(run_id, "queued", expect=RESUMABLE, resume=1, queued_at=time.time(),
+                        error="", advice="", ended=None)
+    dispatch(registry)
+    return registry.get(run_id)
+
+
+def dispatch(registry: Registry | None = None) -> list[str]:
+    """Start queued runs while slots are free. Returns the ids started."""
+    registry = registry or Registry()
+    reconcile(registry)
+    started = []
+    busy = len(registry.list(status="running")) + len(registry.list(status="starting"))
+    for run in registry.queue():
+        if busy >= max_concurrent_runs():
+            break
+        if not registry.set_status(run.id, "starting", expect=("queued",), started=time.time(), pid=None):
+            continue  # another process claimed it first
+        pid = _spawn_worker(run)
+        registry.set_status(run.id, "starting", pid=pid)
+        started.append(run.id)
+        busy += 1
+    return started
+
+
+def _spawn_worker(run: Run) -> int:
+    command = [sys.executable, "-m", "studio.worker", str(run.dir)]
+    if run.resume:
+        command.append("--resume")
+    log = open(run.dir / "log.txt", "ab")
+    # Keep log.txt readable: no download bars or library deprecation chatter between our lines.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", STUDIO_HOME=str(run.dir.parent.parent),
+               HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
+               PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning")
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               start_new_session=True, env=env, cwd=root, close_fds=True)
+    log.close()
+    _children.append(process)
+    return process.pid
+
+
+_children: list[subprocess.Popen] = []  # reaped now and then so finished workers leave no zombies
+
+
+def worker_alive(run: Run) -> bool:
+    """Whether this run's worker process still exists: same pid, not a zombie, and its command line
+    names this run (a recycled pid belongs to someone else)."""
+    for child in list(_children):
+        if child.poll() is not None:
+            _children.remove(child)
+    if not run.pid:
+        return False
+    try:
+        process = psutil.Process(run.pid)
+        return process.status() != psutil.STATUS_ZOMBIE and any(run.id in part for part in process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def reconcile(registry: Registry | None = None) -> list[str]:
+    """Mark runs whose process is gone as interrupted: no run is shown running without a process."""
+    registry = registry or Registry()
+    lost = []
+    for status in ("starting", "running"):
+        for run in registry.list(status=status):
+            if worker_alive(run):
+                continue
+            if status == "starting" and not run.pid and time.time() - (run.started or 0) < 10:
+                continue  # claimed by a dispatcher that is launching it this very moment
+            if registry.set_status(run.id, "interrupted", expect=(status,),
+                                   error="The training process ended unexpectedly.",
+                                   advice="Resume the run to continue from its last checkpoint."):
+                lost.append(run.id)
+    return lost
+
+
+def request_stop(run_id: str, registry: Registry | None = None) -> str:
+    """Stop = save a checkpoint at the next step and exit. A queued run is simply taken off the queue."""
+    registry = registry or Registry()
+    run = registry.get(run_id)
+    if run is None:
+        raise ValueError(f"There is no run {run_id}.")
+    if run.status == "queued":
+        registry.set_status(run_id, "stopped", expect=("queued",))
+        return "stopped"
+    if run.status in ("starting", "running"):
+        (run.dir / STOP_FILE).touch()
+        return "stopping"
+    return run.status
+
+
+def cancel(run_id: str, registry: Registry | None = None) -> str:
+    """Cancel = end the process now, without a checkpoint."""
+    registry = registry or Registry()
+    run = registry.get(run_id)
+    if run is None:
+        raise ValueError(f"There is no run {run_id}.")
+    if run.status not in ("queued", "starting", "running"):
+        return run.status
+    if run.pid and worker_alive(run):
+        try:
+            os.killpg(run.pid, signal.SIGTERM)
+            psutil.Process(run.pid).wait(timeout=10)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+        except psutil.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+    registry.set_status(run_id, "cancelled", expect=("queued", "starting", "running"))
+    dispatch(registry)
+    return "cancelled"

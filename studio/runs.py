@@ -1,0 +1,301 @@
+"""Runs: a folder each under <workspace>/runs/, indexed in a SQLite database.
+
+The folder is the truth: config.yaml, events.jsonl (every status change is an event there too),
+log.txt, checkpoints/, adapter/, data/. The database is an index for listing and for the queue;
+`Registry.rebuild()` recreates it from the folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from pipelines import MODALITIES, config_from_dict, load_config
+from pipelines.archives import safe_name
+from pipelines.config import RunConfig
+from pipelines.hub import workspace
+
+# queued: waiting for a free slot; starting: worker launched; running: training.
+# The rest are final, except that stopped and interrupted runs can be resumed.
+ACTIVE = ("queued", "starting", "running")
+FINAL = ("completed", "stopped", "failed", "cancelled", "interrupted")
+RESUMABLE = ("stopped", "interrupted", "failed")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    status TEXT NOT NULL,
+    pid INTEGER,
+    resume INTEGER NOT NULL DEFAULT 0,
+    queued_at REAL,
+    created REAL NOT NULL,
+    started REAL,
+    ended REAL,
+    config_hash TEXT NOT NULL,
+    error TEXT NOT NULL DEFAULT '',
+    advice TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+"""
+
+
+@dataclass
+class Run:
+    id: str
+    name: str
+    modality: str
+    base_model: str
+    status: str
+    pid: int | None
+    resume: int
+    queued_at: float | None
+    created: float
+    started: float | None
+    ended: float | None
+    config_hash: str
+    error: str
+    advice: str
+
+    @property
+    def dir(self) -> Path:
+        return runs_root() / self.id
+
+    def config(self) -> RunConfig:
+        return load_config(self.dir / "config.yaml")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"dir": str(self.dir)}
+
+
+def runs_root() -> Path:
+    return workspace() / "runs"
+
+
+def valid_run_id(run_id: str) -> bool:
+    """Run ids come from users (URLs, CLI): only our own shape is accepted, so an id never becomes a path
+    outside the runs folder."""
+    return bool(run_id) and len(run_id) < 80 and all(c.isalnum() or c == "-" for c in run_id)
+
+
+class Registry:
+    def __init__(self, home: Path | None = None):
+        self.home = Path(home) if home else workspace()
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "runs").mkdir(exist_ok=True)
+        self.db_path = self.home / "studio.db"
+        with self._db() as db:
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        # One short connection per operation: safe across Gradio's threads and the worker processes.
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        try:
+            yield db
+        finally:
+            db.close()
+
+    # ---- creating ----------------------------------------------------------------------------
+
+    def create(self, config: RunConfig, status: str = "queued") -> Run:
+        """A new run folder with its own copy of the data and a complete, replayable config.yaml."""
+        config.check()
+        run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{config.modality}-{secrets.token_hex(2)}"
+        run_dir = self.home / "runs" / run_id
+        run_dir.mkdir(parents=True)
+        config = _copy_data_into(config, run_dir)
+        if not config.name.strip():
+            config = config.changed(name=f"{config.modality} {time.strftime('%H:%M:%S')}")
+        config.save(run_dir / "config.yaml")
+        now = time.time()
+        with self._db() as db:
+            db.execute("INSERT INTO runs (id, name, modality, base_model, status, created, queued_at, config_hash)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (run_id, config.name, config.modality, config.base_model, status, now,
+                        now if status == "queued" else None, config_hash(config)))
+        append_event(run_dir, "status", status=status)
+        return self.get(run_id)
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def get(self, run_id: str) -> Run | None:
+        if not valid_run_id(run_id):
+            return None
+        with self._db() as db:
+            row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return Run(**dict(row)) if row else None
+
+    def list(self, modality: str | None = None, status: str | None = None) -> list[Run]:
+        query, args = "SELECT * FROM runs WHERE 1=1", []
+        if modality:
+            query, args = query + " AND modality = ?", args + [modality]
+        if status:
+            query, args = query + " AND status = ?", args + [status]
+        with self._db() as db:
+            rows = db.execute(query + " ORDER BY created DESC", args).fetchall()
+        return [Run(**dict(r)) for r in rows]
+
+    def queue(self) -> list[Run]:
+        """Queued runs in the order they will start."""
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM runs WHERE status = 'queued' ORDER BY queued_at, created").fetchall()
+        return [Run(**dict(r)) for r in rows]
+
+    # ---- changing ----------------------------------------------------------------------------
+
+    def set_status(self, run_id: str, status: str, *, expect: tuple[str, ...] | None = None,
+                   **values: Any) -> bool:
+        """Change a run's status (and any columns given), logging it as an event in the run folder.
+        With `expect`, only if the current status is one of those: an atomic claim, so two processes
+        can never both start the same queued run. Returns whether the change happened."""
+        columns = {"status": status, **values}
+        if status in FINAL:
+            columns.setdefault("ended", time.time())
+        sets = ", ".join(f"{k} = ?" for k in columns)
+        query, args = f"UPDATE runs SET {sets} WHERE id = ?", list(columns.values()) + [run_id]
+        if expect:
+            query += f" AND status IN ({', '.join('?' * len(expect))})"
+            args += list(expect)
+        with self._db() as db:
+            changed = db.execute(query, args).rowcount == 1
+        if changed:
+            extra = {k: v for k, v in values.items() if k in ("error", "advice", "pid") and v not in (None, "")}
+            append_event(runs_root() / run_id, "status", status=status, **extra)
+        return changed
+
+    def rename(self, run_id: str, name: str) -> None:
+        run = self.get(run_id)
+        config = run.config().changed(name=name)
+        config.check()
+        _save_config(run.dir, config)
+        with self._db() as db:
+            db.execute("UPDATE runs SET name = ? WHERE id = ?", (config.name, run_id))
+
+    def delete(self, run_id: str) -> None:
+        run = self.get(run_id)
+        if run is None:
+            return
+        if run.status in ("starting", "running"):
+            raise ValueError(f"Run {run_id} is {run.status}: stop or cancel it before deleting it.")
+        shutil.rmtree(run.dir, ignore_errors=True)
+        with self._db() as db:
+            db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
+    def rebuild(self) -> int:
+        """Re-create the index from the run folders (after losing or corrupting studio.db)."""
+        found = 0
+        with self._db() as db:
+            db.execute("DELETE FROM runs")
+            for run_dir in sorted((self.home / "runs").iterdir()):
+                row = _row_from_folder(run_dir)
+                if row is None:
+                    continue
+                db.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                           list(row.values()))
+                found += 1
+        return found
+
+
+def config_hash(config: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def append_event(run_dir: Path, kind: str, **data: Any) -> None:
+    """One event from outside the training process (queueing, cancel, interruption)."""
+    if not run_dir.is_dir():
+        return
+    with open(run_dir / "events.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"type": kind, "time": round(time.time(), 3), **data}) + "\n")
+
+
+def _save_config(run_dir: Path, config: RunConfig) -> None:
+    tmp = run_dir / "config.yaml.tmp"
+    config.save(tmp)
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def _copy_data_into(config: RunConfig, run_dir: Path) -> RunConfig:
+    """Copy every data file the config names into run_dir/data/ and point the config at the copies
+    (relative paths), so the run folder alone replays the run, even after uploads are cleaned up."""
+    data_dir = run_dir / "data"
+    changes: dict[str, Any] = {}
+    used: set[str] = set()
+    for name in config.path_fields:
+        value = getattr(config, name)
+        paths = value if isinstance(value, list) else [value]
+        copied = []
+        for raw in paths:
+            if not raw:
+                copied.append(raw)
+                continue
+            source = Path(raw)
+            if not source.exists():
+                raise FileNotFoundError(f"{name}: {source} does not exist")
+            target_name = safe_name(source.name)
+            stem, n = target_name, 1
+            while target_name in used:
+                n += 1
+                target_name = f"{n}-{stem}"
+            used.add(target_name)
+            data_dir.mkdir(exist_ok=True)
+            target = data_dir / target_name
+            if source.is_dir():
+                shutil.copytree(source, target, symlinks=False)
+            else:
+                shutil.copy2(source, target)
+            copied.append(f"data/{target_name}")
+        changes[name] = copied if isinstance(value, list) else copied[0]
+    return config.changed(**changes)
+
+
+def _row_from_folder(run_dir: Path) -> dict[str, Any] | None:
+    config_file = run_dir / "config.yaml"
+    if not (run_dir.is_dir() and valid_run_id(run_dir.name) and config_file.exists()):
+        return None
+    try:
+        config = config_from_dict(yaml.safe_load(config_file.read_text()))
+    except Exception:
+        return None
+    status, pid, error, advice = "interrupted", None, "", ""
+    created = started = ended = queued_at = None
+    events_file = run_dir / "events.jsonl"
+    if events_file.exists():
+        for line in events_file.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            created = created or event.get("time")
+            if event.get("type") == "status":
+                status = event["status"]
+                pid = event.get("pid", pid)
+                error, advice = event.get("error", ""), event.get("advice", "")
+                if status == "running":
+                    started = event.get("time")
+                if status == "queued":
+                    queued_at = event.get("time")
+                if status in FINAL:
+                    ended = event.get("time")
+    if config.modality not in MODALITIES:
+        return None
+    return {"id": run_dir.name, "name": config.name, "modality": config.modality, "base_model": config.base_model,
+            "status": status, "pid": pid, "resume": 0, "queued_at": queued_at,
+            "created": created or config_file.stat().st_mtime, "started": started, "ended": ended,
+            "config_hash": config_hash(config), "error": error, "advice": advice}
