@@ -22,6 +22,6 @@ def studio_home(tmp_path_factory) -> Path:
     return home
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def assets() -> Path:
     return ROOT / "assets"

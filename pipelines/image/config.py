@@ -1,0 +1,86 @@
+"""Settings of a Stable Diffusion LoRA run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from pipelines.config import RunConfig, option
+
+CAPTION_SOURCES = {
+    "auto": "Per image: a same-name .txt/.caption file, else metadata.csv/.jsonl, else the instance prompt.",
+    "files": "A same-name .txt or .caption file next to each image.",
+    "metadata": "metadata.csv or metadata.jsonl with file_name and text columns (Hugging Face imagefolder).",
+    "instance_prompt": "The instance prompt for every image (DreamBooth style).",
+}
+
+
+@dataclass
+class ImageConfig(RunConfig):
+    modality: ClassVar[str] = "image"
+    path_fields: ClassVar[tuple[str, ...]] = ("data_path", "data_files")
+
+    base_model: str = option("tiny-sd", "Built-in preset, Hugging Face hub id in diffusers format "
+                                        "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), a local diffusers "
+                                        "folder or a single .safetensors checkpoint.")
+
+    data_path: str = option("", "A folder of images (subfolders are searched too) or a .zip of one.")
+    data_files: list[str] = option([], "Image files (and their .txt captions or metadata file, or zips) uploaded "
+                                       "one by one; used together with the data path.")
+    caption_source: str = option("auto", "Where each image's caption comes from.", choices=list(CAPTION_SOURCES))
+    instance_prompt: str = option("", "Caption for images without one, and for all images when the caption "
+                                      "source is instance_prompt; e.g. 'a photo of sks dog'.")
+
+    resolution: int = option(0, "Training size in pixels (square): images are resized and cropped to it. "
+                                "0 = the base model's native size (512 for SD 1.5, 32 for tiny-sd).",
+                             min=0, max=2048, step=8)
+    center_crop: bool = option(True, "Crop the centre of each image; otherwise a crop position drawn once per "
+                                     "image from the seed.")
+    random_flip: bool = option(True, "Mirror images left-right at random: doubles the variety for "
+                                     "symmetric subjects. Turn off for text or asymmetric logos.")
+    train_text_encoder: bool = option(False, "Also put LoRA on the text encoder: learns new words faster, "
+                                             "over-fits sooner, costs more memory.")
+    snr_gamma: float = option(5.0, "Min-SNR loss weighting (about 5 is good); 0 = plain MSE. Steadier, "
+                                   "faster convergence.", min=0.0, max=20.0, step=0.5, advanced=True)
+    mixed_precision: str = option("no", "Half-precision frozen weights on an NVIDIA GPU (bf16 where supported). "
+                                        "Always off on the CPU.", choices=["no", "bf16", "fp16"], advanced=True)
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: much less GPU "
+                                                 "memory, about 20% slower.", advanced=True)
+
+    sample_prompts: list[str] = option([], "Prompts drawn from while training, with a fixed seed "
+                                           "(empty = the instance prompt or the first captions).")
+    sample_seed: int = option(1234, "Seed of the sample images, so every sample step is comparable.",
+                              min=0, max=2**31 - 1, advanced=True)
+    sample_steps: int = option(25, "Denoising steps per sample image.", min=1, max=150, advanced=True)
+    sample_guidance: float = option(7.5, "Classifier-free guidance of the sample images (0-1 = off).",
+                                    min=0.0, max=30.0, step=0.5, advanced=True)
+
+    # Defaults that suit diffusion LoRA better than the shared ones.
+    lora_rank: int = option(8, "LoRA rank r: capacity of the adapter. 4-32 is usual for Stable Diffusion.",
+                            min=1, max=256, step=1)
+    lora_alpha: float = option(8.0, "LoRA alpha: scales the adapter's update (alpha / rank).",
+                               min=0.5, max=512.0, step=0.5)
+    learning_rate: float = option(1e-4, "Peak learning rate of AdamW (1e-4 is usual for SD LoRA).", min=1e-7, max=1.0)
+    epochs: float = option(50.0, "Passes over the images (ignored when max steps is set).",
+                           min=0.01, max=10000.0, step=1.0)
+    batch_size: int = option(2, "Images per forward pass. Lower it if memory runs out.", min=1, max=256, step=1)
+    sample_every: int = option(100, "Draw sample images every N steps; 0 = only at the end.", min=0, max=100_000)
+    checkpoint_every: int = option(100, "Save a resumable checkpoint every N steps.", min=1, max=100_000,
+                                   advanced=True)
+
+    def extra_problems(self) -> list[tuple[str, str]]:
+        problems = super().extra_problems()
+        if not self.data_path.strip() and not self.data_files:
+            problems.append(("data_path", "no images given: choose a folder or zip, or upload image files"))
+        if self.caption_source == "instance_prompt" and not self.instance_prompt.strip():
+            problems.append(("instance_prompt", "is empty but the caption source is instance_prompt"))
+        if self.resolution and self.resolution % 8:
+            problems.append(("resolution", f"must be a multiple of 8 (got {self.resolution})"))
+        path = self.data_path.strip()
+        if path and Path(path).suffix.lower() not in ("", ".zip") and Path(path).is_file():
+            problems.append(("data_path", "must be a folder or a .zip file"))
+        return problems
+
+
+CONFIG = ImageConfig

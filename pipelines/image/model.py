@@ -1,0 +1,161 @@
+"""Base Stable Diffusion pipelines: the tiny offline preset, local folders, single-file checkpoints and hub ids.
+
+The tiny preset is materialised once as an ordinary diffusers folder in the workspace and then loaded
+like any local model (`StableDiffusionPipeline.from_pretrained`), so it exercises the same code path
+as a downloaded model, and exported LoRA files load onto a real folder with plain diffusers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from pipelines.hub import ModelUnavailable, hub_reachable, load_from_hub, resolve_source, workspace
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+
+# Stable Diffusion's architecture at toy size (about 1.8 M parameters): a UNet with cross-attention in
+# every block, a 2x VAE and a 2-layer CLIP text encoder. 32 px images, 16x16 latents: a few hundred
+# steps take seconds on a laptop CPU. It learns shapes and colours, not photographs.
+PRESETS = {
+    "tiny-sd": {
+        "tokenizer": "tiny-sd-tokenizer",
+        "unet": dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16),
+        "vae": dict(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                    latent_channels=4, sample_size=32, norm_num_groups=16, scaling_factor=1.0),
+        "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=77, projection_dim=32),
+        # Stable Diffusion's noise schedule; Euler samples well in 20-30 steps.
+        "scheduler": dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          prediction_type="epsilon", steps_offset=1, timestep_spacing="leading"),
+        "seed": 0,
+    },
+}
+
+# Popular diffusers-format bases for the UI's dropdown. Sizes: what the studio downloads (full-precision
+# UNet, VAE and text encoder; the safety checker is skipped), rounded.
+HUB_MODELS = [
+    {"id": "stable-diffusion-v1-5/stable-diffusion-v1-5", "label": "Stable Diffusion 1.5", "download_gb": 4.3,
+     "resolution": 512, "note": "The most fine-tuned base; most community LoRAs target it."},
+    {"id": "stabilityai/stable-diffusion-2-1-base", "label": "Stable Diffusion 2.1 base", "download_gb": 5.2,
+     "resolution": 512, "note": "OpenCLIP text encoder; prompts behave differently from 1.5."},
+    {"id": "stabilityai/sd-turbo", "label": "SD-Turbo", "download_gb": 5.2, "resolution": 512,
+     "note": "Distilled 2.1: samples in 1-4 steps with guidance 0."},
+    {"id": "Lykon/dreamshaper-8", "label": "DreamShaper 8 (SD 1.5)", "download_gb": 4.3, "resolution": 512,
+     "note": "A popular SD 1.5 fine-tune for illustration and photos."},
+    {"id": "nota-ai/bk-sdm-small", "label": "BK-SDM small (SD 1.4, pruned)", "download_gb": 2.9, "resolution": 512,
+     "note": "A block-removed SD 1.4: about a third smaller and faster."},
+    {"id": "hf-internal-testing/tiny-stable-diffusion-pipe", "label": "Tiny test pipeline (hub)",
+     "download_gb": 0.01, "resolution": 128, "note": "A few MB: checks downloads and training end to end."},
+]
+
+SAFETY_OFF = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def materialise_preset(name: str) -> Path:
+    """Build the preset deterministically (fixed seed, fixed configs) into workspace/models/<name>/ once."""
+    target = workspace() / "models" / name
+    if (target / "model_index.json").exists():
+        return target
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    spec = PRESETS[name]
+    tokenizer = CLIPTokenizer.from_pretrained(ASSETS / spec["tokenizer"])
+    torch.manual_seed(spec["seed"])
+    unet = UNet2DConditionModel(**spec["unet"])
+    vae = AutoencoderKL(**spec["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id, **spec["text_encoder"]))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=EulerDiscreteScheduler(**spec["scheduler"]), **SAFETY_OFF)
+    tmp = target.with_name(f".tmp-{name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process built it first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def base_location(base_model: str) -> tuple[str, str]:
+    """("folder" | "file" | "hub", where). Raises ModelUnavailable with one clear sentence."""
+    kind, value = resolve_source(base_model, PRESETS)
+    if kind == "preset":
+        return "folder", str(materialise_preset(value))
+    if kind == "hub":
+        return "hub", value
+    path = Path(value)
+    if path.is_file():
+        if path.suffix.lower() not in (".safetensors", ".ckpt"):
+            raise ModelUnavailable(f"{path.name} is not a Stable Diffusion checkpoint (.safetensors).",
+                                   "Choose a diffusers folder or a single .safetensors file.")
+        return "file", value
+    if not (path / "model_index.json").exists():
+        singles = sorted(path.glob("*.safetensors"))
+        hint = (f"To use the single-file checkpoint inside, choose {singles[0].name} itself." if singles
+                else "Choose the folder that holds model_index.json, unet/, vae/ and text_encoder/.")
+        raise ModelUnavailable(f"The folder {path} is not a diffusers pipeline (it has no model_index.json).", hint)
+    return "folder", value
+
+
+def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32):
+    """A StableDiffusionPipeline on the CPU, without safety checker (the studio never shows others' images)."""
+    from diffusers import StableDiffusionPipeline
+
+    kind, where = base_location(base_model)
+    if kind == "hub":
+        return load_from_hub(StableDiffusionPipeline.from_pretrained, where, torch_dtype=dtype, **SAFETY_OFF)
+    try:
+        if kind == "file":
+            if where.lower().endswith(".ckpt"):
+                raise ModelUnavailable(f"{Path(where).name} is a pickled .ckpt file, which can run code when loaded.",
+                                       "Convert it to .safetensors, or use a diffusers folder.")
+            # The file holds weights only; the matching configs come from the hub (or its local cache).
+            return StableDiffusionPipeline.from_single_file(where, torch_dtype=dtype, local_files_only=not hub_reachable(),
+                                                            **SAFETY_OFF)
+        return StableDiffusionPipeline.from_pretrained(where, torch_dtype=dtype, **SAFETY_OFF)
+    except ModelUnavailable:
+        raise
+    except Exception as err:  # diffusers raises many kinds for broken folders and files
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if kind == "file":
+            raise ModelUnavailable(f"The checkpoint {Path(where).name} could not be read: {first}",
+                                   "Single files need their model's configs from the hub once (or its cache); "
+                                   "a diffusers folder works offline.") from None
+        raise ModelUnavailable(f"The pipeline in {where} could not be read: {first}",
+                               "Check that the folder is complete (unet, vae, text_encoder, tokenizer, scheduler).") from None
+
+
+def native_resolution(base_model: str) -> int:
+    """The image size a base model was trained at, read without loading weights: the preset's or local
+    folder's configs, the HUB_MODELS table, or 512 (SD 1.x and 2.x base)."""
+    text = base_model.strip()
+    if text in PRESETS:
+        spec = PRESETS[text]
+        return spec["unet"]["sample_size"] * 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
+    for entry in HUB_MODELS:
+        if entry["id"] == text:
+            return entry["resolution"]
+    folder = Path(text).expanduser()
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 512
+
+
+def training_resolution(config) -> int:
+    return config.resolution or native_resolution(config.base_model)

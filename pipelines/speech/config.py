@@ -1,0 +1,95 @@
+"""Settings of a speech-to-text (Whisper) LoRA run. Light: imports neither torch nor whisper, so the UI
+can build its form without loading the ML stack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pipelines.config import RunConfig, option
+
+# Whisper's language codes, in the order of its language tokens (whisper.tokenizer.LANGUAGES; a test
+# keeps the two equal). Copied so this module needs no torch import. "yue" exists in large-v3 only.
+LANGUAGE_CODES = (
+    "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg lt la "
+    "mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so af oc ka be "
+    "tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue"
+).split()
+
+# Base models for the dropdown: the offline preset first, then OpenAI's checkpoints, which download
+# from OpenAI on first use into ~/.cache/whisper (parameters, download size).
+BASE_MODELS = {
+    "tiny-whisper": "Built-in, 3.6 M parameters, random weights: tries the studio offline in a minute.",
+    "tiny": "OpenAI Whisper tiny: 39 M parameters, 72 MB download, multilingual.",
+    "tiny.en": "OpenAI Whisper tiny.en: 39 M parameters, 72 MB download, English only.",
+    "base": "OpenAI Whisper base: 74 M parameters, 139 MB download, multilingual.",
+    "base.en": "OpenAI Whisper base.en: 74 M parameters, 139 MB download, English only.",
+    "small": "OpenAI Whisper small: 244 M parameters, 461 MB download, multilingual.",
+    "small.en": "OpenAI Whisper small.en: 244 M parameters, 461 MB download, English only.",
+    "medium": "OpenAI Whisper medium: 769 M parameters, 1.4 GB download, multilingual.",
+    "medium.en": "OpenAI Whisper medium.en: 769 M parameters, 1.4 GB download, English only.",
+    "large-v3": "OpenAI Whisper large-v3: 1550 M parameters, 2.9 GB download, multilingual (needs a GPU).",
+    "turbo": "OpenAI Whisper large-v3-turbo: 809 M parameters, 1.5 GB download, multilingual, fast decoder.",
+}
+
+TARGETS = {
+    "attention": "Attention projections (query, key, value, out): the usual choice, smallest adapter.",
+    "attention+mlp": "Attention and the feed-forward layers (mlp.0, mlp.2): learns more, twice the size.",
+}
+
+
+@dataclass
+class SpeechConfig(RunConfig):
+    modality: ClassVar[str] = "speech"
+    path_fields: ClassVar[tuple[str, ...]] = ("data_path", "data_files", "validation_path")
+
+    base_model: str = option("tiny-whisper", "Built-in preset, an OpenAI Whisper size (tiny, base, small, medium, "
+                                             "large-v3, turbo; .en = English only) or a local .pt checkpoint.")
+    data_path: str = option("", "A folder or .zip of audio clips with transcripts: a metadata.csv "
+                                "(file_name, transcription) or a same-name .txt file per clip.")
+    data_files: list[str] = option([], "Uploaded files: audio clips (wav, flac, mp3, ogg, m4a, webm) plus a "
+                                       "metadata.csv or .txt transcripts, or zips of them.")
+    validation_path: str = option("", "Optional folder or .zip of held-out clips to measure the word error rate on.")
+    validation_fraction: float = option(0.1, "Share of clips held out for validation when no validation data is "
+                                             "given (only with 5 clips or more).", min=0.0, max=0.5, step=0.05)
+
+    language: str = option("en", "Language spoken in the clips. Pinned in training and transcription, so the "
+                                 "tuned model never guesses it.", choices=LANGUAGE_CODES)
+    task: str = option("transcribe", "transcribe: text in the spoken language; translate: English text.",
+                       choices=["transcribe", "translate"])
+    long_clips: str = option("reject", "Clips over 30 s (Whisper's window): reject them, or split them at quiet "
+                                       "points and divide the transcript by length.", choices=["reject", "split"])
+    max_label_tokens: int = option(200, "Longest transcript in tokens; longer clips are skipped (a 30 s clip "
+                                        "rarely holds more than 150).", min=8, max=440, step=8, advanced=True)
+
+    target: str = option("attention", "Which layers get LoRA adapters.", choices=list(TARGETS))
+    decoder_only: bool = option(True, "Train the decoder only, with the encoder frozen: each clip is encoded once "
+                                      "and reused, several times faster. Turn off to adapt to new acoustics "
+                                      "(accents, noise).")
+
+    learning_rate: float = option(1e-3, "Peak learning rate of AdamW.", min=1e-7, max=1.0)
+    epochs: float = option(5.0, "Passes over the training clips (ignored when max steps is set).",
+                           min=0.01, max=1000.0, step=0.5)
+    batch_size: int = option(8, "Clips per forward pass. Lower it if memory runs out.", min=1, max=256, step=1)
+
+    sample_count: int = option(3, "Clips transcribed as samples at each sample step (validation clips first).",
+                               min=0, max=32, step=1)
+
+    def extra_problems(self) -> list[tuple[str, str]]:
+        problems = super().extra_problems()
+        if not self.data_path.strip() and not self.data_files:
+            problems.append(("data_path", "no training data given: choose a folder or zip of clips, or upload "
+                                          "audio files with their transcripts"))
+        if self.base_model.strip().endswith(".en"):
+            if self.language != "en":
+                problems.append(("language", f"{self.base_model} understands English only: pick 'en' or a "
+                                             "multilingual model"))
+            if self.task != "transcribe":
+                problems.append(("task", f"{self.base_model} cannot translate: pick a multilingual model"))
+        if self.language == "yue" and self.base_model.strip() in BASE_MODELS and \
+                self.base_model.strip() not in ("large-v3", "turbo"):
+            problems.append(("language", "Cantonese (yue) is known only to large-v3 and turbo"))
+        return problems
+
+
+CONFIG = SpeechConfig

@@ -1,0 +1,331 @@
+"""Reading and checking speech training data: audio clips and their transcripts.
+
+Clips come from a folder, a zip, or files uploaded one by one; transcripts from a table (metadata.csv
+with file_name and transcription columns, as Hugging Face's audiofolder uses) or a same-name .txt file
+per clip. The same `load_clips` feeds the data check the user sees and the training run, so what the
+check accepts is exactly what trains. Bad files are reported with their name and reason, never raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.archives import JUNK, extract_zip
+from pipelines.data import DataReport
+from pipelines.hub import workspace
+from pipelines.llm.data import read_table
+from pipelines.speech.audio import (AUDIO_SUFFIXES, SAMPLE_RATE, SILENCE_DBFS, WINDOW_SECONDS, AudioUnreadable,
+                                    divide_words, is_silent, read_audio, split_points)
+from pipelines.speech.config import SpeechConfig
+
+TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json"}
+# Column names recognised in a metadata table, in order of preference (compared case-insensitively).
+FILE_COLUMNS = ["file_name", "filename", "file", "path", "audio", "audio_file", "audio_path", "audio_filepath",
+                "wav", "clip"]
+TEXT_COLUMNS = ["transcription", "transcript", "text", "sentence", "normalized_text", "label"]
+MAX_SPLIT_SECONDS = 600.0   # longer recordings are not split: a transcript spread over 20 pieces is a guess
+MIN_SECONDS = 0.1
+
+
+@dataclass
+class Clip:
+    """One training example: up to 30 s of audio and what is said in it."""
+
+    audio: str                      # the file, for the preview player and messages
+    text: str
+    seconds: float
+    samples: np.ndarray | None = field(default=None, repr=False)  # 16 kHz mono; None once no longer needed
+    start: float = 0.0              # where this piece begins in the file (long recordings that were split)
+    source: str = ""                # "a.wav" or "a.wav, part 2 of 3"
+    tokens: int = 0                 # transcript length in tokens
+
+
+@dataclass
+class _Transcript:
+    text: str
+    origin: str                     # the table or .txt file it came from
+    row: int | None = None
+
+
+# ---- finding files ---------------------------------------------------------------------------
+
+def _unpack(archive: Path, report: DataReport) -> Path | None:
+    """Unpack a zip once into workspace/unpacked/<content hash>/ (kept: the preview plays files from
+    there) and replay the archive's problems on later checks of the same file."""
+    digest = hashlib.sha256()
+    with open(archive, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    target = workspace() / "unpacked" / digest.hexdigest()[:20]
+    marker = target / "unpacked.json"
+    if not marker.exists():
+        tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        local = DataReport()
+        root = extract_zip(archive, tmp / "files", local)
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "unpacked.json").write_text(json.dumps({
+            "root": str(root.relative_to(tmp)) if root else None,
+            "problems": [p.reason for p in local.problems]}))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # unpacked meanwhile by another process: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    state = json.loads(marker.read_text())
+    for reason in state["problems"]:
+        report.problem(archive, reason)
+    return target / state["root"] if state["root"] else None
+
+
+def _expand(paths: list[str], report: DataReport) -> list[Path]:
+    """Every file named, or inside a named folder or zip."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            report.problem(path, "was not found")
+        elif path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
+        elif path.suffix.lower() == ".zip":
+            root = _unpack(path, report)
+            if root is not None:
+                files += sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p, root))
+        else:
+            files.append(path)
+    return list(dict.fromkeys(files))
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    parts = path.relative_to(root).parts
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts) or path.name in JUNK
+
+
+# ---- transcripts -----------------------------------------------------------------------------
+
+def _pick(columns: list[str], names: list[str]) -> str:
+    lower = {c.lower(): c for c in columns}
+    return next((lower[n] for n in names if n in lower), "")
+
+
+def _match(name: str, base: Path, audio: list[Path]) -> Path | None:
+    """The audio file a table row names: by path from the table's folder, else by a unique file name,
+    else by a unique name without extension (uploads arrive in separate folders; LJSpeech-style ids)."""
+    resolved = {p.resolve(): p for p in audio}
+    candidate = (base / name).resolve()
+    if candidate in resolved:
+        return resolved[candidate]
+    leaf = Path(name.replace("\\", "/")).name
+    same = [p for p in audio if p.name == leaf]
+    if len(same) == 1:
+        return same[0]
+    stem = [p for p in audio if p.stem == Path(leaf).stem and (Path(leaf).suffix.lower() not in AUDIO_SUFFIXES
+                                                              or p.suffix.lower() == Path(leaf).suffix.lower())]
+    return stem[0] if len(stem) == 1 else None
+
+
+def _transcripts(tables: list[Path], texts: list[Path], audio: list[Path], report: DataReport,
+                 count: bool) -> tuple[dict[Path, _Transcript], int]:
+    """Transcript per audio file, and the number of table rows whose audio is missing."""
+    found: dict[Path, _Transcript] = {}
+    orphans = 0
+    for table in tables:
+        rows = read_table(table, report)
+        if not rows:
+            continue
+        columns = list(dict.fromkeys(k for _, record in rows[:200] for k in record))
+        file_column, text_column = _pick(columns, FILE_COLUMNS), _pick(columns, TEXT_COLUMNS)
+        if not file_column or not text_column:
+            report.problem(table, f"needs a column naming the audio file (file_name) and one with its transcript "
+                                  f"(transcription, text or sentence); found {columns}")
+            continue
+        if count:
+            report.columns, report.mapping = columns, {"audio": file_column, "text": text_column}
+        for number, record in rows:
+            name = str(record.get(file_column) or "").strip()
+            if not name:
+                report.problem(table, f"the '{file_column}' column is empty", number)
+                continue
+            clip = _match(name, table.parent, audio)
+            if clip is None:
+                orphans += 1
+                report.problem(table, f"names '{name}', which is not among the audio files", number)
+                continue
+            if clip in found:
+                report.problem(table, f"names '{name}' again (already in {found[clip].origin}"
+                                      f"{f' row {found[clip].row}' if found[clip].row else ''}); this row is skipped",
+                               number)
+                continue
+            text = record.get(text_column)
+            found[clip] = _Transcript("" if text is None else str(text).strip(), table.name, number)
+    by_stem: dict[str, list[Path]] = {}
+    for text_file in texts:
+        by_stem.setdefault(text_file.stem, []).append(text_file)
+    for clip in audio:
+        if clip in found:
+            continue
+        beside = clip.with_suffix(".txt")
+        candidates = [beside] if beside in texts else by_stem.get(clip.stem, [])
+        if len(candidates) != 1:
+            continue
+        try:
+            text = candidates[0].read_text(encoding="utf-8-sig").strip()
+        except (UnicodeDecodeError, OSError):
+            report.problem(candidates[0], "is not UTF-8 text; save it as UTF-8 and upload again")
+            continue
+        found[clip] = _Transcript(" ".join(text.split()), candidates[0].name)
+    used = {t.origin for t in found.values()}
+    for text_file in texts:
+        if text_file.name not in used and not any(p.stem == text_file.stem for p in audio):
+            report.problem(text_file, "matches no audio file (a transcript pairs with the audio file of the "
+                                      "same name)")
+    return found, orphans
+
+
+# ---- the whole data set ----------------------------------------------------------------------
+
+def _tokenizer(config: SpeechConfig):
+    from whisper.tokenizer import get_tokenizer  # imports torch: only when clips are actually checked
+    return get_tokenizer(not config.base_model.strip().endswith(".en"))
+
+
+def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep_audio: bool,
+                count: bool = True) -> list[Clip]:
+    files = _expand(paths, report)
+    audio = [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
+    tables = [p for p in files if p.suffix.lower() in TABLE_SUFFIXES]
+    texts = [p for p in files if p.suffix.lower() == ".txt"]
+    for other in files:
+        if other not in audio and other not in tables and other not in texts:
+            report.problem(other, f"is not an audio file ({other.suffix or 'no extension'}); use "
+                                  "wav, flac, mp3, ogg, m4a or webm")
+    transcripts, orphans = _transcripts(tables, texts, audio, report, count)
+    if count:
+        report.rows_found += len(audio) + orphans
+        kinds = ([", ".join(sorted({t.name for t in tables}))] if tables else []) + ([".txt files"] if texts else [])
+        report.format = report.format or " + ".join(kinds)
+        if not audio and not report.problems:
+            report.problem(paths[0] if paths else "", "holds no audio files (wav, flac, mp3, ogg, m4a or webm)")
+
+    tokenizer = _tokenizer(config)
+    stats = report.stats
+    clips: list[Clip] = []
+    limit = WINDOW_SECONDS + 0.5 if config.long_clips == "reject" else MAX_SPLIT_SECONDS + 1
+    for path in audio:
+        transcript = transcripts.get(path)
+        if transcript is None:
+            report.problem(path, f"has no transcript: add a row for it to metadata.csv (file_name, transcription) "
+                                 f"or a {path.stem}.txt beside it")
+            continue
+        where = (transcript.origin, transcript.row) if transcript.row else (path, None)
+        if not transcript.text:
+            report.problem(where[0], f"the transcript of {path.name} is empty", where[1])
+            continue
+        try:
+            sound = read_audio(path, max_seconds=limit)
+        except AudioUnreadable as err:
+            report.problem(path, str(err))
+            continue
+        if count:
+            stats.setdefault("sample_rates", Counter())[str(sound.source_rate)] += 1
+            stats.setdefault("channels", Counter())[str(sound.channels)] += 1
+            stats.setdefault("encodings", Counter())[sound.encoding] += 1
+            if sound.converted:
+                stats.setdefault("converted", []).append(f"{path.name}: {sound.describe()} -> 16000 Hz mono")
+        if len(sound.samples) == 0:
+            report.problem(path, "holds no audio (0 seconds long)")
+            continue
+        if sound.seconds < MIN_SECONDS:
+            report.problem(path, f"is only {sound.seconds * 1000:.0f} ms long: too short to hold speech")
+            continue
+        if is_silent(sound.samples):
+            report.problem(path, f"is silent (nothing louder than {SILENCE_DBFS:.0f} dBFS): there is no speech "
+                                 "to learn from")
+            continue
+        pieces = [(0, len(sound.samples))]
+        if sound.seconds > WINDOW_SECONDS:
+            if config.long_clips == "reject":
+                report.problem(path, f"is {sound.seconds:.1f} s long, and Whisper hears at most 30 s at a time: "
+                                     "cut it into shorter clips, or set long clips to 'split'")
+                continue
+            if sound.seconds > MAX_SPLIT_SECONDS:
+                report.problem(path, f"is {sound.seconds / 60:.0f} minutes long; only recordings up to "
+                                     f"{MAX_SPLIT_SECONDS / 60:.0f} minutes are split: cut it into clips of up to 30 s")
+                continue
+            pieces = split_points(sound.samples)
+            report.problem(path, f"is {sound.seconds:.1f} s long: split into {len(pieces)} pieces of at most 30 s "
+                                 "at quiet points, its transcript divided between them by length (check the "
+                                 "preview; clips with their own transcripts train better)")
+        texts_per_piece = divide_words(transcript.text, [b - a for a, b in pieces]) if len(pieces) > 1 \
+            else [transcript.text]
+        made = []
+        for i, ((a, b), text) in enumerate(zip(pieces, texts_per_piece), start=1):
+            tokens = len(tokenizer.encode(" " + text))
+            source = path.name if len(pieces) == 1 else f"{path.name}, part {i} of {len(pieces)}"
+            if tokens > config.max_label_tokens:
+                report.problem(where[0], f"the transcript of {source} is {tokens} tokens, over the limit of "
+                                         f"{config.max_label_tokens} (max label tokens)", where[1])
+                made = []
+                break
+            if not text:
+                continue
+            made.append(Clip(audio=str(path), text=text, seconds=(b - a) / SAMPLE_RATE,
+                             samples=sound.samples[a:b] if keep_audio else None, start=a / SAMPLE_RATE,
+                             source=source, tokens=tokens))
+        clips += made
+    return clips
+
+
+def load_clips(config: SpeechConfig, report: DataReport | None = None, keep_audio: bool = True
+               ) -> tuple[DataReport, list[Clip], list[Clip]]:
+    """Find, decode and check every clip, report every problem, split train/validation.
+    Never raises on bad data. With keep_audio, each clip carries its 16 kHz samples."""
+    report = report or DataReport()
+    sources = ([config.data_path] if config.data_path.strip() else []) + list(config.data_files)
+    train = _clips_from(sources, config, report, keep_audio)
+    validation: list[Clip] = []
+    if config.validation_path.strip():
+        validation = _clips_from([config.validation_path], config, report, keep_audio, count=False)
+    elif config.validation_fraction > 0:
+        files = sorted({c.audio for c in train})
+        if len(files) >= 5:
+            # Hold out whole recordings, so no piece of a split file is both learnt and tested.
+            random.Random(config.seed).shuffle(files)
+            held = set(files[:max(1, round(len(files) * config.validation_fraction))])
+            validation = [c for c in train if c.audio in held]
+            train = [c for c in train if c.audio not in held]
+    report.rows_usable = len({c.audio for c in train}) + (0 if config.validation_path.strip()
+                                                          else len({c.audio for c in validation}))
+    report.validation_rows = len(validation)
+    return report, train, validation
+
+
+def inspect_data(config: SpeechConfig) -> DataReport:
+    """The data check the UI and CLI show before training: clips, transcripts, problems, durations."""
+    report, train, validation = load_clips(config, keep_audio=False)
+    report.preview = [{"audio": c.audio, "text": c.text, "seconds": round(c.seconds, 2),
+                       **({"start": round(c.start, 2), "part": c.source} if c.source != Path(c.audio).name else {})}
+                      for c in (train + validation)[:20]]
+    stats = report.stats
+    for key in ("sample_rates", "channels", "encodings"):
+        if key in stats:
+            stats[key] = dict(stats[key])
+    clips = train + validation
+    if clips:
+        durations = [round(c.seconds, 2) for c in clips]
+        tokens = [c.tokens for c in clips]
+        stats.update({"clips": len(clips), "train_clips": len(train), "validation_clips": len(validation),
+                      "total_seconds": round(sum(durations), 1), "seconds_min": min(durations),
+                      "seconds_mean": round(statistics.mean(durations), 2), "seconds_max": max(durations),
+                      "tokens_max": max(tokens), "tokens_mean": round(statistics.mean(tokens), 1),
+                      "durations": durations})
+    return report

@@ -1,0 +1,193 @@
+"""Whisper base models: the tiny offline preset, OpenAI's named sizes and local .pt checkpoints; the
+tokenizer, the log-mel input, and LoRA targets.
+
+Everything loads through `whisper.load_model`, the way a user's own checkpoint loads: the preset is
+materialised once as a .pt in openai-whisper's format, so it exercises the same path as a download,
+and a merged export is a file plain openai-whisper reads.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import whisper
+from whisper.audio import N_FRAMES, N_SAMPLES
+from whisper.model import ModelDimensions, Whisper
+from whisper.tokenizer import Tokenizer, get_tokenizer
+
+from pipelines.hub import ModelUnavailable, resolve_source, workspace
+from pipelines.speech.config import BASE_MODELS
+from pipelines.training import TrainingFailure
+
+# 3.6 M parameters, mostly the 51865 x 64 token embedding; one encoder layer over Whisper's full 30 s
+# window (n_audio_ctx must stay 1500: the encoder checks the mel's shape). Trains in seconds on a CPU.
+PRESETS = {
+    "tiny-whisper": {
+        "dims": dict(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
+                     n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=2),
+        "seed": 0,
+    },
+}
+NAMED_MODELS = [name for name in BASE_MODELS if name not in PRESETS] + \
+    [name for name in whisper.available_models() if name not in BASE_MODELS]
+
+ATTENTION = ["query", "key", "value", "out"]
+MLP = ["mlp.0", "mlp.2"]
+
+
+def whisper_cache_dir() -> Path:
+    """Where openai-whisper keeps downloads (its own default), so models fetched earlier are reused."""
+    default = Path.home() / ".cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", default)) / "whisper"
+
+
+def materialise_preset(name: str) -> Path:
+    """Build the preset deterministically into workspace/models/<name>.pt once (atomic write)."""
+    target = workspace() / "models" / f"{name}.pt"
+    if target.exists():
+        return target
+    spec = PRESETS[name]
+    dims = ModelDimensions(**spec["dims"])
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(spec["seed"])
+    model = Whisper(dims)
+    with torch.no_grad():
+        # Created with torch.empty: left alone it would hold whatever the memory held.
+        model.decoder.positional_embedding.normal_(0.0, 0.02)
+    torch.random.set_rng_state(generator_state)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{name}-{os.getpid()}.pt")
+    torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, tmp)
+    os.replace(tmp, target)  # another process may have written the same file: theirs is identical
+    return target
+
+
+def _host_reachable(url: str, timeout: float = 3.0) -> bool:
+    """A quick TCP check, name lookup included, so an offline machine hears so in seconds."""
+    if any(os.environ.get(flag, "0").lower() in ("1", "true", "yes") for flag in ("STUDIO_OFFLINE", "HF_HUB_OFFLINE")):
+        return False
+    parsed = urlparse(url)
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    # getaddrinfo ignores socket timeouts; a daemon thread bounds the whole check.
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return bool(result and result[0])
+
+
+def base_location(base_model: str) -> str:
+    """What whisper.load_model should load: a named size or a .pt path. Raises ModelUnavailable."""
+    text = base_model.strip()
+    if text in PRESETS:
+        return str(materialise_preset(text))
+    if text in whisper.available_models():
+        return text
+    kind, value = resolve_source(text, PRESETS)
+    if kind == "local":
+        path = Path(value)
+        if path.is_dir():
+            raise ModelUnavailable(f"{path} is a folder; the speech tab loads openai-whisper .pt checkpoint files.",
+                                   "Choose the .pt file itself.")
+        return value
+    raise ModelUnavailable(f"'{text}' is not a Whisper model the speech tab knows.",
+                           f"Use one of {', '.join(['tiny-whisper'] + NAMED_MODELS[:10])}, or a local .pt checkpoint "
+                           "(Hugging Face transformers Whisper folders are not supported here).")
+
+
+def load_base_model(base_model: str, device: torch.device) -> Whisper:
+    location = base_location(base_model)
+    if location in whisper.available_models():
+        return _load_named(location, device)
+    try:
+        return whisper.load_model(location, device=device)  # torch.load(weights_only=True) inside
+    except Exception as err:  # a damaged file raises pickle, key or shape errors: one sentence for all
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelUnavailable(f"{location} could not be read as an openai-whisper checkpoint ({first[:200]}).",
+                               "Choose a .pt file saved by openai-whisper or exported by the studio.") from None
+
+
+def _load_named(name: str, device: torch.device) -> Whisper:
+    url = whisper._MODELS[name]
+    cached = whisper_cache_dir() / os.path.basename(url)
+    if not cached.is_file() and not _host_reachable(url):
+        raise ModelUnavailable(f"Whisper '{name}' is not downloaded yet and this machine cannot reach "
+                               f"{urlparse(url).hostname} to fetch it.",
+                               "Pick the built-in tiny-whisper preset, or download the model on a connected "
+                               f"machine into {whisper_cache_dir()}, or choose a local .pt file.")
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # urllib has no timeout of its own: a stalled download must not hang a run
+    try:
+        return whisper.load_model(name, device=device, download_root=str(whisper_cache_dir()))
+    except (OSError, RuntimeError) as err:
+        raise ModelUnavailable(f"Whisper '{name}' could not be downloaded or read ({str(err).splitlines()[0][:200]}).",
+                               "Check the network and the free disk space, then try again.") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def text_tokenizer(model: Whisper | None, language: str, task: str, multilingual: bool = True) -> Tokenizer:
+    """The tokenizer with the language and task tokens pinned (from tiktoken files inside the package)."""
+    if model is not None:
+        if not model.is_multilingual:
+            if language != "en" or task != "transcribe":
+                raise TrainingFailure("This Whisper model knows English only and cannot translate.",
+                                      "Set language to en and task to transcribe, or pick a multilingual model.")
+            return get_tokenizer(False)
+        return get_tokenizer(True, num_languages=model.num_languages, language=language, task=task)
+    return get_tokenizer(multilingual, language=language if multilingual else None,
+                         task=task if multilingual else None)
+
+
+def check_language(model: Whisper, language: str) -> None:
+    codes = list(whisper.tokenizer.LANGUAGES)
+    if model.is_multilingual and codes.index(language) >= model.num_languages:
+        raise TrainingFailure(f"This Whisper model does not know the language '{language}'.",
+                              "Pick another language or a newer model (large-v3).")
+
+
+def log_mel(samples: np.ndarray, n_mels: int) -> torch.Tensor:
+    """The encoder input for a clip of at most 30 s: computed exactly as `whisper.transcribe` does for its
+    first window (mel of the padded audio, cut to the clip, zero-padded to 3000 frames), so training
+    and transcription see the same numbers."""
+    mel = whisper.log_mel_spectrogram(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)),
+                                      n_mels, padding=N_SAMPLES)
+    frames = min(N_FRAMES, mel.shape[-1] - N_FRAMES)
+    return whisper.pad_or_trim(mel[:, :frames], N_FRAMES)
+
+
+def lora_targets(model: Whisper, target: str, decoder_only: bool) -> list[str]:
+    """Full module names, so 'decoder only' can leave the encoder's layers untouched."""
+    suffixes = ATTENTION + (MLP if target == "attention+mlp" else [])
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if decoder_only and not name.startswith("decoder."):
+            continue
+        if any(name == s or name.endswith("." + s) for s in suffixes):
+            names.append(name)
+    if not names:
+        raise TrainingFailure("No attention layers were found in this Whisper model.",
+                              "Check that the checkpoint is an openai-whisper model.")
+    return names
+
+
+def model_summary(model: Whisper) -> str:
+    dims = model.dims
+    return (f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {dims.n_audio_layer}+"
+            f"{dims.n_text_layer} layers, {'multilingual' if model.is_multilingual else 'English only'}")

@@ -1,0 +1,118 @@
+"""The data check: every shape it recognises, and every bad file gets a message naming file, row and reason."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.llm.config import LLMConfig
+from pipelines.llm.data import inspect_data, load_examples
+from pipelines.llm.model import load_tokenizer
+from pipelines.llm.tokenize import IGNORE, encode
+
+
+def check(tmp_path, name, content, **settings):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return inspect_data(LLMConfig(train_files=[str(path)], validation_fraction=0.0, **settings))
+
+
+@pytest.mark.parametrize("name, content, fmt, usable", [
+    ("alpaca.csv", "instruction,input,output\nSay hi,,hi\nAdd,1 and 2,3\n", "alpaca", 2),
+    ("qa.csv", "question,answer\nWho?,Me.\nWhere?,Here.\n", "prompt_completion", 2),
+    ("pc.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n', "prompt_completion", 2),
+    ("text.jsonl", '{"text": "once upon a time"}\n', "text", 1),
+    ("chat.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "hello"}]}) + "\n", "chat", 1),
+    ("sharegpt.json", json.dumps([{"conversations": [{"from": "human", "value": "hi"},
+                                                     {"from": "gpt", "value": "yo"}]}]), "chat", 1),
+    ("wrapped.json", json.dumps({"data": [{"instruction": "x", "output": "y"}]}), "alpaca", 1),
+    ("semicolon.csv", "instruction;output\nSay hi;hi\nSay bye;bye\n", "alpaca", 2),
+    ("tabs.tsv", "prompt\tresponse\nSay hi\thi\n", "prompt_completion", 1),
+])
+def test_recognised_shapes(tmp_path, name, content, fmt, usable):
+    report = check(tmp_path, name, content)
+    assert (report.format, report.rows_usable) == (fmt, usable), report.problems
+    assert report.stats["tokens_max"] > 0
+
+
+def test_parquet_and_explicit_column_mapping(tmp_path):
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"q": ["one", "two"], "a": ["1", "2"]}), path)
+    auto = inspect_data(LLMConfig(train_files=[str(path)], validation_fraction=0.0))
+    assert auto.rows_usable == 0 and "no known columns" in str(auto.problems[0])
+    mapped = inspect_data(LLMConfig(train_files=[str(path)], validation_fraction=0.0, data_format="prompt_completion",
+                                    prompt_column="q", response_column="a"))
+    assert mapped.rows_usable == 2 and mapped.mapping == {"prompt": "q", "response": "a"}
+
+
+BAD = [
+    ("empty.csv", b"", "the file is empty", None),
+    ("header.csv", "instruction,output\n", "has a header row but no data rows", None),
+    ("ragged.csv", "instruction,output\na,b\nc,d,e\nf,g\n", "has 3 fields but the header has 2", 2),
+    ("garbage.csv", bytes(range(256)) * 40, "looks like a binary file", None),
+    ("latin1.csv", "instruction,output\ncaf\xe9,ok\n".encode("latin-1"), "is not UTF-8 text", None),
+    ("broken.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "c", \n', "is not valid JSON", 2),
+    ("list.jsonl", '[1, 2]\n', "is a JSON list, not an object", 1),
+    ("broken.json", '[{"prompt": "a"', "is not valid JSON", None),
+    ("wrongcols.csv", "foo,bar\n1,2\n", "no known columns among ['foo', 'bar']", None),
+    ("emptyanswer.csv", "instruction,output\nSay hi,\nSay bye,bye\n", "the 'output' column is empty", 1),
+    ("noassistant.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n",
+     "no assistant message", 1),
+    ("badrole.jsonl", json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}) + "\n", "unknown role", 1),
+    ("notes.txt", "hello", "unsupported file type '.txt'", None),
+    ("blank.jsonl", "\n\n  \n", "only blank space", None),
+]
+
+
+@pytest.mark.parametrize("name, content, message, row", BAD, ids=[b[0] for b in BAD])
+def test_bad_files_are_reported_not_raised(tmp_path, name, content, message, row):
+    report = check(tmp_path, name, content)
+    matching = [p for p in report.problems if message in p.reason]
+    assert matching, [str(p) for p in report.problems]
+    assert matching[0].file == name and matching[0].row == row
+
+
+def test_truncated_parquet(tmp_path):
+    path = tmp_path / "cut.parquet"
+    pq.write_table(pa.table({"prompt": ["a"] * 100, "completion": ["b"] * 100}), path)
+    path.write_bytes(path.read_bytes()[:200])
+    report = inspect_data(LLMConfig(train_files=[str(path)]))
+    assert report.rows_usable == 0 and "cannot be read as Parquet" in report.problems[0].reason
+
+
+def test_huge_cell_is_reported_with_its_row(tmp_path, monkeypatch):
+    import pipelines.llm.data as data
+    monkeypatch.setattr(data, "MAX_CELL_CHARS", 1_000_000)
+    big = "instruction,output\nfine,ok\nhuge," + "x" * 50_000_000 + "\n"
+    report = check(tmp_path, "big.csv", big)
+    assert report.rows_usable == 1
+    assert any(p.row == 2 and "longer than the 1,000,000 character limit" in p.reason for p in report.problems)
+
+
+def test_missing_file_and_validation_split(tmp_path, assets):
+    report = inspect_data(LLMConfig(train_files=[str(tmp_path / "nope.csv")]))
+    assert not report.ok and report.problems[0].reason == "file not found"
+    config = LLMConfig(train_files=[str(assets / "llm" / "sample.csv")], validation_fraction=0.25)
+    report, train, validation = load_examples(config)
+    assert (len(train), len(validation)) == (18, 6) and report.validation_rows == 6
+
+
+def test_only_responses_count_for_the_loss_unless_asked(assets):
+    tokenizer = load_tokenizer("tiny-llama")
+    _, train, _ = load_examples(LLMConfig(train_files=[str(assets / "llm" / "sample.csv")], validation_fraction=0))
+    ids, labels = encode(train[0], tokenizer, LLMConfig(train_files=["x"]))
+    trained_text = tokenizer.decode([i for i, label in zip(ids, labels) if label != IGNORE])
+    assert trained_text.startswith(train[0].answer) and "Instruction" not in trained_text
+    ids, labels = encode(train[0], tokenizer, LLMConfig(train_files=["x"], train_on="all"))
+    assert IGNORE not in labels
+
+
+def test_token_lengths_over_the_limit_are_counted(tmp_path):
+    report = check(tmp_path, "long.csv", "instruction,output\nshort,ok\n" + "long," + "word " * 200 + "\n",
+                   max_length=64)
+    assert report.stats["over_max_length"] == 1 and report.stats["max_length"] == 64

@@ -1,0 +1,159 @@
+"""The language-model pipeline end to end on the tiny preset: learning, resume, export, model sources."""
+
+import csv
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pipelines import load_config
+from pipelines.hub import ModelUnavailable
+from pipelines.llm import pipeline
+from pipelines.llm.model import materialise_preset
+from pipelines.training import Events, latest_checkpoint, read_events
+
+
+def steps_of(run_dir):
+    return [e for e in read_events(run_dir)[0] if e["type"] == "step"]
+
+
+def train_run(config, run_dir, stop_at=None, resume=False):
+    run_dir.mkdir(exist_ok=True)
+    events = Events(run_dir)
+    state = {"steps": 0}
+
+    def should_stop():
+        state["steps"] += 1
+        return stop_at is not None and state["steps"] >= stop_at
+
+    try:
+        return pipeline.train(config, run_dir, events, should_stop, resume=resume, log=lambda m: None)
+    finally:
+        events.close()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, assets):
+    """The sample config trained once for the tests of this module."""
+    config = load_config(assets / "llm" / "config.yaml")
+    run_dir = tmp_path_factory.mktemp("run")
+    assert train_run(config, run_dir) == "completed"
+    return config, run_dir
+
+
+def test_training_lowers_loss_and_learns_the_answers(trained, assets):
+    config, run_dir = trained
+    losses = [e["loss"] for e in steps_of(run_dir)]
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    rows = list(csv.DictReader(open(assets / "llm" / "sample.csv", encoding="utf-8")))
+    model, tokenizer = pipeline.load_for_generation(config, run_dir)
+    tuned = [pipeline.complete(model, tokenizer, r["instruction"]) for r in rows if not r["input"]]
+    expected = [r["output"] for r in rows if not r["input"]]
+    assert sum(t == e for t, e in zip(tuned, expected)) >= 0.8 * len(expected)
+    with model.disable_adapter():
+        base = [pipeline.complete(model, tokenizer, r["instruction"]) for r in rows[:5]]
+    assert not any(b == r["output"] for b, r in zip(base, rows[:5]))
+
+
+def test_samples_and_checkpoints_are_logged(trained):
+    config, run_dir = trained
+    events = read_events(run_dir)[0]
+    samples = [e for e in events if e["type"] == "sample"]
+    assert samples and all(e["prompt"] and "output" in e for e in samples)
+    assert latest_checkpoint(run_dir).name == f"step-{steps_of(run_dir)[-1]['step']}"
+    files = {p.name for p in latest_checkpoint(run_dir).iterdir()}
+    assert {"trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json", "adapter"} <= files
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in run_dir.rglob("*"))
+
+
+def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, assets):
+    # Dropout on: the RNG state must be restored too, not only weights and optimizer.
+    config = load_config(assets / "llm" / "config.yaml").changed(
+        max_steps=12, lora_dropout=0.1, sample_every=0, checkpoint_every=100, validation_fraction=0.2)
+    whole = tmp_path / "whole"
+    assert train_run(config, whole) == "completed"
+    split = tmp_path / "split"
+    assert train_run(config, split, stop_at=5) == "stopped"
+    assert latest_checkpoint(split).name == "step-5"
+    assert train_run(config, split, resume=True) == "completed"
+    a, b = steps_of(whole), steps_of(split)
+    assert [e["step"] for e in b] == list(range(1, 13))
+    assert b[-1]["loss"] == pytest.approx(a[-1]["loss"], rel=1e-4)
+    eval_a = [e for e in read_events(whole)[0] if e["type"] == "eval"][-1]["eval_loss"]
+    eval_b = [e for e in read_events(split)[0] if e["type"] == "eval"][-1]["eval_loss"]
+    assert eval_b == pytest.approx(eval_a, rel=1e-4)
+
+
+PLAIN_PEFT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+adapter, merged = sys.argv[1], sys.argv[2]
+base_path = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_path"]
+tok = AutoTokenizer.from_pretrained(adapter)
+ids = tok("### Instruction:\\nWhat is the capital of Zorbia?\\n\\n### Response:\\n", return_tensors="pt")
+base = AutoModelForCausalLM.from_pretrained(base_path)
+with torch.no_grad():
+    plain = base(**ids).logits
+    tuned = PeftModel.from_pretrained(base, adapter)(**ids).logits
+    full = AutoModelForCausalLM.from_pretrained(merged)(**ids).logits
+print(json.dumps({"modules": sorted(m for m in sys.modules if m.split(".")[0] in ("pipelines", "studio")),
+                  "tuned": tuned[0, -1].tolist(), "merged": full[0, -1].tolist(), "base": plain[0, -1].tolist()}))
+"""
+
+
+def test_exports_load_in_plain_peft_and_transformers(trained, tmp_path):
+    config, run_dir = trained
+    adapter = pipeline.export(config, run_dir, "adapter", tmp_path / "adapter")
+    merged = pipeline.export(config, run_dir, "merged", tmp_path / "merged")
+    assert (adapter / "adapter_model.safetensors").exists() and (merged / "model.safetensors").exists()
+    result = subprocess.run([sys.executable, "-c", PLAIN_PEFT, str(adapter), str(merged)], cwd=tmp_path,
+                            capture_output=True, text=True, check=True)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["modules"] == []  # loaded with no import of this project
+    model, tokenizer = pipeline.load_for_generation(config, run_dir)
+    ids = tokenizer("### Instruction:\nWhat is the capital of Zorbia?\n\n### Response:\n", return_tensors="pt")
+    with torch.no_grad():
+        ours = model(**ids).logits[0, -1]
+    assert torch.allclose(torch.tensor(out["tuned"]), ours, atol=1e-4)
+    assert torch.allclose(torch.tensor(out["merged"]), ours, atol=1e-3)
+    assert not torch.allclose(torch.tensor(out["base"]), ours, atol=1e-2)
+
+
+def test_local_folder_loads_like_a_downloaded_model(tmp_path, assets, monkeypatch):
+    folder = tmp_path / "my-model"
+    import shutil
+    shutil.copytree(materialise_preset("tiny-llama"), folder)
+    monkeypatch.setenv("STUDIO_MODEL_DIRS", str(tmp_path))
+    config = load_config(assets / "llm" / "config.yaml").changed(base_model=str(folder), max_steps=3,
+                                                                  sample_every=0)
+    assert train_run(config, tmp_path / "run") == "completed"
+    adapter_config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(folder)
+
+
+def test_hub_id_offline_fails_fast_with_one_sentence(tmp_path, assets, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = load_config(assets / "llm" / "config.yaml").changed(base_model="Qwen/Qwen2.5-0.5B-Instruct")
+    started = time.monotonic()
+    with pytest.raises(ModelUnavailable) as err:
+        train_run(config, tmp_path / "run")
+    assert time.monotonic() - started < 20
+    assert "cannot reach the Hugging Face hub" in err.value.cause and "\n" not in str(err.value)
+    assert "preset" in err.value.advice
+
+
+def test_local_folders_outside_the_allowed_roots_are_refused(tmp_path, assets, monkeypatch):
+    monkeypatch.setenv("STUDIO_MODEL_DIRS", str(tmp_path / "models"))
+    config = load_config(assets / "llm" / "config.yaml").changed(base_model="/etc", max_steps=1)
+    with pytest.raises(ModelUnavailable, match="outside the folders"):
+        train_run(config, tmp_path / "run")
+
+
+def test_four_bit_on_cpu_gets_a_clear_message(tmp_path, assets):
+    config = load_config(assets / "llm" / "config.yaml").changed(load_in_4bit=True, max_steps=1)
+    with pytest.raises(Exception, match="4-bit .*needs an NVIDIA GPU"):
+        train_run(config, tmp_path / "run")

@@ -1,0 +1,161 @@
+"""The run engine through the real CLI: real worker processes, a real SQLite index, real signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.training import read_events
+from studio import jobs
+from studio.runs import Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    home = tmp_path / "ws"
+    monkeypatch.setenv("STUDIO_HOME", str(home))
+    return home
+
+
+def studio(*args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "studio.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def config_file(tmp_path, **changes):
+    data = yaml.safe_load((ROOT / "assets" / "llm" / "config.yaml").read_text())
+    data["train_files"] = [str(ROOT / "assets" / "llm" / "sample.csv")]
+    data.update(changes)
+    path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def wait_for(predicate, timeout=240, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def run_id_of(output: str) -> str:
+    return output.split()[1]
+
+
+def steps(home, run_id):
+    return [e["step"] for e in read_events(home / "runs" / run_id)[0] if e["type"] == "step"]
+
+
+def test_train_then_generate_from_the_command_line(home):
+    result = studio("train", str(ROOT / "assets" / "llm" / "config.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_id = run_id_of(result.stdout)
+    assert "Completed" in result.stdout
+    tuned = studio("generate", run_id, "--prompt", "What is the capital of Zorbia?")
+    base = studio("generate", run_id, "--base", "--prompt", "What is the capital of Zorbia?")
+    assert tuned.stdout.strip() == "The capital of Zorbia is Quillton."
+    assert base.returncode == 0 and "Quillton" not in base.stdout
+    listed = json.loads(studio("runs", "--json").stdout)
+    assert [(r["id"], r["status"], r["step"]) for r in listed] == [(run_id, "completed", 90)]
+    run_dir = home / "runs" / run_id
+    assert (run_dir / "data" / "sample.csv").exists()  # the run folder alone replays the run
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train_files"] == ["data/sample.csv"]
+    assert "completed" in (run_dir / "log.txt").read_text()
+
+
+def test_stop_checkpoints_and_resume_continues(home, tmp_path):
+    config = config_file(tmp_path, max_steps=120, checkpoint_every=1000, sample_every=0)
+    run_id = run_id_of(studio("train", str(config), "--detach").stdout)
+    wait_for(lambda: steps(home, run_id), what="the first step")
+    assert studio("stop", run_id).stdout.strip() == "stopping"
+    registry = Registry(home)
+    wait_for(lambda: registry.get(run_id).status == "stopped", what="stopped")
+    stopped_at = steps(home, run_id)[-1]
+    assert stopped_at < 120 and (home / "runs" / run_id / "checkpoints" / f"step-{stopped_at}").is_dir()
+    result = studio("train", str(home / "runs" / run_id / "config.yaml"), "--resume")
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = steps(home, run_id)
+    assert after[after.index(stopped_at) + 1] == stopped_at + 1 and after[-1] == 120
+    assert registry.get(run_id).status == "completed"
+
+
+def test_cancel_ends_the_process_at_once(home, tmp_path):
+    config = config_file(tmp_path, max_steps=100000, sample_every=0)
+    run_id = run_id_of(studio("train", str(config), "--detach").stdout)
+    registry = Registry(home)
+    wait_for(lambda: steps(home, run_id), what="the first step")
+    pid = registry.get(run_id).pid
+    assert studio("cancel", run_id).stdout.strip() == "cancelled"
+    assert registry.get(run_id).status == "cancelled"
+    wait_for(lambda: not _alive(pid), timeout=15, what="the worker to exit")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def test_killed_worker_becomes_interrupted_and_resumes(home, tmp_path):
+    config = config_file(tmp_path, max_steps=60, checkpoint_every=5, sample_every=0)
+    run_id = run_id_of(studio("train", str(config), "--detach").stdout)
+    registry = Registry(home)
+    run_dir = home / "runs" / run_id
+    wait_for(lambda: (run_dir / "checkpoints" / "step-10").is_dir(), what="a checkpoint")
+    os.kill(registry.get(run_id).pid, signal.SIGKILL)
+    wait_for(lambda: jobs.reconcile(registry) or registry.get(run_id).status == "interrupted", timeout=15,
+             what="interrupted")
+    assert registry.get(run_id).status == "interrupted"
+    assert studio("runs").stdout.count("interrupted") == 1
+    jobs.resume(run_id, registry)
+    wait_for(lambda: registry.get(run_id).status == "completed", what="the resumed run to complete")
+    resumed = [e for e in read_events(run_dir)[0] if e["type"] == "resumed"]
+    assert resumed and resumed[0]["step"] >= 10 and steps(home, run_id)[-1] == 60
+
+
+def test_runs_queue_one_at_a_time_and_start_by_themselves(home, tmp_path):
+    first = run_id_of(studio("train", str(config_file(tmp_path, max_steps=20, sample_every=0)), "--detach").stdout)
+    second_out = studio("train", str(config_file(tmp_path, max_steps=5, sample_every=0)), "--detach").stdout
+    second = run_id_of(second_out)
+    registry = Registry(home)
+    assert registry.get(second).status == "queued" and "Queued" in second_out
+    wait_for(lambda: registry.get(second).status == "completed", what="the queued run to finish")
+    first_end = registry.get(first).ended
+    second_start = registry.get(second).started
+    assert registry.get(first).status == "completed" and second_start >= first_end - 0.5
+
+
+def test_index_rebuilds_from_run_folders(home, tmp_path):
+    run_id = run_id_of(studio("train", str(config_file(tmp_path, max_steps=3, sample_every=0))).stdout)
+    (home / "studio.db").unlink()
+    for suffix in ("-wal", "-shm"):
+        (home / f"studio.db{suffix}").unlink(missing_ok=True)
+    registry = Registry(home)
+    assert registry.list() == []
+    assert registry.rebuild() == 1
+    run = registry.get(run_id)
+    assert (run.status, run.modality, run.name) == ("completed", "llm", "zorbia-facts")
+
+
+def test_bad_settings_are_refused_with_the_field_name_and_no_run(home, tmp_path):
+    result = studio("train", str(config_file(tmp_path, lora_rank=0, learning_rate="fast", colour="blue")))
+    assert result.returncode == 2
+    for expected in ("lora_rank: must be at least 1", "learning_rate: must be a number", "colour: is not a known"):
+        assert expected in result.stderr
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+    missing = studio("train", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "file not found" in missing.stderr
