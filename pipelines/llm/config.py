@@ -64,3 +64,17 @@ class LLMConfig(RunConfig):
 
 
 CONFIG = LLMConfig
+
+# Models offered in the UI's dropdown: (hub id or preset, parameters in billions). Any other hub id or a
+# local folder can be typed in as well.
+KNOWN_MODELS = [
+    ("tiny-llama", 0.001),
+    ("meta-llama/Llama-3.2-1B-Instruct", 1.24),
+    ("meta-llama/Llama-3.2-3B-Instruct", 3.21),
+    ("Qwen/Qwen2.5-0.5B-Instruct", 0.49),
+    ("Qwen/Qwen2.5-1.5B-Instruct", 1.54),
+    ("HuggingFaceTB/SmolLM2-360M-Instruct", 0.36),
+    ("HuggingFaceTB/SmolLM2-1.7B-Instruct", 1.71),
+    ("stabilityai/stablelm-2-1_6b", 1.64),
+    ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", 1.10),
+]

@@ -1,0 +1,141 @@
+"""The web studio: one tab per modality plus Runs, served by Gradio on 127.0.0.1 by default.
+
+The server never trains: it queues runs (studio.jobs starts each in its own process) and reads their
+events. A background thread keeps the queue moving and notices runs whose process died.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from pipelines.data import _limit
+from pipelines.hub import workspace
+from studio import jobs
+from studio.runs import Registry
+from studio.tabs import widgets
+
+CSS = """
+.run-status { min-height: 3em; }
+.hardware { opacity: 0.8; font-size: 0.9em; }
+"""
+MAX_UPLOAD_MB = _limit("STUDIO_MAX_UPLOAD_MB", 2048)
+
+
+def build_app() -> gr.Blocks:
+    from studio.tabs import llm, runs_tab
+    with gr.Blocks(title="LoRA Studio") as app:
+        gr.Markdown("# LoRA Studio\nFine-tune language, image and speech models with LoRA, in your browser.")
+        with gr.Tabs():
+            with gr.Tab("Language model", id="llm"):
+                llm_parts = llm.build()
+            with gr.Tab("Image (Stable Diffusion)", id="image"):
+                _modality_tab("image")
+            with gr.Tab("Speech (Whisper)", id="speech"):
+                _modality_tab("speech")
+            with gr.Tab("Runs", id="runs"):
+                runs_tab.build()
+        _api()
+        # A page opened or reloaded shows the newest run of each tab, with its whole curve so far.
+        app.load(lambda: widgets.latest_run_id("llm"), None, llm_parts["run_state"], api_visibility="private")
+        app.load(*llm_parts["check"], api_visibility="private")
+    return app
+
+
+def _modality_tab(modality: str) -> None:
+    try:
+        module = __import__(f"studio.tabs.{modality}", fromlist=["build"])
+    except ImportError:
+        gr.Markdown(f"The {modality} tab is not available in this build.")
+        return
+    module.build()
+
+
+def _api() -> None:
+    """A small, stable HTTP API for scripts (see the README's gradio_client example)."""
+    from studio import api
+    gr.api(api.start_run, api_name="start_run")
+    gr.api(api.run_status, api_name="run_status")
+    gr.api(api.generate, api_name="generate")
+    gr.api(api.stop_run, api_name="stop_run")
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def read_credentials(auth_file: str | None) -> list[tuple[str, str]]:
+    """Users from a file of 'user:password' lines, or STUDIO_AUTH='user:password' in the environment.
+    Never from a command-line argument, which would land in shell history and the process list."""
+    lines: list[str] = []
+    if auth_file:
+        lines = Path(auth_file).read_text(encoding="utf-8").splitlines()
+    elif os.environ.get("STUDIO_AUTH"):
+        lines = os.environ["STUDIO_AUTH"].split(",")
+    users = []
+    for line in lines:
+        user, sep, password = line.strip().partition(":")
+        if line.strip() and not line.startswith("#"):
+            if not sep or not user or len(password) < 8:
+                raise ValueError("each credential must be 'user:password' with a password of at least 8 characters")
+            users.append((user, password))
+    return users
+
+
+def _keep_queue_moving(stop: threading.Event) -> None:
+    while not stop.wait(3.0):
+        try:
+            jobs.dispatch()
+        except Exception as err:  # a hiccup (a locked database) must not end the thread
+            print(f"queue check failed: {err}", file=sys.stderr)
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth_file: str | None = None,
+          block: bool = True):
+    users = read_credentials(auth_file)
+    if not _is_loopback(host) and not users:
+        print(f"error: refusing to listen on {host} without authentication. Put 'user:password' lines in a file "
+              "and pass --auth-file FILE, or set STUDIO_AUTH in the environment.", file=sys.stderr)
+        return 2
+    if share and not users:
+        print("error: a public share link needs authentication too (--auth-file or STUDIO_AUTH).", file=sys.stderr)
+        return 2
+    registry = Registry()
+    lost = jobs.reconcile(registry)
+    if lost:
+        print(f"Marked {len(lost)} run(s) whose process is gone as interrupted: {', '.join(lost)}")
+    jobs.dispatch(registry)
+    stop = threading.Event()
+    threading.Thread(target=_keep_queue_moving, args=(stop,), daemon=True).start()
+    started = time.monotonic()
+    app = build_app()
+    app.queue(default_concurrency_limit=4, max_size=256)
+    root = workspace()
+    app.launch(server_name=host, server_port=port, share=share, auth=users or None, inbrowser=False,
+               allowed_paths=[str(root / "runs")],
+               blocked_paths=[str(root / "studio.db"), str(Path.home() / ".ssh"), str(Path.home() / ".cache")],
+               max_file_size=f"{MAX_UPLOAD_MB}mb", prevent_thread_lock=True, show_error=True, css=CSS,
+               footer_links=["api"], quiet=True, mcp_server=False, ssr_mode=False)
+    print(f"LoRA Studio is ready on http://{host}:{port} (started in {time.monotonic() - started:.1f} s). "
+          f"Workspace: {root}", flush=True)
+    if not block:
+        return app
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        stop.set()
+        app.close()
+    return 0

@@ -1,0 +1,64 @@
+"""What this machine has, and rough pre-flight estimates of a run's memory and time.
+
+No torch import here: the UI shows the hardware line before any ML library has loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+
+import psutil
+
+
+@functools.lru_cache(maxsize=1)
+def gpus() -> list[tuple[str, float]]:
+    """(name, memory in GiB) of each NVIDIA GPU, from nvidia-smi (empty when there is none)."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    found = []
+    for line in out.strip().splitlines():
+        name, _, mib = line.rpartition(",")
+        try:
+            found.append((name.strip(), float(mib) / 1024))
+        except ValueError:
+            continue
+    return found
+
+
+def hardware_line() -> str:
+    memory = psutil.virtual_memory().total / 2**30
+    cpu = f"CPU: {os.cpu_count()} cores, {memory:.0f} GiB memory"
+    found = gpus()
+    if not found:
+        return f"{cpu}. No GPU found: training runs on the CPU (fine for the tiny presets)."
+    listed = ", ".join(f"{name} ({gib:.0f} GiB)" for name, gib in found)
+    return f"{cpu}. GPU: {listed}."
+
+
+def training_memory_gib(params_billion: float, on_gpu: bool, four_bit: bool = False, batch_tokens: int = 4096,
+                        hidden: int | None = None, layers: int | None = None) -> float:
+    """A deliberately rough LoRA estimate: frozen weights (fp32 on CPU, bf16 on GPU, 4-bit with QLoRA),
+    plus activations kept for the backward pass, plus a fixed overhead."""
+    bytes_per_weight = 0.55 if four_bit else (2 if on_gpu else 4)
+    weights = params_billion * 1e9 * bytes_per_weight
+    hidden = hidden or max(64, int((params_billion * 1e9 / 12 / max(1, layers or 24)) ** 0.5))
+    layers = layers or max(2, int(params_billion * 16) or 2)
+    activations = batch_tokens * hidden * layers * 34 * (2 if on_gpu else 4) / 2
+    return (weights + activations) / 2**30 + 0.5
+
+
+def describe_model(name: str, params_billion: float | None) -> str:
+    if params_billion is None:
+        return name
+    size = f"{params_billion * 1000:.0f}M" if params_billion < 1 else f"{params_billion:.1f}B"
+    on_gpu = bool(gpus())
+    need = training_memory_gib(params_billion, on_gpu)
+    return f"{name} — {size} params, ~{need:.1f} GiB to train on {'GPU' if on_gpu else 'CPU'}"

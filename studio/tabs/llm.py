@@ -1,0 +1,308 @@
+"""The Language model tab: pick a model, upload data and see it checked, set LoRA, train, watch, try, export."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import yaml
+
+from pipelines.config import ConfigError, read_yaml
+from pipelines.llm.config import KNOWN_MODELS, LLMConfig
+from studio import hardware, jobs
+from studio.runs import Registry
+from studio.tabs import widgets
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "llm"
+SAMPLE_CONFIG = ASSETS / "config.yaml"
+
+TRAINING = ["lora_rank", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "epochs", "max_steps",
+            "batch_size", "gradient_accumulation", "max_length", "warmup_steps", "eval_every", "sample_every", "seed"]
+TOGGLES = ["use_dora", "use_rslora", "load_in_4bit"]
+ADVANCED = ["scheduler", "weight_decay", "max_grad_norm", "train_on", "packing", "system_prompt",
+            "custom_target_modules", "sample_prompts", "sample_max_new_tokens", "checkpoint_every",
+            "keep_checkpoints", "device", "trust_remote_code"]
+DATA = ["validation_fraction", "data_format", "prompt_column", "input_column", "response_column", "text_column",
+        "messages_column"]
+FORM = TRAINING + TOGGLES + ADVANCED + DATA
+COLUMNS = ["prompt_column", "input_column", "response_column", "text_column", "messages_column"]
+
+
+def default_config() -> LLMConfig:
+    """The sample run, so a new user can press Train straight away."""
+    from pipelines import load_config
+    return load_config(SAMPLE_CONFIG)
+
+
+def model_choices() -> list[tuple[str, str]]:
+    return [(hardware.describe_model(name, size) + (" (built-in, offline)" if "/" not in name else ""), name)
+            for name, size in KNOWN_MODELS]
+
+
+def model_size(base_model: str) -> float | None:
+    """Parameters in billions, where we can tell without loading the model."""
+    known = dict(KNOWN_MODELS)
+    if base_model in known:
+        return known[base_model]
+    config_file = Path(base_model).expanduser() / "config.json"
+    try:
+        c = json.loads(config_file.read_text())
+        hidden, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+        return (12 * layers * hidden * hidden + vocab * hidden) / 1e9
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _values(files, validation_files, base_model, name, form_values) -> dict[str, Any]:
+    values = dict(zip(FORM, form_values))
+    values.update(modality="llm", base_model=base_model or "", name=name or "",
+                  train_files=[_path(f) for f in files or []],
+                  validation_files=[_path(f) for f in validation_files or []])
+    for key in ("custom_target_modules", "sample_prompts"):
+        values[key] = [v.strip() for v in (values[key] or "").split(",") if v.strip()]
+    return values
+
+
+def _path(file) -> str:
+    return file if isinstance(file, str) else getattr(file, "name", str(file))
+
+
+def check_data(files, validation_files, base_model, name, *form_values):
+    """Data check shown under the upload: summary, problems, preview, token lengths; gates the Train button."""
+    values = _values(files, validation_files, base_model, name, form_values)
+    if not values["train_files"]:
+        return ("Upload a CSV, JSONL, JSON or Parquet file to begin.", gr.update(visible=False), None, None,
+                *[gr.update(choices=[""], value="")] * 5, gr.update(interactive=False), "")
+    from pipelines.llm.data import inspect_data
+    try:
+        config = LLMConfig.from_dict(values | {"train_files": values["train_files"] or ["-"]})
+    except ConfigError:
+        config = LLMConfig(train_files=values["train_files"], validation_files=values["validation_files"],
+                           base_model=base_model or "tiny-llama")
+    report = inspect_data(config)
+    summary = ("**Data:** " if report.ok else "**No usable data.** ") + report.summary()
+    stats = report.stats
+    if stats:
+        summary += (f"\n\nTokens per example: min {stats['tokens_min']}, mean {stats['tokens_mean']}, "
+                    f"95% under {stats['tokens_p95']}, max {stats['tokens_max']}. ")
+        if stats["over_max_length"]:
+            summary += f"**{stats['over_max_length']} examples exceed the max length of {stats['max_length']}** " \
+                       "and will be truncated."
+    problems = gr.update(value=pd.DataFrame([{"file": p.file, "row": p.row if p.row is not None else "",
+                                              "problem": p.reason} for p in report.problems]) if report.problems
+                         else None, visible=bool(report.problems))
+    preview = pd.DataFrame(report.preview) if report.preview else None
+    histogram = _histogram(stats) if stats else None
+    columns = [""] + report.columns
+    mapping = [gr.update(choices=columns, value=report.mapping.get(role, "") if role in report.mapping else "")
+               for role in ("prompt", "input", "response", "text", "messages")]
+    preflight = preflight_line(config, stats)
+    return (summary, problems, preview, histogram, *mapping, gr.update(interactive=report.ok), preflight)
+
+
+def _histogram(stats: dict) -> pd.DataFrame:
+    lengths, limit = stats["lengths"], stats["max_length"]
+    top = max(max(lengths), limit)
+    width = max(1, top // 20 + 1)
+    bins: dict[int, int] = {}
+    for n in lengths:
+        bins[n // width * width] = bins.get(n // width * width, 0) + 1
+    return pd.DataFrame([{"tokens": f"{start}-{start + width - 1}", "examples": count,
+                          "fits": "within max length" if start + width - 1 <= limit else "over max length",
+                          "start": start} for start, count in sorted(bins.items())])
+
+
+def preflight_line(config: LLMConfig, stats: dict | None) -> str:
+    size = model_size(config.base_model)
+    if size is None:
+        return "Pre-flight: model size unknown until it loads."
+    on_gpu = bool(hardware.gpus()) and config.device != "cpu"
+    batch_tokens = config.batch_size * min(config.max_length, int(stats["tokens_p95"]) if stats else config.max_length)
+    memory = hardware.training_memory_gib(size, on_gpu, config.load_in_4bit, batch_tokens)
+    text = f"Pre-flight: about **{memory:.1f} GiB** peak memory on the {'GPU' if on_gpu else 'CPU'}"
+    if stats:
+        tokens = stats["tokens_total"]
+        flops = 4 * size * 1e9 * tokens  # LoRA: forward plus activation gradients, no frozen-weight gradients
+        rate = 2e14 if on_gpu else 2e10   # sustained FLOP/s, deliberately modest
+        seconds = max(flops / rate, 0.05 * tokens / max(1, batch_tokens))
+        from studio.progress import format_seconds
+        text += f", about **{format_seconds(seconds)} per epoch** ({tokens:,} tokens)."
+    return text
+
+
+def start_training(files, validation_files, base_model, name, *form_values):
+    """Train: validate every setting, create the run (with its own copy of the data) and queue it."""
+    values = _values(files, validation_files, base_model, name, form_values)
+    config, problems = widgets.build_config(LLMConfig, values)
+    if config is None:
+        return gr.update(), problems
+    from pipelines.llm.data import inspect_data
+    report = inspect_data(config)
+    if not report.ok:
+        return gr.update(), f"**No usable data:** {report.summary()}"
+    run = jobs.submit(config)
+    return run.id, f"Started run `{run.id}`." if run.status != "queued" else f"Run `{run.id}` is queued."
+
+
+def save_config(files, validation_files, base_model, name, *form_values):
+    values = _values(files, validation_files, base_model, name, form_values)
+    config, problems = widgets.build_config(LLMConfig, values)
+    if config is None:
+        raise gr.Error(problems.replace("**", ""))
+    folder = Path(tempfile.mkdtemp(prefix="studio-config-"))
+    config.save(folder / "config.yaml")
+    return gr.update(value=str(folder / "config.yaml"), visible=True), ""
+
+
+def load_config_file(upload):
+    """Fill the form from a config.yaml; data files it names are kept where they exist."""
+    try:
+        data = read_yaml(_path(upload))
+        config = LLMConfig.from_dict({**data, "train_files": data.get("train_files") or ["-"]})
+    except ConfigError as err:
+        message = "**This config.yaml cannot be used:** " + "; ".join(f"`{n}` {w}" for n, w in err.problems)
+        return [gr.update()] * (3 + len(FORM)) + [message]
+    base = Path(_path(upload)).parent
+    files = [str((base / f).resolve()) if not Path(f).is_absolute() else f for f in data.get("train_files") or []]
+    files = [f for f in files if Path(f).exists()]
+    return [files or gr.update(), config.base_model, config.name, *widgets.config_to_form(config, FORM),
+            "Settings loaded from the config file."]
+
+
+def try_prompt(run_id, checkpoint, prompt, max_new_tokens, temperature, top_p):
+    """The base model's and the tuned model's answers to the same prompt."""
+    from studio import tryit
+    run = Registry().get(run_id) if run_id else None
+    if run is None:
+        raise gr.Error("Train a run first, then try it here.")
+    if not (prompt or "").strip():
+        raise gr.Error("Type a prompt first.")
+    checkpoint = None if checkpoint in (None, "", "final") else checkpoint
+    options = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
+    try:
+        tuned = tryit.generate_text(run.config(), run.dir, prompt, checkpoint=checkpoint, **options)
+        base = tryit.generate_text(run.config(), run.dir, prompt, checkpoint=checkpoint, use_adapter=False, **options)
+    except Exception as err:
+        raise gr.Error(f"Generation failed: {getattr(err, 'cause', None) or err}") from None
+    return base, tuned
+
+
+def build() -> None:
+    defaults = default_config()
+    run_state = gr.State(None)
+
+    gr.Markdown(hardware.hardware_line(), elem_classes=["hardware"])
+    with gr.Row():
+        base_model = gr.Dropdown(model_choices(), value=defaults.base_model, allow_custom_value=True, scale=3,
+                                 label="Base model",
+                                 info="A built-in preset, a Hugging Face hub id, or a local folder path.")
+        name = gr.Textbox(label="Run name", placeholder="optional", scale=1)
+
+    with gr.Group():
+        gr.Markdown("### Data")
+        with gr.Row():
+            files = gr.File(value=[str(ASSETS / "sample.csv")], file_count="multiple", label="Training data",
+                            file_types=[".csv", ".tsv", ".jsonl", ".json", ".parquet"], height=140)
+            validation_files = gr.File(file_count="multiple", label="Validation data (optional)",
+                                       file_types=[".csv", ".tsv", ".jsonl", ".json", ".parquet"], height=140)
+        data_summary = gr.Markdown()
+        with gr.Row():
+            problems = gr.Dataframe(label="Problems found", wrap=True, max_height=200, visible=False)
+            histogram = gr.BarPlot(None, x="tokens", y="examples", color="fits", sort=None, height=220,
+                                   title="Token lengths", x_title="tokens per example", x_label_angle=-45)
+        preview = gr.Dataframe(label="Preview (as the model will see it)", wrap=True, max_height=240)
+
+    inputs = widgets.config_inputs(LLMConfig, FORM, defaults)
+    for key in COLUMNS:
+        inputs[key] = widgets.column_input(LLMConfig, key)
+    with gr.Group():
+        gr.Markdown("### LoRA and training")
+        with gr.Row():
+            for key in ("validation_fraction", "data_format"):
+                inputs[key].render()
+        with gr.Row():
+            for key in COLUMNS:
+                inputs[key].render()
+        with gr.Row():
+            for key in TRAINING[:5]:
+                inputs[key].render()
+        with gr.Row():
+            for key in TRAINING[5:10]:
+                inputs[key].render()
+        with gr.Row():
+            for key in TRAINING[10:] + TOGGLES:
+                inputs[key].render()
+        with gr.Accordion("Advanced", open=False):
+            with gr.Row():
+                for key in ADVANCED[:5]:
+                    inputs[key].render()
+            with gr.Row():
+                for key in ADVANCED[5:]:
+                    inputs[key].render()
+    preflight = gr.Markdown()
+    with gr.Row():
+        train = gr.Button("Train", variant="primary", interactive=False, scale=2)
+        save = gr.Button("Save config", scale=1)
+        load = gr.UploadButton("Load config", file_types=[".yaml", ".yml"], scale=1)
+    config_file = gr.File(label="config.yaml", visible=False)
+    message = gr.Markdown()
+
+    gr.Markdown("### Training")
+    panel = widgets.live_panel()
+
+    with gr.Group():
+        gr.Markdown("### Try it")
+        with gr.Row():
+            checkpoint = gr.Dropdown(["final"], value="final", label="Checkpoint", scale=1)
+            max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens", scale=1)
+            temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature", info="0 = greedy", scale=1)
+            top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p", scale=1)
+        prompt = gr.Textbox(label="Prompt", value="What is the capital of Zorbia?", lines=2)
+        generate = gr.Button("Generate")
+        with gr.Row():
+            base_answer = gr.Textbox(label="Base model", lines=4)
+            tuned_answer = gr.Textbox(label="Tuned model", lines=4)
+
+    with gr.Group():
+        gr.Markdown("### Export")
+        with gr.Row():
+            export_adapter = gr.Button("Adapter (zip)")
+            export_merged = gr.Button("Merged model (zip)")
+        download = gr.File(label="Download", visible=False)
+
+    form = [inputs[k] for k in FORM]
+    everything = [files, validation_files, base_model, name, *form]
+    mapping = [inputs[k] for k in COLUMNS]
+    check_outputs = [data_summary, problems, preview, histogram, *mapping, train, preflight]
+    for trigger in (files.change, validation_files.change, base_model.change, inputs["data_format"].change,
+                    inputs["max_length"].change, inputs["validation_fraction"].change,
+                    inputs["system_prompt"].blur, inputs["batch_size"].change, inputs["load_in_4bit"].change):
+        trigger(check_data, everything, check_outputs, api_visibility="private", trigger_mode="always_last")
+    for column in mapping:
+        column.input(check_data, everything, check_outputs, api_visibility="private", trigger_mode="always_last")
+
+    train.click(start_training, everything, [run_state, message], api_visibility="private").then(
+        widgets.live_values, run_state, panel.outputs(), api_visibility="private")
+    save.click(save_config, everything, [config_file, message], api_visibility="private")
+    load.upload(load_config_file, load, [files, base_model, name, *form, message], api_visibility="private")
+
+    timer = gr.Timer(1.5)
+    timer.tick(widgets.live_values, run_state, panel.outputs(), api_visibility="private", show_progress="hidden")
+    widgets.wire_controls(panel, run_state)
+    run_state.change(lambda r: gr.update(choices=widgets.checkpoint_choices(r), value="final"), run_state,
+                     checkpoint, api_visibility="private")
+    checkpoint.focus(lambda r: gr.update(choices=widgets.checkpoint_choices(r)), run_state, checkpoint,
+                     api_visibility="private")
+
+    generate.click(try_prompt, [run_state, checkpoint, prompt, max_new_tokens, temperature, top_p],
+                   [base_answer, tuned_answer], api_visibility="private")
+    for button, kind in ((export_adapter, "adapter"), (export_merged, "merged")):
+        button.click(lambda r, c, kind=kind: gr.update(value=widgets.export_zip(r, kind, c), visible=True),
+                     [run_state, checkpoint], download, api_visibility="private")
+
+    return {"run_state": run_state, "check": (check_data, everything, check_outputs),
+            "live": (widgets.live_values, run_state, panel.outputs())}

@@ -1,0 +1,291 @@
+"""Pieces every tab shares: the settings form built from a config's metadata, the live run panel
+(loss curve, progress, samples, log, Stop/Cancel/Resume), checkpoint choice and export downloads.
+
+A tab supplies its data and try-it sections and wires these in; everything about a run's life looks
+and behaves the same in every tab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import typing
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from pipelines.config import ConfigError, RunConfig
+from studio import jobs
+from studio.progress import Progress, format_seconds
+from studio.runs import FINAL, RESUMABLE, Registry
+
+LOG_LINES = 40
+
+
+# ---- the settings form -----------------------------------------------------------------------
+
+def _label(name: str) -> str:
+    words = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "4bit": "4-bit", "snr": "SNR"}
+    text = " ".join(words.get(w, w) for w in name.split("_"))
+    return text[0].upper() + text[1:]
+
+
+def config_inputs(config_cls: type[RunConfig], names: list[str], defaults: RunConfig) -> dict[str, gr.Component]:
+    """One input per config field, with label, tooltip and bounds from the field's metadata. They are
+    made unrendered: the tab places each with .render() where it belongs in its layout."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    types = typing.get_type_hints(config_cls)
+    return {name: _input_for(fields[name], types[name], getattr(defaults, name)) for name in names}
+
+
+def column_input(config_cls: type[RunConfig], name: str) -> gr.Dropdown:
+    """A dropdown for a field naming a data column; its choices are filled in once data is uploaded."""
+    field = next(f for f in dataclasses.fields(config_cls) if f.name == name)
+    return gr.Dropdown([""], value="", allow_custom_value=True, label=_label(name), info=field.metadata["help"],
+                       render=False)
+
+
+def _input_for(field: dataclasses.Field, kind: Any, value: Any) -> gr.Component:
+    meta, label = field.metadata, _label(field.name)
+    info, render = meta.get("help"), False
+    low, high, step = meta.get("min"), meta.get("max"), meta.get("step")
+    if meta.get("choices"):
+        return gr.Dropdown(meta["choices"], value=value, label=label, info=info, render=render)
+    if kind is bool:
+        return gr.Checkbox(value=value, label=label, info=info, render=render)
+    if kind in (int, float):
+        if step and low is not None and high is not None and (high - low) / step <= 600:
+            return gr.Slider(low, high, value=value, step=step, label=label, info=info, render=render)
+        return gr.Number(value=value, label=label, info=info, minimum=low, maximum=high,
+                         precision=0 if kind is int else None, render=render)
+    if typing.get_origin(kind) is list:
+        return gr.Textbox(", ".join(value), label=label, info=info + " (comma-separated)", render=render)
+    return gr.Textbox(value, label=label, info=info, render=render)
+
+
+def build_config(config_cls: type[RunConfig], values: dict[str, Any]) -> tuple[RunConfig | None, str]:
+    """(config, "") or (None, a message naming every bad field)."""
+    try:
+        return config_cls.from_dict({k: v for k, v in values.items()}), ""
+    except ConfigError as err:
+        lines = "\n".join(f"- **{_label(name)}** (`{name}`): {why}" for name, why in err.problems)
+        return None, f"**These settings need fixing:**\n{lines}"
+
+
+def config_to_form(config: RunConfig, names: list[str]) -> list[Any]:
+    values = []
+    for name in names:
+        value = getattr(config, name)
+        values.append(", ".join(value) if isinstance(value, list) else value)
+    return values
+
+
+# ---- the live run panel ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LivePanel:
+    status: gr.Markdown
+    loss_plot: gr.LinePlot
+    metrics_plot: gr.LinePlot
+    samples_table: gr.Dataframe
+    samples_gallery: gr.Gallery
+    log: gr.Textbox
+    stop: gr.Button
+    cancel: gr.Button
+    resume: gr.Button
+
+    def outputs(self) -> list[gr.Component]:
+        return [self.status, self.loss_plot, self.metrics_plot, self.samples_table, self.samples_gallery, self.log,
+                self.stop, self.cancel, self.resume]
+
+
+def live_panel(unit_label: str = "Loss") -> LivePanel:
+    status = gr.Markdown("No run yet. Press **Train** to start one.", elem_classes=["run-status"])
+    with gr.Row():
+        loss_plot = gr.LinePlot(_empty_curve(), x="step", y="value", color="series", title=unit_label,
+                                height=300, scale=2, x_title="step", y_title="loss")
+        metrics_plot = gr.LinePlot(_empty_curve(), x="step", y="value", color="series", title="Validation metrics",
+                                   height=300, scale=1, visible=False, x_title="step", y_title="")
+    with gr.Row():
+        stop = gr.Button("Stop (save checkpoint)", variant="secondary", interactive=False)
+        cancel = gr.Button("Cancel", variant="stop", interactive=False)
+        resume = gr.Button("Resume", interactive=False)
+    samples_gallery = gr.Gallery(label="Samples during training", visible=False, columns=6, height=260)
+    samples_table = gr.Dataframe(label="Samples during training", visible=False, wrap=True, max_height=260)
+    with gr.Accordion("Log", open=False):
+        log = gr.Textbox(lines=12, max_lines=12, show_label=False, autoscroll=True)
+    return LivePanel(status, loss_plot, metrics_plot, samples_table, samples_gallery, log, stop, cancel, resume)
+
+
+def _empty_curve() -> pd.DataFrame:
+    return pd.DataFrame({"step": pd.Series(dtype=int), "value": pd.Series(dtype=float),
+                         "series": pd.Series(dtype=str)})
+
+
+_progress: dict[str, Progress] = {}  # run id -> incrementally read events
+
+
+def progress_of(run_id: str, registry: Registry) -> Progress | None:
+    run = registry.get(run_id) if run_id else None
+    if run is None:
+        return None
+    progress = _progress.get(run_id)
+    if progress is None or not run.dir.exists():
+        progress = _progress[run_id] = Progress(run.dir)
+    progress.update()
+    return progress
+
+
+def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average, debiased like TensorBoard's, so the first points are not dragged to 0."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** i))
+    return out
+
+
+def loss_frame(progress: Progress) -> pd.DataFrame:
+    steps = [s for s, _ in progress.losses]
+    losses = [v for _, v in progress.losses]
+    parts = [pd.DataFrame({"step": steps, "value": losses, "series": "train"}),
+             pd.DataFrame({"step": steps, "value": smoothed(losses), "series": "train (smoothed)"})]
+    evals = [(e["step"], e["eval_loss"]) for e in progress.evals if "eval_loss" in e]
+    if evals:
+        parts.append(pd.DataFrame({"step": [s for s, _ in evals], "value": [v for _, v in evals],
+                                   "series": "validation"}))
+    return pd.concat(parts, ignore_index=True) if steps or evals else _empty_curve()
+
+
+def metrics_frame(progress: Progress) -> pd.DataFrame:
+    rows = [(e["step"], v, k) for e in progress.evals for k, v in e.items()
+            if k not in ("type", "time", "step", "eval_loss", "eval_perplexity") and isinstance(v, (int, float))]
+    return pd.DataFrame(rows, columns=["step", "value", "series"]) if rows else _empty_curve()
+
+
+def status_markdown(run, progress: Progress, registry: Registry) -> str:
+    status = run.status
+    head = f"**{run.name}** · `{run.id}` · **{status}**"
+    if status == "queued":
+        ids = [r.id for r in registry.queue()]
+        position = ids.index(run.id) + 1 if run.id in ids else 0
+        return f"{head} — waiting in the queue (position {position}); it starts by itself when a slot is free."
+    parts = []
+    if progress.total_steps:
+        parts.append(f"step {progress.step}/{progress.total_steps} ({100 * progress.fraction():.0f}%)")
+    if status == "running" and progress.eta_s:
+        parts.append(f"ETA {format_seconds(progress.eta_s)}")
+    if progress.units_per_s:
+        parts.append(f"{progress.units_per_s:,.1f} {progress.unit}/s")
+    if progress.lr:
+        parts.append(f"lr {progress.lr:.2e}")
+    if progress.elapsed_s:
+        parts.append(f"{format_seconds(progress.elapsed_s)} elapsed")
+    if progress.last_loss is not None:
+        parts.append(f"loss {progress.last_loss:.4f}")
+    text = head + (" — " + " · ".join(parts) if parts else "")
+    if status == "failed":
+        text += f"\n\n**Why it failed:** {run.error or progress.error}\n\n**What to change:** {run.advice or progress.advice}"
+    elif status == "interrupted":
+        text += f"\n\n{run.error} {run.advice}"
+    elif status == "stopped":
+        text += "\n\nStopped with a checkpoint: press **Resume** to continue."
+    elif status in ("starting",) or (status == "running" and not progress.losses):
+        text += "\n\nLoading the model and data…"
+    return text
+
+
+def read_log_tail(run_dir: Path, lines: int = LOG_LINES) -> str:
+    path = run_dir / "log.txt"
+    if not path.exists():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - 32_000))
+        tail = f.read().decode("utf-8", errors="replace")
+    return "\n".join(tail.splitlines()[-lines:])
+
+
+def live_values(run_id: str | None, registry: Registry | None = None) -> list[Any]:
+    """Values for LivePanel.outputs(): called by the tab's timer every ~1.5 s and after each action."""
+    registry = registry or Registry()
+    run = registry.get(run_id) if run_id else None
+    if run is None:
+        return ["No run yet. Press **Train** to start one.", _empty_curve(), gr.update(visible=False),
+                gr.update(visible=False), gr.update(visible=False), "",
+                gr.update(interactive=False), gr.update(interactive=False), gr.update(interactive=False)]
+    progress = progress_of(run_id, registry)
+    metrics = metrics_frame(progress)
+    images = [(str(run.dir / s["image"]), f"step {s['step']}: {s.get('prompt', '')}")
+              for s in progress.samples if s.get("image")]
+    texts = [{k: v for k, v in s.items() if k not in ("type", "time")} for s in progress.samples if not s.get("image")]
+    active = run.status in ("queued", "starting", "running")
+    return [status_markdown(run, progress, registry), loss_frame(progress),
+            gr.update(value=metrics, visible=not metrics.empty),
+            gr.update(value=pd.DataFrame(texts[-12:][::-1]) if texts else None, visible=bool(texts)),
+            gr.update(value=images[-12:] if images else None, visible=bool(images)),
+            read_log_tail(run.dir),
+            gr.update(interactive=active), gr.update(interactive=active),
+            gr.update(interactive=run.status in RESUMABLE)]
+
+
+def wire_controls(panel: LivePanel, run_state: gr.State) -> None:
+    """Stop / Cancel / Resume act on the run shown; the panel refreshes at once."""
+    def act(action):
+        def handler(run_id):
+            if run_id:
+                try:
+                    action(run_id)
+                except ValueError as err:
+                    gr.Warning(str(err))
+            return live_values(run_id)
+        return handler
+
+    panel.stop.click(act(jobs.request_stop), run_state, panel.outputs(), api_visibility="private")
+    panel.cancel.click(act(jobs.cancel), run_state, panel.outputs(), api_visibility="private")
+    panel.resume.click(act(jobs.resume), run_state, panel.outputs(), api_visibility="private")
+
+
+def latest_run_id(modality: str, registry: Registry | None = None) -> str | None:
+    """The run a freshly opened page shows: the newest active run of this tab, else the newest run."""
+    runs = (registry or Registry()).list(modality=modality)
+    active = [r for r in runs if r.status not in FINAL]
+    chosen = active or runs
+    return chosen[0].id if chosen else None
+
+
+# ---- checkpoints and export -------------------------------------------------------------------
+
+def checkpoint_choices(run_id: str | None) -> list[str]:
+    registry = Registry()
+    run = registry.get(run_id) if run_id else None
+    if run is None:
+        return ["final"]
+    found = sorted((p.name for p in (run.dir / "checkpoints").glob("step-*") if (p / "state.json").exists()),
+                   key=lambda n: int(n.split("-")[1]))
+    return ["final"] + found[::-1]
+
+
+def export_zip(run_id: str | None, kind: str, checkpoint: str | None) -> str:
+    """Export into the run folder and zip it for download. Returns the zip's path."""
+    from pipelines import pipeline_module
+    registry = Registry()
+    run = registry.get(run_id) if run_id else None
+    if run is None:
+        raise gr.Error("Train a run first: there is nothing to export yet.")
+    checkpoint = None if checkpoint in (None, "", "final") else checkpoint
+    if checkpoint is None and not (run.dir / "adapter").exists() and run.status != "completed":
+        checkpoints = checkpoint_choices(run_id)[1:]
+        if not checkpoints:
+            raise gr.Error("This run has no adapter yet: wait for its first checkpoint or for it to finish.")
+        checkpoint = checkpoints[0]
+    label = f"{run.id}-{kind}" + (f"-{checkpoint}" if checkpoint else "")
+    folder = run.dir / "exports" / label
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        pipeline_module(run.modality).export(run.config(), run.dir, kind, folder, checkpoint=checkpoint)
+    except Exception as err:  # shown as one message, not a traceback
+        raise gr.Error(f"Export failed: {getattr(err, 'cause', None) or err}") from None
+    return shutil.make_archive(str(folder), "zip", folder)

@@ -1,0 +1,173 @@
+"""The speech data check on real files: every kind of bad audio gets its own message, usable audio in
+other formats and rates is converted, and nothing a user uploads makes it raise."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import struct
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from pipelines import load_config
+from pipelines.speech.audio import SAMPLE_RATE, read_audio
+from pipelines.speech.config import SpeechConfig
+from pipelines.speech.data import inspect_data, load_clips
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIPS = ROOT / "assets" / "speech" / "clips"
+
+
+def write_metadata(folder: Path, rows: list[tuple[str, str]]) -> None:
+    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "transcription"])
+        writer.writerows(rows)
+
+
+def wav_header(format_tag: int, data: bytes, rate: int = SAMPLE_RATE) -> bytes:
+    fmt = struct.pack("<HHIIHH", format_tag, 1, rate, rate * 2, 2, 16)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def speech(name: str = "cat.wav") -> np.ndarray:
+    return soundfile.read(CLIPS / name, dtype="float32")[0]
+
+
+def config(**values) -> SpeechConfig:
+    return SpeechConfig(**{"validation_fraction": 0.0, **values})
+
+
+def reasons(report) -> dict[str, str]:
+    return {p.file: p.reason for p in report.problems}
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory) -> Path:
+    """A folder with two good clips and one of every problem the data check must name."""
+    folder = tmp_path_factory.mktemp("messy")
+    shutil.copy(CLIPS / "cat.wav", folder / "good.wav")
+    shutil.copy(CLIPS / "window.wav", folder / "untranscribed.wav")
+    (folder / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "nosamples.wav").write_bytes(wav_header(1, b""))
+    soundfile.write(folder / "silence.wav", np.zeros(3 * SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
+    # 32 s of speech: the same sentence again and again with short pauses, well over Whisper's 30 s.
+    pause = np.zeros(SAMPLE_RATE // 2, dtype=np.float32)
+    soundfile.write(folder / "long.wav", np.concatenate([speech(), pause] * 15)[:32 * SAMPLE_RATE], SAMPLE_RATE)
+    (folder / "garbage.mp3").write_bytes(np.random.default_rng(0).bytes(20_000))
+    (folder / "strange_codec.wav").write_bytes(wav_header(0x9999, bytes(3200)))
+    # 8-bit, 48 kHz, stereo: converted, not rejected. And an Ogg Vorbis file, decoded by ffmpeg.
+    subprocess.run(["sox", str(CLIPS / "bridge.wav"), "-r", "48000", "-c", "2", "-b", "8", "-e", "unsigned-integer",
+                    str(folder / "eightbit.wav")], check=True)
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(CLIPS / "apples.wav"), "-c:a", "libvorbis",
+                    str(folder / "apples.ogg")], check=True)
+    shutil.copy(CLIPS / "violin.wav", folder / "blank.wav")
+    write_metadata(folder, [
+        ("good.wav", "The cat sat on the mat."), ("photo.png", "a photo"), ("empty.wav", "nothing"),
+        ("nosamples.wav", "nothing"), ("silence.wav", "nothing at all"), ("long.wav", "The cat sat on the mat. " * 15),
+        ("garbage.mp3", "noise"), ("strange_codec.wav", "what codec"), ("eightbit.wav", "Turn left at the bridge."),
+        ("apples.ogg", "Seven green apples."), ("blank.wav", "   "), ("ghost.wav", "I am not there"),
+    ])
+    return folder
+
+
+def test_every_bad_file_gets_its_own_message(messy):
+    report = inspect_data(config(data_path=str(messy)))
+    found = reasons(report)
+    assert "not an audio file (.png)" in found["photo.png"]
+    assert "empty (0 bytes)" in found["empty.wav"]
+    assert "no audio (0 seconds" in found["nosamples.wav"]
+    assert "silent" in found["silence.wav"]
+    assert "32.0 s long" in found["long.wav"] and "at most 30 s" in found["long.wav"]
+    assert "not an audio file ffmpeg can read" in found["garbage.mp3"]
+    assert "codec is unknown" in found["strange_codec.wav"]
+    assert "has no transcript" in found["untranscribed.wav"]
+    by_row = {p.row: p.reason for p in report.problems if p.file == "metadata.csv"}
+    assert "transcript of blank.wav is empty" in by_row[11]
+    assert "'ghost.wav', which is not among the audio files" in by_row[12]
+    # Usable: the good clip, the converted 8-bit/48 kHz/stereo file and the Ogg file.
+    assert report.rows_usable == 3
+    assert sorted(Path(p["audio"]).name for p in report.preview) == ["apples.ogg", "eightbit.wav", "good.wav"]
+    assert not any(name in found for name in ("eightbit.wav", "apples.ogg", "good.wav"))
+
+
+def test_converted_audio_is_reported_and_resampled(messy):
+    report = inspect_data(config(data_path=str(messy)))
+    assert report.stats["sample_rates"]["48000"] == 1
+    assert report.stats["channels"]["2"] == 1
+    assert any(line.startswith("eightbit.wav: 48000 Hz stereo pcm_u8") for line in report.stats["converted"])
+    original, converted = read_audio(CLIPS / "bridge.wav"), read_audio(messy / "eightbit.wav")
+    assert converted.source_rate == 48000 and converted.channels == 2
+    assert abs(len(converted.samples) - len(original.samples)) < SAMPLE_RATE // 100  # same length at 16 kHz
+    # Still the same speech after 8-bit quantisation: strongly correlated with the original.
+    n = min(len(original.samples), len(converted.samples))
+    assert np.corrcoef(original.samples[:n], converted.samples[:n])[0, 1] > 0.9
+
+
+def test_long_clips_can_be_split_with_a_clear_message(messy):
+    report, train, _ = load_clips(config(data_path=str(messy), long_clips="split"), keep_audio=True)
+    assert "split into 2 pieces" in reasons(report)["long.wav"]
+    pieces = [c for c in train if Path(c.audio).name == "long.wav"]
+    assert len(pieces) == 2 and all(c.seconds <= 30.0 for c in pieces)
+    assert abs(sum(c.seconds for c in pieces) - 32.0) < 0.01
+    assert " ".join(c.text for c in pieces).split() == ("The cat sat on the mat. " * 15).split()
+    assert pieces[1].source == "long.wav, part 2 of 2" and pieces[1].start == pytest.approx(pieces[0].seconds)
+
+
+def test_zip_with_escaping_entries_is_unpacked_safely(tmp_path):
+    archive = tmp_path / "upload.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(CLIPS / "cat.wav", "clips/cat.wav")
+        zf.writestr("clips/metadata.csv", "file_name,transcription\ncat.wav,The cat sat on the mat.\n")
+        zf.writestr("../escape.wav", (CLIPS / "cat.wav").read_bytes())
+        zf.writestr("/etc/absolute.wav", b"x")
+    report = inspect_data(config(data_path=str(archive)))
+    problems = [str(p) for p in report.problems]
+    assert any("'../escape.wav' skipped" in p and "climbs out" in p for p in problems)
+    assert any("absolute path" in p for p in problems)
+    assert report.rows_usable == 1 and report.preview[0]["text"] == "The cat sat on the mat."
+    assert not (tmp_path / "escape.wav").exists() and not (tmp_path.parent / "escape.wav").exists()
+    # Checking the same zip again reuses the unpacked files and repeats the same problems.
+    again = inspect_data(config(data_path=str(archive)))
+    assert [str(p) for p in again.problems] == problems and again.rows_usable == 1
+
+
+def test_uploaded_files_and_txt_transcripts(tmp_path):
+    # The browser puts each upload in its own folder: clips are matched to metadata rows by file name.
+    uploads = []
+    for i, name in enumerate(["cat.wav", "window.wav"]):
+        folder = tmp_path / f"upload{i}"
+        folder.mkdir()
+        uploads.append(str(shutil.copy(CLIPS / name, folder / name)))
+    (tmp_path / "meta").mkdir()
+    write_metadata(tmp_path / "meta", [("cat.wav", "The cat sat on the mat.")])
+    (tmp_path / "upload1" / "window.txt").write_text("Open the window, please.\n")
+    report = inspect_data(config(data_files=uploads + [str(tmp_path / "meta" / "metadata.csv"),
+                                                       str(tmp_path / "upload1" / "window.txt")]))
+    assert report.problems == [] and report.rows_usable == 2
+    assert {p["text"] for p in report.preview} == {"The cat sat on the mat.", "Open the window, please."}
+
+
+def test_missing_paths_and_bad_tables_never_raise(tmp_path):
+    report = inspect_data(config(data_path=str(tmp_path / "nowhere")))
+    assert not report.ok and "was not found" in report.summary()
+    (tmp_path / "clip.wav").write_bytes((CLIPS / "cat.wav").read_bytes())
+    (tmp_path / "metadata.csv").write_text("name,words\nclip.wav,hello\n")
+    report = inspect_data(config(data_path=str(tmp_path)))
+    assert "needs a column naming the audio file" in reasons(report)["metadata.csv"]
+    assert "has no transcript" in reasons(report)["clip.wav"]
+
+
+def test_validation_split_and_asset_config():
+    cfg = load_config(ROOT / "assets" / "speech" / "config.yaml")
+    report = inspect_data(cfg)
+    assert report.problems == [] and report.rows_usable == 8 and report.stats["total_seconds"] > 10
+    report = inspect_data(cfg.changed(validation_fraction=0.25))
+    assert report.validation_rows == 2 and report.stats["train_clips"] == 6

@@ -1,0 +1,116 @@
+"""Whisper LoRA end to end on the sample clips: training learns, the try-it panel and the merged export
+transcribe alike, and a stopped run resumes to exactly where an uninterrupted one ends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipelines import load_config
+from pipelines.training import Events, read_events
+from pipelines.speech.pipeline import export, load_for_transcription, train, transcribe
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIPS = ROOT / "assets" / "speech" / "clips"
+
+
+def run(config, run_dir: Path, stop_after: int | None = None, resume: bool = False) -> tuple[str, list[dict]]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    events = Events(run_dir)
+
+    def should_stop() -> bool:
+        steps = [e for e in read_events(run_dir)[0] if e["type"] == "step"]
+        return stop_after is not None and bool(steps) and steps[-1]["step"] >= stop_after
+
+    try:
+        status = train(config, run_dir, events, should_stop, resume=resume, log=lambda _: None)
+    finally:
+        events.close()
+    return status, read_events(run_dir)[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    config = load_config(ROOT / "assets" / "speech" / "config.yaml")
+    run_dir = tmp_path_factory.mktemp("speech-run")
+    started = time.perf_counter()
+    status, events = run(config, run_dir)
+    return config, run_dir, status, events, time.perf_counter() - started
+
+
+def test_training_lowers_loss_and_word_error_rate(trained):
+    config, run_dir, status, events, seconds = trained
+    assert status == "completed"
+    steps = [e for e in events if e["type"] == "step"]
+    evals = [e for e in events if e["type"] == "eval"]
+    assert steps[-1]["step"] == config.max_steps and steps[0]["units"] == 8  # units are clips
+    assert sum(e["loss"] for e in steps[-5:]) / 5 < 0.5 * steps[0]["loss"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == config.max_steps  # before and after training
+    assert evals[-1]["wer"] < evals[0]["wer"] and evals[-1]["cer"] < evals[0]["cer"]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    samples = [e for e in events if e["type"] == "sample" and e["step"] == config.max_steps]
+    assert samples and {"audio", "reference", "transcript"} <= samples[0].keys()
+    adapter = run_dir / "adapter"
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
+    assert seconds < 60, f"the sample run took {seconds:.0f} s"
+
+
+def test_try_it_shows_base_and_tuned_side_by_side(trained):
+    config, run_dir, *_ = trained
+    tuned = load_for_transcription(config, run_dir)
+    text, seconds = transcribe(tuned, CLIPS / "cat.wav", config.language, config.task)
+    with tuned.disable_adapter():
+        base_text, _ = transcribe(tuned, CLIPS / "cat.wav", config.language, config.task)
+    assert seconds > 0 and text != base_text
+    assert "cat" in text.lower()
+    # Any checkpoint can be chosen: the first one is the model part-way through training.
+    early = load_for_transcription(config, run_dir, checkpoint="step-20")
+    assert isinstance(transcribe(early, CLIPS / "cat.wav", config.language, config.task)[0], str)
+
+
+def test_merged_export_loads_in_plain_whisper_and_transcribes_the_same(trained, tmp_path):
+    config, run_dir, *_ = trained
+    folder = export(config, run_dir, "adapter", tmp_path / "adapter")
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in folder.iterdir()}
+    merged = export(config, run_dir, "merged", tmp_path / "merged.pt")
+    tuned = load_for_transcription(config, run_dir)
+    clips = [CLIPS / name for name in ("cat.wav", "window.wav", "violin.wav")]
+    studio = [transcribe(tuned, clip, "en", "transcribe")[0] for clip in clips]
+    # A separate Python that knows nothing of the studio: only openai-whisper and the file.
+    script = (
+        "import json, sys, whisper\n"
+        "model = whisper.load_model(sys.argv[1], device='cpu')\n"
+        "texts = [model.transcribe(p, language='en', task='transcribe', temperature=0.0, fp16=False,\n"
+        "                          without_timestamps=True)['text'].strip() for p in sys.argv[2:]]\n"
+        "print(json.dumps([texts, 'pipelines' in sys.modules]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(merged)] + [str(c) for c in clips],
+                            capture_output=True, text=True, cwd="/", timeout=120)
+    assert result.returncode == 0, result.stderr
+    plain, imported_studio = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not imported_studio
+    assert plain == studio
+
+
+def test_stop_and_resume_match_an_uninterrupted_run(tmp_path):
+    config = load_config(ROOT / "assets" / "speech" / "config.yaml").changed(
+        max_steps=6, checkpoint_every=3, eval_every=0, sample_every=0, batch_size=4)
+    status, _ = run(config, tmp_path / "whole")
+    assert status == "completed"
+    status, events = run(config, tmp_path / "parts", stop_after=3)
+    assert status == "stopped" and (tmp_path / "parts" / "checkpoints" / "step-3" / "adapter").is_dir()
+    status, events = run(config, tmp_path / "parts", resume=True)
+    assert status == "completed"
+    assert any(e["type"] == "resumed" and e["step"] == 3 for e in events)
+    whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    parts = load_file(tmp_path / "parts" / "adapter" / "adapter_model.safetensors")
+    assert whole.keys() == parts.keys()
+    for key in whole:
+        torch.testing.assert_close(parts[key], whole[key])
