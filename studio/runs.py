@@ -122,7 +122,8 @@ class Registry:
         run_dir.mkdir(parents=True)
         config = _copy_data_into(config, run_dir)
         if not config.name.strip():
-            config = config.changed(name=f"{config.modality} {time.strftime('%H:%M:%S')}")
+            config = config.changed(name=f"{config.modality} run {time.strftime('%m-%d %H.%M.%S')}")
+            config.check()
         config.save(run_dir / "config.yaml")
         now = time.time()
         with self._db() as db:

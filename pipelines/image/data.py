@@ -194,6 +194,7 @@ def unpack_upload(archive: Path, report: DataReport) -> Path | None:
     if not record.exists():
         tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         local = DataReport()
         root = extract_zip(archive, tmp / "files", local)
         info = {"root": str(root.relative_to(tmp)) if root else None,

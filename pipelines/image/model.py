@@ -116,16 +116,16 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32):
 
     kind, where = base_location(base_model)
     if kind == "hub":
-        return load_from_hub(StableDiffusionPipeline.from_pretrained, where, torch_dtype=dtype, **SAFETY_OFF)
+        return load_from_hub(StableDiffusionPipeline.from_pretrained, where, dtype=dtype, **SAFETY_OFF)
     try:
         if kind == "file":
             if where.lower().endswith(".ckpt"):
                 raise ModelUnavailable(f"{Path(where).name} is a pickled .ckpt file, which can run code when loaded.",
                                        "Convert it to .safetensors, or use a diffusers folder.")
             # The file holds weights only; the matching configs come from the hub (or its local cache).
-            return StableDiffusionPipeline.from_single_file(where, torch_dtype=dtype, local_files_only=not hub_reachable(),
+            return StableDiffusionPipeline.from_single_file(where, dtype=dtype, local_files_only=not hub_reachable(),
                                                             **SAFETY_OFF)
-        return StableDiffusionPipeline.from_pretrained(where, torch_dtype=dtype, **SAFETY_OFF)
+        return StableDiffusionPipeline.from_pretrained(where, dtype=dtype, **SAFETY_OFF)
     except ModelUnavailable:
         raise
     except Exception as err:  # diffusers raises many kinds for broken folders and files

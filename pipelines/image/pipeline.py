@@ -154,8 +154,10 @@ def train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop:
     unet.add_adapter(_lora_config(config, UNET_TARGETS))
     if config.train_text_encoder:
         text_encoder.add_adapter(_lora_config(config, TEXT_TARGETS))
-    unet.to(device, weight_dtype)
-    text_encoder.to(device, weight_dtype)
+    for module in (unet, text_encoder):
+        module.to(device)
+        if weight_dtype != torch.float32:
+            module.to(weight_dtype)
     model = LoraModules(unet, text_encoder if config.train_text_encoder else None)
     for p in model.parameters():
         if p.requires_grad:  # the adapter trains in float32 even when the frozen weights are half precision
@@ -307,9 +309,21 @@ def load_for_generation(config: ImageConfig, run_dir: str | Path | None = None, 
     pipe = load_pipeline(config.base_model, dtype)
     pipe.to(device)
     if run_dir is not None:
-        pipe.load_lora_weights(str(adapter_dir(run_dir, checkpoint)), adapter_name=ADAPTER_NAME)
+        with quiet_diffusers():  # it warns that a UNet-only LoRA has no text-encoder keys: expected
+            pipe.load_lora_weights(str(adapter_dir(run_dir, checkpoint)), adapter_name=ADAPTER_NAME)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextlib.contextmanager
+def quiet_diffusers():
+    from diffusers.utils import logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 @torch.no_grad()
@@ -370,11 +384,10 @@ def export(config: ImageConfig, run_dir: str | Path, kind: str, destination: str
 def _export_kohya(config: ImageConfig, source: Path, destination: Path) -> Path:
     """kohya's key names (lora_unet_..., lora_te1_...) with each layer's alpha, which diffusers' converter
     sets to the rank; the run's alpha goes in instead, so strength 1 means the same as here."""
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
-    state, _ = StableDiffusionPipeline.lora_state_dict(str(source), return_lora_metadata=True)
+    state = load_file(source / LORA_FILE)
     info = json.loads((source / INFO_FILE).read_text()) if (source / INFO_FILE).exists() else {}
     alpha = float(info.get("lora_alpha", config.lora_alpha))
     kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(state))

@@ -130,7 +130,8 @@ def preflight_line(config: LLMConfig, stats: dict | None) -> str:
         rate = 2e14 if on_gpu else 2e10   # sustained FLOP/s, deliberately modest
         seconds = max(flops / rate, 0.05 * tokens / max(1, batch_tokens))
         from studio.progress import format_seconds
-        text += f", about **{format_seconds(seconds)} per epoch** ({tokens:,} tokens)."
+        shown = format_seconds(seconds) if seconds >= 1 else "under a second"
+        text += f", about **{shown} per epoch** ({tokens:,} tokens)."
     return text
 
 
@@ -205,13 +206,14 @@ def build() -> None:
     with gr.Group():
         gr.Markdown("### Data")
         with gr.Row():
-            files = gr.File(value=[str(ASSETS / "sample.csv")], file_count="multiple", label="Training data",
+            files = gr.File(value=[str(ASSETS / "sample.csv")], file_count="multiple", label="Training data", elem_id="llm-train-files",
                             file_types=[".csv", ".tsv", ".jsonl", ".json", ".parquet"], height=140)
             validation_files = gr.File(file_count="multiple", label="Validation data (optional)",
                                        file_types=[".csv", ".tsv", ".jsonl", ".json", ".parquet"], height=140)
-        data_summary = gr.Markdown()
+        data_summary = gr.Markdown(elem_id="llm-data-summary")
         with gr.Row():
-            problems = gr.Dataframe(label="Problems found", wrap=True, max_height=200, visible=False)
+            problems = gr.Dataframe(label="Problems found", wrap=True, max_height=200, visible=False,
+                                    elem_id="llm-problems")
             histogram = gr.BarPlot(None, x="tokens", y="examples", color="fits", sort=None, height=220,
                                    title="Token lengths", x_title="tokens per example", x_label_angle=-45)
         preview = gr.Dataframe(label="Preview (as the model will see it)", wrap=True, max_height=240)
@@ -245,14 +247,14 @@ def build() -> None:
                     inputs[key].render()
     preflight = gr.Markdown()
     with gr.Row():
-        train = gr.Button("Train", variant="primary", interactive=False, scale=2)
+        train = gr.Button("Train", variant="primary", interactive=False, scale=2, elem_id="llm-train")
         save = gr.Button("Save config", scale=1)
         load = gr.UploadButton("Load config", file_types=[".yaml", ".yml"], scale=1)
     config_file = gr.File(label="config.yaml", visible=False)
-    message = gr.Markdown()
+    message = gr.Markdown(elem_id="llm-message")
 
     gr.Markdown("### Training")
-    panel = widgets.live_panel()
+    panel = widgets.live_panel("llm")
 
     with gr.Group():
         gr.Markdown("### Try it")
@@ -261,18 +263,18 @@ def build() -> None:
             max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens", scale=1)
             temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature", info="0 = greedy", scale=1)
             top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p", scale=1)
-        prompt = gr.Textbox(label="Prompt", value="What is the capital of Zorbia?", lines=2)
-        generate = gr.Button("Generate")
+        prompt = gr.Textbox(label="Prompt", value="What is the capital of Zorbia?", lines=2, elem_id="llm-prompt")
+        generate = gr.Button("Generate", elem_id="llm-generate")
         with gr.Row():
-            base_answer = gr.Textbox(label="Base model", lines=4)
-            tuned_answer = gr.Textbox(label="Tuned model", lines=4)
+            base_answer = gr.Textbox(label="Base model", lines=4, elem_id="llm-base-answer")
+            tuned_answer = gr.Textbox(label="Tuned model", lines=4, elem_id="llm-tuned-answer")
 
     with gr.Group():
         gr.Markdown("### Export")
         with gr.Row():
             export_adapter = gr.Button("Adapter (zip)")
             export_merged = gr.Button("Merged model (zip)")
-        download = gr.File(label="Download", visible=False)
+        download = gr.File(label="Download", visible=False, elem_id="llm-download")
 
     form = [inputs[k] for k in FORM]
     everything = [files, validation_files, base_model, name, *form]

@@ -59,7 +59,7 @@ def build() -> None:
         refresh = gr.Button("Refresh", scale=0)
     table = gr.Dataframe(runs_table("", ""), interactive=False, wrap=True, max_height=360, label="Runs")
     gr.Markdown("Select a row to see the run.")
-    panel = widgets.live_panel()
+    panel = widgets.live_panel("runs")
     info = gr.Markdown()
 
     for trigger in (modality.change, status.change, refresh.click):

@@ -101,27 +101,26 @@ class LivePanel:
                 self.stop, self.cancel, self.resume]
 
 
-def live_panel(unit_label: str = "Loss") -> LivePanel:
-    status = gr.Markdown("No run yet. Press **Train** to start one.", elem_classes=["run-status"])
+def live_panel(key: str, unit_label: str = "Loss") -> LivePanel:
+    """`key` prefixes the elements' ids (e.g. llm-run-status), for styling and browser tests."""
+    status = gr.Markdown("No run yet. Press **Train** to start one.", elem_classes=["run-status"],
+                         elem_id=f"{key}-run-status")
     with gr.Row():
-        loss_plot = gr.LinePlot(_empty_curve(), x="step", y="value", color="series", title=unit_label,
-                                height=300, scale=2, x_title="step", y_title="loss")
-        metrics_plot = gr.LinePlot(_empty_curve(), x="step", y="value", color="series", title="Validation metrics",
+        # Start empty (None): a plot first drawn from an empty frame keeps an empty colour scale.
+        loss_plot = gr.LinePlot(None, x="step", y="value", color="series", title=unit_label,
+                                height=300, scale=2, x_title="step", y_title="loss", elem_id=f"{key}-loss-plot")
+        metrics_plot = gr.LinePlot(None, x="step", y="value", color="series", title="Validation metrics",
                                    height=300, scale=1, visible=False, x_title="step", y_title="")
     with gr.Row():
         stop = gr.Button("Stop (save checkpoint)", variant="secondary", interactive=False)
         cancel = gr.Button("Cancel", variant="stop", interactive=False)
         resume = gr.Button("Resume", interactive=False)
     samples_gallery = gr.Gallery(label="Samples during training", visible=False, columns=6, height=260)
-    samples_table = gr.Dataframe(label="Samples during training", visible=False, wrap=True, max_height=260)
+    samples_table = gr.Dataframe(label="Samples during training", visible=False, wrap=True, max_height=260,
+                                 elem_id=f"{key}-samples")
     with gr.Accordion("Log", open=False):
-        log = gr.Textbox(lines=12, max_lines=12, show_label=False, autoscroll=True)
+        log = gr.Textbox(lines=12, max_lines=12, show_label=False, autoscroll=True, elem_id=f"{key}-log")
     return LivePanel(status, loss_plot, metrics_plot, samples_table, samples_gallery, log, stop, cancel, resume)
-
-
-def _empty_curve() -> pd.DataFrame:
-    return pd.DataFrame({"step": pd.Series(dtype=int), "value": pd.Series(dtype=float),
-                         "series": pd.Series(dtype=str)})
 
 
 _progress: dict[str, Progress] = {}  # run id -> incrementally read events
@@ -138,7 +137,7 @@ def progress_of(run_id: str, registry: Registry) -> Progress | None:
     return progress
 
 
-def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+def smoothed(values: list[float], weight: float = 0.8) -> list[float]:
     """Exponential moving average, debiased like TensorBoard's, so the first points are not dragged to 0."""
     out, average = [], 0.0
     for i, value in enumerate(values, start=1):
@@ -147,7 +146,7 @@ def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def loss_frame(progress: Progress) -> pd.DataFrame:
+def loss_frame(progress: Progress) -> pd.DataFrame | None:
     steps = [s for s, _ in progress.losses]
     losses = [v for _, v in progress.losses]
     parts = [pd.DataFrame({"step": steps, "value": losses, "series": "train"}),
@@ -156,13 +155,13 @@ def loss_frame(progress: Progress) -> pd.DataFrame:
     if evals:
         parts.append(pd.DataFrame({"step": [s for s, _ in evals], "value": [v for _, v in evals],
                                    "series": "validation"}))
-    return pd.concat(parts, ignore_index=True) if steps or evals else _empty_curve()
+    return pd.concat(parts, ignore_index=True) if steps or evals else None
 
 
-def metrics_frame(progress: Progress) -> pd.DataFrame:
+def metrics_frame(progress: Progress) -> pd.DataFrame | None:
     rows = [(e["step"], v, k) for e in progress.evals for k, v in e.items()
             if k not in ("type", "time", "step", "eval_loss", "eval_perplexity") and isinstance(v, (int, float))]
-    return pd.DataFrame(rows, columns=["step", "value", "series"]) if rows else _empty_curve()
+    return pd.DataFrame(rows, columns=["step", "value", "series"]) if rows else None
 
 
 def status_markdown(run, progress: Progress, registry: Registry) -> str:
@@ -213,7 +212,7 @@ def live_values(run_id: str | None, registry: Registry | None = None) -> list[An
     registry = registry or Registry()
     run = registry.get(run_id) if run_id else None
     if run is None:
-        return ["No run yet. Press **Train** to start one.", _empty_curve(), gr.update(visible=False),
+        return ["No run yet. Press **Train** to start one.", None, gr.update(visible=False),
                 gr.update(visible=False), gr.update(visible=False), "",
                 gr.update(interactive=False), gr.update(interactive=False), gr.update(interactive=False)]
     progress = progress_of(run_id, registry)
@@ -223,7 +222,7 @@ def live_values(run_id: str | None, registry: Registry | None = None) -> list[An
     texts = [{k: v for k, v in s.items() if k not in ("type", "time")} for s in progress.samples if not s.get("image")]
     active = run.status in ("queued", "starting", "running")
     return [status_markdown(run, progress, registry), loss_frame(progress),
-            gr.update(value=metrics, visible=not metrics.empty),
+            gr.update(value=metrics, visible=metrics is not None),
             gr.update(value=pd.DataFrame(texts[-12:][::-1]) if texts else None, visible=bool(texts)),
             gr.update(value=images[-12:] if images else None, visible=bool(images)),
             read_log_tail(run.dir),

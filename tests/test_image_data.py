@@ -1,0 +1,229 @@
+"""The image data check: every kind of bad file gets its own message, and what is usable is used.
+
+Every file is built here, in tmp_path, with PIL or by hand: real bytes, no mocks.
+"""
+
+import io
+import shutil
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines import load_config
+from pipelines.config import ConfigError
+from pipelines.image.config import ImageConfig
+from pipelines.image.data import inspect_data, load_examples, read_image
+
+
+def square(path: Path, colour=(200, 30, 30), size=(64, 64), caption: str | None = "a red square", **save) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, **save)
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption)
+    return path
+
+
+def problems_of(report) -> dict[str, str]:
+    return {p.file: p.reason for p in report.problems}
+
+
+def check(tmp_path: Path, **settings):
+    return inspect_data(ImageConfig(data_path=str(tmp_path), **settings))
+
+
+def bomb_png(path: Path, side: int) -> None:
+    """A valid 1-bit PNG of side x side pixels: a few KB on disk, gigabytes once decoded."""
+    row = b"\x00" + b"\x00" * ((side + 7) // 8)
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def test_the_sample_set_and_its_config_are_ready(assets):
+    config = load_config(assets / "image" / "config.yaml")
+    assert isinstance(config, ImageConfig) and Path(config.data_path).is_absolute()
+    report = inspect_data(config)
+    assert report.rows_found == report.rows_usable == 8 and report.problems == []
+    assert report.preview[0]["caption"].startswith("a zqx drawing of")
+    assert Path(report.preview[0]["image"]).is_file()
+    assert report.stats["width_min"] == 64 and report.stats["caption_sources"] == {"file": 8}
+
+
+def test_every_broken_file_is_named_with_its_reason(tmp_path):
+    square(tmp_path / "good.png")
+    (tmp_path / "notes.png").write_text("this is not a picture")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    whole = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(whole, "PNG")
+    (tmp_path / "cut.png").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    whole = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(whole, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    bomb_png(tmp_path / "bomb.png", 10_000)
+    (tmp_path / "scan.pdf").write_bytes(b"%PDF-1.4")
+    (tmp_path / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    for name in ("notes", "empty", "cut", "bomb"):
+        (tmp_path / f"{name}.txt").write_text("a caption")
+
+    report = check(tmp_path)
+    found = problems_of(report)
+    assert report.rows_usable == 1 and report.preview[0]["image"].endswith("good.png")
+    assert "not an image" in found["notes.png"]
+    assert "empty (0 bytes)" in found["empty.jpg"]
+    assert "truncated" in found["cut.png"] and "truncated" in found["cut.jpg"]
+    assert "100 megapixels" in found["bomb.png"] and "STUDIO_MAX_IMAGE_PIXELS" in found["bomb.png"]
+    assert "not an image file" in found["scan.pdf"]
+    assert "convert it to PNG or JPEG" in found["phone.heic"]
+    assert report.summary().startswith("1 of 6 rows usable")
+
+
+def test_odd_formats_are_converted_with_a_note(tmp_path):
+    Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(tmp_path / "print.jpg")
+    ramp = np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    frames = [Image.new("RGB", (64, 64), c) for c in [(0, 200, 0), (200, 0, 0), (0, 0, 200)]]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    for name in ("print", "deep", "moving", "clear"):
+        (tmp_path / f"{name}.txt").write_text(f"a {name} image")
+
+    report = check(tmp_path)
+    assert report.rows_usable == 4 and report.problems == []
+    notes = " | ".join(report.stats["notes"])
+    assert "print.jpg: is a CMYK" in notes
+    assert "deep.png: is a 16-bit" in notes
+    assert "moving.gif: is animated (3 frames): the first frame is used" in notes
+    assert "clear.png: has transparency: filled with white" in notes
+
+    cmyk, _, _ = read_image(tmp_path / "print.jpg")
+    assert cmyk.mode == "RGB" and cmyk.getpixel((32, 32))[0] > 200 > cmyk.getpixel((32, 32))[1] + 150
+    deep = np.asarray(read_image(tmp_path / "deep.png")[0])
+    assert deep[0, 0, 0] == 0 and deep[0, -1, 0] == 255 and 100 < deep[0, 32, 0] < 160  # scaled, not clipped
+    first, _, _ = read_image(tmp_path / "moving.gif")
+    assert first.getpixel((5, 5))[1] > 150  # the green first frame
+    assert read_image(tmp_path / "clear.png")[0].getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    # Stored 40 wide x 20 high, left half red, right half blue; orientation 6 = display turned 90 deg clockwise.
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = (220, 0, 0)
+    stored[:, 20:] = (0, 0, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    (tmp_path / "phone.txt").write_text("a phone photo")
+
+    report = check(tmp_path, resolution=16)
+    assert report.stats["sizes"] == [[20, 40]] and report.preview[0]["size"] == "20x40"
+    assert "phone.jpg: was turned upright following its EXIF orientation" in report.stats["notes"]
+    upright = np.asarray(read_image(tmp_path / "phone.jpg")[0]).astype(int)
+    assert upright[5, 10, 0] > 150 and upright[5, 10, 2] < 80   # top: the stored left half, red
+    assert upright[35, 10, 2] > 150 and upright[35, 10, 0] < 80  # bottom: blue
+
+
+def test_captions_duplicates_and_small_images(tmp_path):
+    square(tmp_path / "a.png")
+    shutil.copy(tmp_path / "a.png", tmp_path / "copy.png")
+    (tmp_path / "copy.txt").write_text("same pixels")
+    square(tmp_path / "silent.png", colour=(0, 0, 200), caption=None)
+    square(tmp_path / "blank.png", colour=(0, 200, 0), caption="   \n")
+    square(tmp_path / "small.png", colour=(9, 9, 9), size=(16, 16), caption="a small one")
+
+    report = check(tmp_path, caption_source="files", resolution=32)
+    found = problems_of(report)
+    assert "same content as a.png" in found["copy.png"]
+    assert "has no caption" in found["silent.png"]
+    assert "caption file blank.txt is empty" in found["blank.png"]
+    assert "16x16, smaller than the 32 px" in found["small.png"]
+    assert sorted(p["caption"] for p in report.preview) == ["a red square", "a small one"]  # small ones still train
+
+    with_prompt = check(tmp_path, instance_prompt="a photo of sks thing", resolution=32)
+    assert with_prompt.rows_usable == 4  # auto: the instance prompt stands in for missing captions
+    assert with_prompt.stats["caption_sources"] == {"file": 2, "instance_prompt": 2}
+
+
+def test_metadata_file_captions(tmp_path):
+    square(tmp_path / "one.png", caption=None)
+    square(tmp_path / "two.png", colour=(0, 0, 200), caption=None)
+    (tmp_path / "metadata.jsonl").write_text(
+        '{"file_name": "one.png", "text": "first caption"}\n{"file_name": "two.png", "text": ""}\n'
+        '{"file_name": "gone.png", "text": "lost"}\n')
+    report = check(tmp_path, caption_source="metadata")
+    assert [p["caption"] for p in report.preview] == ["first caption"]
+    rows = {p.row: p.reason for p in report.problems if p.file == "metadata.jsonl"}
+    assert "is empty" in rows[2] and "'gone.png' is not among the images" in rows[3]
+
+
+def test_parent_folder_and_kohya_layout_are_found(tmp_path):
+    """kohya_ss users point at the parent of the image folder and get 'no data found'; here it just works."""
+    square(tmp_path / "train" / "10_sks dog" / "1.png", caption=None)
+    square(tmp_path / "train" / "10_sks dog" / "2.png", colour=(0, 90, 0), caption="sks dog on grass")
+    report = check(tmp_path)
+    assert report.rows_usable == 2
+    assert {p["caption"] for p in report.preview} == {"sks dog", "sks dog on grass"}
+    notes = " ".join(report.stats["notes"])
+    assert "images were found in subfolders: train/10_sks dog (2)" in notes and "repeat count 10" in notes
+
+
+def test_zip_upload_skips_escaping_entries(tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 120, 200)).save(buffer, "PNG")
+    archive = tmp_path / "upload.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("shapes/blue.png", buffer.getvalue())
+        zf.writestr("shapes/blue.txt", "a blue square")
+        zf.writestr("../escape.png", buffer.getvalue())
+        zf.writestr("__MACOSX/shapes/._blue.png", b"junk")
+    report = inspect_data(ImageConfig(data_path=str(archive)))
+    assert report.rows_usable == 1 and report.preview[0]["caption"] == "a blue square"
+    assert any("'../escape.png' skipped" in p.reason and "climbs out" in p.reason for p in report.problems)
+    assert not (tmp_path.parent / "escape.png").exists()
+    # Unpacked once into the workspace and reused, problems included, by the next check and the training run.
+    again = inspect_data(ImageConfig(data_path=str(archive)))
+    assert again.preview[0]["image"] == report.preview[0]["image"]
+    assert [p.reason for p in again.problems] == [p.reason for p in report.problems]
+
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    bad = inspect_data(ImageConfig(data_path=str(broken)))
+    assert bad.rows_usable == 0 and "not a readable zip" in bad.problems[0].reason
+
+
+def test_uploaded_files_pair_with_captions_by_name(tmp_path):
+    # A browser upload puts each file in its own temporary folder.
+    image = square(tmp_path / "u1" / "cat.png", caption=None)
+    caption = tmp_path / "u2" / "cat.txt"
+    caption.parent.mkdir()
+    caption.write_text("a cat")
+    report = inspect_data(ImageConfig(data_files=[str(image), str(caption)]))
+    assert report.preview[0]["caption"] == "a cat"
+
+
+def test_nothing_usable_is_explained_not_raised(tmp_path):
+    missing = inspect_data(ImageConfig(data_path=str(tmp_path / "nowhere")))
+    assert missing.rows_usable == 0 and "not found" in missing.problems[0].reason
+    (tmp_path / "readme.md").write_text("no pictures here")
+    empty = check(tmp_path)
+    assert empty.rows_usable == 0 and any("no images found" in p.reason for p in empty.problems)
+    _, examples = load_examples(ImageConfig(data_path=str(tmp_path)))
+    assert examples == []
+
+
+def test_config_rules():
+    with pytest.raises(ConfigError) as err:
+        ImageConfig.from_dict({"caption_source": "instance_prompt", "resolution": 30})
+    names = {name for name, _ in err.value.problems}
+    assert names == {"data_path", "instance_prompt", "resolution"}
+    config = ImageConfig.from_dict({"data_path": "x", "sample_prompts": "a, b"})
+    assert config.sample_prompts == ["a", "b"] and config.base_model == "tiny-sd"

@@ -1,0 +1,162 @@
+"""Stable Diffusion LoRA on the tiny preset, end to end: it learns, it stops and resumes exactly, and what it
+exports loads in plain diffusers with no import of this project."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from pipelines import load_config
+from pipelines.hub import ModelUnavailable, workspace
+from pipelines.image import pipeline
+from pipelines.image.model import load_pipeline, materialise_preset
+from pipelines.training import Events, read_events
+
+PROMPT = "a zqx drawing of a red circle on a white background"
+
+
+def train(config, run_dir: Path, should_stop=lambda: False, resume=False) -> tuple[str, list[dict]]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    events = Events(run_dir)
+    try:
+        status = pipeline.train(config, run_dir, events, should_stop, resume=resume, log=lambda line: None)
+    finally:
+        events.close()
+    return status, read_events(run_dir)[0]
+
+
+def losses(events: list[dict]) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in events if e["type"] == "step"}
+
+
+@pytest.fixture(scope="module")
+def sample_config(assets):
+    return load_config(assets / "image" / "config.yaml")
+
+
+@pytest.fixture(scope="module")
+def assets():
+    return Path(__file__).resolve().parent.parent / "assets"
+
+
+@pytest.fixture(scope="module")
+def trained(sample_config, tmp_path_factory):
+    """The sample run, shortened: 80 steps on the 8 shapes."""
+    config = sample_config.changed(max_steps=80, sample_every=0, checkpoint_every=40)
+    run_dir = tmp_path_factory.mktemp("image-run")
+    status, events = train(config, run_dir)
+    assert status == "completed"
+    return config, run_dir, events
+
+
+def test_training_lowers_the_loss_and_writes_samples(trained):
+    config, run_dir, events = trained
+    loss = list(losses(events).values())
+    assert len(loss) == 80
+    first, last = np.mean(loss[:20]), np.mean(loss[-20:])
+    assert last < 0.85 * first, (first, last)
+    started = next(e for e in events if e["type"] == "started")
+    assert started["unit"] == "images" and started["trainable_parameters"] > 0
+    samples = [e for e in events if e["type"] == "sample"]
+    assert [s["prompt"] for s in samples] == [PROMPT] and samples[0]["image"] == "samples/step-80-0.png"
+    assert image_size(run_dir / samples[0]["image"]) == (32, 32)
+    for folder in (run_dir / "adapter", run_dir / "checkpoints" / "step-40" / "adapter"):
+        assert (folder / "pytorch_lora_weights.safetensors").is_file()
+    info = json.loads((run_dir / "adapter" / "lora_info.json").read_text())
+    assert info["base_location"] == str(materialise_preset("tiny-sd"))
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+    with Image.open(path) as image:
+        return image.size
+
+
+def draw(pipe, **extra) -> np.ndarray:
+    return pipe(PROMPT, num_inference_steps=6, guidance_scale=5.0, generator=torch.Generator().manual_seed(7),
+                output_type="np", **extra).images[0]
+
+
+def test_exported_lora_loads_in_plain_diffusers(trained, tmp_path):
+    config, run_dir, _ = trained
+    folder = pipeline.export(config, run_dir, "lora", tmp_path / "lora")
+    assert (folder / "pytorch_lora_weights.safetensors").is_file()
+
+    # Only diffusers from here: the materialised preset is an ordinary pipeline folder.
+    pipe = StableDiffusionPipeline.from_pretrained(materialise_preset("tiny-sd"))
+    pipe.set_progress_bar_config(disable=True)
+    base = draw(pipe)
+    pipe.load_lora_weights(str(folder))
+    tuned = draw(pipe)
+    off = draw(pipe, cross_attention_kwargs={"scale": 0.0})
+    assert np.abs(tuned - base).mean() > 0.01  # the LoRA changes the picture for the same seed
+    assert np.array_equal(off, base)           # strength 0 is exactly the base model
+
+    # The studio's own try-it panel draws the same pictures.
+    ours = pipeline.load_for_generation(config, run_dir)
+    same = dict(seed=7, steps=6, guidance=5.0)
+    assert np.abs(np.asarray(pipeline.generate(ours, PROMPT, **same)) / 255.0 - tuned).max() < 0.01
+    assert np.abs(np.asarray(pipeline.generate(ours, PROMPT, lora_scale=0, **same)) / 255.0 - base).max() < 0.01
+
+    # kohya/A1111 single file: same picture through diffusers' key conversion; merged: LoRA fused in.
+    kohya = pipeline.export(config, run_dir, "kohya", tmp_path / "kohya")
+    other = StableDiffusionPipeline.from_pretrained(materialise_preset("tiny-sd"))
+    other.set_progress_bar_config(disable=True)
+    other.load_lora_weights(str(kohya))
+    assert np.abs(draw(other) - tuned).max() < 1e-4
+    merged = StableDiffusionPipeline.from_pretrained(pipeline.export(config, run_dir, "merged", tmp_path / "merged"))
+    merged.set_progress_bar_config(disable=True)
+    assert np.abs(draw(merged) - tuned).max() < 1e-3
+
+
+def test_any_checkpoint_can_be_tried(trained):
+    config, run_dir, _ = trained
+    early = pipeline.load_for_generation(config, run_dir, checkpoint="step-40")
+    final = pipeline.load_for_generation(config, run_dir)
+    a = np.asarray(pipeline.generate(early, PROMPT, seed=1, steps=4))
+    b = np.asarray(pipeline.generate(final, PROMPT, seed=1, steps=4))
+    assert a.shape == b.shape == (32, 32, 3) and not np.array_equal(a, b)
+    with pytest.raises(pipeline.TrainingFailure):
+        pipeline.adapter_dir(run_dir, "step-999")
+
+
+def test_stop_and_resume_continue_exactly(sample_config, tmp_path):
+    config = sample_config.changed(max_steps=10, sample_every=0, checkpoint_every=100)
+    _, whole = train(config, tmp_path / "whole")
+
+    # Sampling mid-run must not change the training either: this run also draws samples every 3 steps.
+    calls = []
+    interrupted = config.changed(sample_every=3, sample_steps=2)
+    status, _ = train(interrupted, tmp_path / "parts", should_stop=lambda: calls.append(1) or len(calls) >= 4)
+    assert status == "stopped"
+    assert (tmp_path / "parts" / "checkpoints" / "step-4" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    status, events = train(interrupted, tmp_path / "parts", resume=True)
+    assert status == "completed"
+    assert next(e for e in events if e["type"] == "resumed")["step"] == 4
+    assert losses(events) == pytest.approx(losses(whole), rel=1e-5)
+    assert (tmp_path / "parts" / "samples" / "step-3-0.png").is_file()
+    assert (tmp_path / "parts" / "samples" / "step-9-0.png").is_file()
+
+
+def test_text_encoder_lora_and_flip_off(sample_config, tmp_path):
+    config = sample_config.changed(max_steps=3, sample_every=0, train_text_encoder=True, random_flip=False,
+                                   center_crop=False, snr_gamma=0.0, mixed_precision="bf16")
+    status, events = train(config, tmp_path / "run")
+    assert status == "completed" and len(losses(events)) == 3
+    from safetensors import safe_open
+    with safe_open(tmp_path / "run" / "adapter" / "pytorch_lora_weights.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+
+
+def test_unreachable_models_fail_in_one_sentence():
+    # The test session is offline (conftest): a hub id that is not cached cannot load.
+    with pytest.raises(ModelUnavailable, match="cannot reach the Hugging Face hub"):
+        load_pipeline("someone/not-cached-sd-model")
+    not_a_pipeline = workspace() / "not-a-pipeline"
+    not_a_pipeline.mkdir()
+    with pytest.raises(ModelUnavailable, match="not a diffusers pipeline"):
+        load_pipeline(str(not_a_pipeline))

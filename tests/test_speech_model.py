@@ -1,0 +1,98 @@
+"""Speech settings and base models: validation a user sees, the offline preset, named sizes offline,
+local checkpoints and where LoRA goes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import whisper
+
+from pipelines import ConfigError, config_from_dict, load_config
+from pipelines.hub import ModelUnavailable, workspace
+from pipelines.speech.config import BASE_MODELS, LANGUAGE_CODES, SpeechConfig
+from pipelines.speech.model import NAMED_MODELS, load_base_model, lora_targets, materialise_preset
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+
+
+def test_language_choices_are_whispers():
+    assert LANGUAGE_CODES == list(whisper.tokenizer.LANGUAGES)
+    assert set(NAMED_MODELS) <= set(whisper.available_models())
+    assert {"tiny-whisper", "tiny", "base", "small", "medium", "large-v3", "turbo", "small.en"} <= set(BASE_MODELS)
+
+
+@pytest.mark.parametrize("values, field, words", [
+    ({"language": "klingon"}, "language", "must be one of"),
+    ({"base_model": "small.en", "language": "fr"}, "language", "English only"),
+    ({"base_model": "base.en", "task": "translate"}, "task", "cannot translate"),
+    ({"data_path": ""}, "data_path", "no training data"),
+    ({"long_clips": "trim"}, "long_clips", "must be one of"),
+    ({"max_label_tokens": 1000}, "max_label_tokens", "at most"),
+])
+def test_bad_settings_are_named(values, field, words):
+    data = {"modality": "speech", "data_path": "clips", **values}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    assert any(name == field and words in why for name, why in err.value.problems)
+
+
+def test_asset_config_loads_with_resolved_paths():
+    config = load_config(ROOT / "assets" / "speech" / "config.yaml")
+    assert isinstance(config, SpeechConfig) and config.base_model == "tiny-whisper"
+    assert Path(config.data_path) == ROOT / "assets" / "speech" / "clips"
+
+
+def test_tiny_preset_is_a_plain_deterministic_whisper_checkpoint(tmp_path, monkeypatch):
+    first = materialise_preset("tiny-whisper")
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    second = materialise_preset("tiny-whisper")
+    assert first != second
+    a = torch.load(first, weights_only=True)
+    b = torch.load(second, weights_only=True)
+    assert a["dims"] == b["dims"] and a["dims"]["n_audio_ctx"] == 1500 and a["dims"]["n_vocab"] == 51865
+    for key in a["model_state_dict"]:
+        assert torch.equal(a["model_state_dict"][key], b["model_state_dict"][key]), key
+    position = a["model_state_dict"]["decoder.positional_embedding"]
+    assert torch.isfinite(position).all() and 0.01 < position.std() < 0.03
+    model = whisper.load_model(str(second), device="cpu")  # the user's path: plain openai-whisper
+    assert model.is_multilingual
+
+
+def test_named_model_offline_fails_fast_with_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty download cache
+    monkeypatch.setenv("STUDIO_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(ModelUnavailable) as err:
+        load_base_model("small", CPU)
+    assert time.perf_counter() - started < 5
+    assert "not downloaded yet" in err.value.cause and "\n" not in str(err.value)
+
+
+def test_local_checkpoints_and_wrong_sources(tmp_path):
+    preset = materialise_preset("tiny-whisper")
+    assert load_base_model(str(preset), CPU).dims.n_text_state == 64
+    broken = workspace() / "broken.pt"  # local models load from the workspace or home folder only
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelUnavailable, match="could not be read as an openai-whisper checkpoint"):
+        load_base_model(str(broken), CPU)
+    with pytest.raises(ModelUnavailable, match="is a folder"):
+        load_base_model(str(workspace()), CPU)
+    outside = tmp_path / "elsewhere.pt"
+    outside.write_bytes(preset.read_bytes())
+    with pytest.raises(ModelUnavailable, match="outside the folders models may be loaded from"):
+        load_base_model(str(outside), CPU)
+    with pytest.raises(ModelUnavailable, match="not a Whisper model the speech tab knows"):
+        load_base_model("openai/whisper-small", CPU)
+
+
+def test_lora_targets_follow_the_settings():
+    model = load_base_model("tiny-whisper", CPU)
+    decoder = lora_targets(model, "attention", decoder_only=True)
+    assert decoder and all(n.startswith("decoder.") for n in decoder)
+    assert "decoder.blocks.0.cross_attn.query" in decoder and not any(".mlp." in n for n in decoder)
+    everything = lora_targets(model, "attention+mlp", decoder_only=False)
+    assert "encoder.blocks.0.attn.value" in everything and "decoder.blocks.1.mlp.2" in everything
