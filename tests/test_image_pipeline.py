@@ -44,8 +44,8 @@ def assets():
 
 @pytest.fixture(scope="module")
 def trained(sample_config, tmp_path_factory):
-    """The sample run, shortened: 80 steps on the 8 shapes."""
-    config = sample_config.changed(max_steps=80, sample_every=0, checkpoint_every=40)
+    """The sample run, shortened: 60 steps on the 8 shapes."""
+    config = sample_config.changed(max_steps=60, sample_every=0, checkpoint_every=30)
     run_dir = tmp_path_factory.mktemp("image-run")
     status, events = train(config, run_dir)
     assert status == "completed"
@@ -55,15 +55,15 @@ def trained(sample_config, tmp_path_factory):
 def test_training_lowers_the_loss_and_writes_samples(trained):
     config, run_dir, events = trained
     loss = list(losses(events).values())
-    assert len(loss) == 80
-    first, last = np.mean(loss[:20]), np.mean(loss[-20:])
+    assert len(loss) == 60
+    first, last = np.mean(loss[:15]), np.mean(loss[-15:])
     assert last < 0.85 * first, (first, last)
     started = next(e for e in events if e["type"] == "started")
     assert started["unit"] == "images" and started["trainable_parameters"] > 0
     samples = [e for e in events if e["type"] == "sample"]
-    assert [s["prompt"] for s in samples] == [PROMPT] and samples[0]["image"] == "samples/step-80-0.png"
+    assert [s["prompt"] for s in samples] == [PROMPT] and samples[0]["image"] == "samples/step-60-0.png"
     assert image_size(run_dir / samples[0]["image"]) == (32, 32)
-    for folder in (run_dir / "adapter", run_dir / "checkpoints" / "step-40" / "adapter"):
+    for folder in (run_dir / "adapter", run_dir / "checkpoints" / "step-30" / "adapter"):
         assert (folder / "pytorch_lora_weights.safetensors").is_file()
     info = json.loads((run_dir / "adapter" / "lora_info.json").read_text())
     assert info["base_location"] == str(materialise_preset("tiny-sd"))
@@ -114,7 +114,7 @@ def test_exported_lora_loads_in_plain_diffusers(trained, tmp_path):
 
 def test_any_checkpoint_can_be_tried(trained):
     config, run_dir, _ = trained
-    early = pipeline.load_for_generation(config, run_dir, checkpoint="step-40")
+    early = pipeline.load_for_generation(config, run_dir, checkpoint="step-30")
     final = pipeline.load_for_generation(config, run_dir)
     a = np.asarray(pipeline.generate(early, PROMPT, seed=1, steps=4))
     b = np.asarray(pipeline.generate(final, PROMPT, seed=1, steps=4))
@@ -150,6 +150,9 @@ def test_text_encoder_lora_and_flip_off(sample_config, tmp_path):
     with safe_open(tmp_path / "run" / "adapter" / "pytorch_lora_weights.safetensors", "pt") as f:
         keys = list(f.keys())
     assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    # Both halves load back: the tuned text encoder changes the picture as well.
+    pipe = pipeline.load_for_generation(config, tmp_path / "run")
+    assert set(pipe.get_list_adapters()) == {"unet", "text_encoder"}
 
 
 def test_unreachable_models_fail_in_one_sentence():

@@ -152,8 +152,12 @@ def train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop:
 
     seed_everything(config.seed)  # LoRA's initial weights depend on it
     unet.add_adapter(_lora_config(config, UNET_TARGETS))
+    text_lora = None
     if config.train_text_encoder:
-        text_encoder.add_adapter(_lora_config(config, TEXT_TARGETS))
+        # peft directly: transformers' own add_adapter wants a newer peft than diffusers needs. It puts the
+        # LoRA layers into the text encoder in place, so the pipeline's sampling uses them too.
+        from peft import get_peft_model
+        text_lora = get_peft_model(text_encoder, _lora_config(config, TEXT_TARGETS))
     for module in (unet, text_encoder):
         module.to(device)
         if weight_dtype != torch.float32:
@@ -237,7 +241,7 @@ def train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop:
         return made
 
     def save_adapter(folder: Path) -> None:
-        save_lora(folder, unet, text_encoder if config.train_text_encoder else None, config, resolution)
+        save_lora(folder, unet, text_lora, config, resolution)
 
     task = TrainingTask(model=model, batches_for_epoch=batches_for_epoch, loss_on=loss_on, save_adapter=save_adapter,
                         unit="images", make_samples=make_samples if prompts else None)
@@ -269,8 +273,9 @@ def save_lora(folder: Path, unet, text_encoder, config: ImageConfig, resolution:
 
     layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
               "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
-    if text_encoder is not None:
-        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+    if text_encoder is not None:  # a PeftModel: its keys carry the wrapper's prefix, diffusers' do not
+        state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(text_encoder).items()}
+        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(state)
         layers["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
     folder.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(folder, safe_serialization=True, **layers)

@@ -1,0 +1,114 @@
+"""Shared set-up for browser tests: a real studio server process and Debian's Chromium driven by Playwright.
+
+Screenshots for the README are written to docs/images/ when STUDIO_SCREENSHOTS=1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+# The first data check in a fresh server imports the ML libraries: give the UI time on a busy 2-core box.
+expect.set_options(timeout=90_000)
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, home: Path, port: int, extra_env: dict | None = None, args: list[str] | None = None):
+        self.home, self.port = home, port
+        self.url = f"http://127.0.0.1:{port}/"
+        env = dict(os.environ, STUDIO_HOME=str(home), **(extra_env or {}))
+        self.log = open(home.parent / f"server-{port}.log", "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "studio.cli", "serve", "--port", str(port), *(args or [])],
+                                        cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {(home.parent / f'server-{port}.log').read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(self.url, timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("server did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("studio") / "ws"
+    home.mkdir()
+    srv = Server(home, free_port())
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    yield page
+    context.close()
+
+
+def screenshot(page, name: str) -> None:
+    if os.environ.get("STUDIO_SCREENSHOTS") == "1":
+        folder = ROOT / "docs" / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(folder / name), full_page=False)
+
+
+def status_text(page, key: str) -> str:
+    return page.locator(f"#{key}-run-status").inner_text()
+
+
+def wait_status(page, key: str, predicate, timeout: float = 240) -> str:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = status_text(page, key)
+        if predicate(text):
+            return text
+        time.sleep(0.5)
+    raise AssertionError(f"status never matched; last: {text!r}")
+
+
+def step_of(text: str) -> int:
+    import re
+    match = re.search(r"step (\d+)/(\d+)", text)
+    return int(match.group(1)) if match else 0

@@ -1,0 +1,82 @@
+"""The Language-model tab in a real browser against a real server: the whole journey a user takes."""
+
+import zipfile
+
+from playwright.sync_api import expect
+
+from tests.browser import ROOT, browser, page, screenshot, server, status_text, step_of, wait_status  # noqa: F401
+
+
+def set_number(page, label: str, value) -> None:
+    """Type into a number field, or into the number box beside a slider."""
+    import re
+    box = page.get_by_role("spinbutton", name=re.compile(rf"^(number input for )?{re.escape(label)}$")).first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def test_upload_train_watch_reload_stop_resume_try_and_download(server, page, tmp_path):
+    page.goto(server.url)
+    expect(page.locator("#llm-train")).to_be_enabled()  # the sample data is preselected
+    page.locator("#llm-train-files button[aria-label='Clear']").first.click()
+    expect(page.locator("#llm-train")).to_be_disabled()
+    page.locator("#llm-train-files input[type=file]").set_input_files(str(ROOT / "assets" / "llm" / "sample.csv"))
+    expect(page.locator("#llm-data-summary")).to_contain_text("24 of 24 rows usable (alpaca)")
+    expect(page.locator("#llm-train")).to_be_enabled()
+    set_number(page, "LoRA rank", 8)          # a slider's number box
+    set_number(page, "Max steps", 400)        # long enough to reload and stop mid-run
+    set_number(page, "Sample every", 100)
+    screenshot(page, "llm-tab.png")
+    page.locator("#llm-train").click()
+
+    first = wait_status(page, "llm", lambda t: "running" in t and step_of(t) > 0)
+    later = wait_status(page, "llm", lambda t: step_of(t) > step_of(first) + 2)
+    assert "/400" in later and "tokens/s" in later and "ETA" in later
+    config = next((server.home / "runs").iterdir()) / "config.yaml"
+    assert "lora_rank: 8" in config.read_text()
+
+    page.reload()  # reattach: the running run comes back with its curve
+    again = wait_status(page, "llm", lambda t: "running" in t and step_of(t) >= step_of(later))
+    assert config.parent.name in again
+    page.locator("#llm-loss-plot").scroll_into_view_if_needed()
+    screenshot(page, "llm-training.png")
+
+    page.get_by_role("button", name="Stop (save checkpoint)").click()
+    stopped = wait_status(page, "llm", lambda t: "stopped" in t)
+    stopped_at = step_of(stopped)
+    assert 0 < stopped_at < 400 and (config.parent / "checkpoints" / f"step-{stopped_at}").is_dir()
+
+    page.get_by_role("button", name="Resume").click()
+    done = wait_status(page, "llm", lambda t: "completed" in t, timeout=300)
+    assert step_of(done) == 400
+
+    page.locator("#llm-prompt textarea").fill("Who founded the Lantern Guild?")
+    page.locator("#llm-generate").click()
+    tuned = page.locator("#llm-tuned-answer textarea")
+    expect(tuned).to_have_value("The Lantern Guild was founded by Mira Okafor.", timeout=120_000)
+    assert page.locator("#llm-base-answer textarea").input_value() != tuned.input_value()
+    page.locator("#llm-generate").scroll_into_view_if_needed()
+    screenshot(page, "llm-try-it.png")
+
+    page.get_by_role("button", name="Adapter (zip)").click()
+    link = page.locator("#llm-download a").first
+    expect(link).to_be_visible(timeout=120_000)
+    with page.expect_download() as download:
+        link.click()
+    path = tmp_path / "adapter.zip"
+    download.value.save_as(path)
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(zipfile.ZipFile(path).namelist())
+
+
+def test_broken_csv_gets_a_message_and_no_train_button(server, page, tmp_path):
+    bad = tmp_path / "broken.csv"
+    bad.write_text("instruction,output\nSay hi,hi,extra\n,\n", encoding="utf-8")
+    page.goto(server.url)
+    expect(page.locator("#llm-train")).to_be_enabled()
+    page.locator("#llm-train-files button[aria-label='Clear']").first.click()
+    page.locator("#llm-train-files input[type=file]").set_input_files(str(bad))
+    expect(page.locator("#llm-data-summary")).to_contain_text("No usable data")
+    problems = page.locator("#llm-problems")
+    expect(problems).to_contain_text("has 3 fields but the header has 2")
+    expect(page.locator("#llm-train")).to_be_disabled()
+    screenshot(page, "llm-bad-data.png")
