@@ -1,0 +1,39 @@
+"""The studio's HTTP API through gradio_client, the way a user's script drives it (README example)."""
+
+import time
+
+import pytest
+from gradio_client import Client, handle_file
+
+from tests.browser import ROOT, server  # noqa: F401
+
+CONFIG = (ROOT / "assets" / "llm" / "config.yaml").read_text()
+
+
+def test_upload_start_poll_and_generate(server):
+    client = Client(server.url, verbose=False)
+    run_id = client.predict(CONFIG, [handle_file(str(ROOT / "assets" / "llm" / "sample.csv"))],
+                            api_name="/start_run")
+    deadline = time.monotonic() + 300
+    status = {}
+    while time.monotonic() < deadline:
+        status = client.predict(run_id, api_name="/run_status")
+        if status["status"] in ("completed", "failed"):
+            break
+        time.sleep(1)
+    assert status["status"] == "completed", status
+    assert status["step"] == status["total_steps"] == 90
+    assert status["losses"][-1][1] < status["losses"][0][1]
+    answer = client.predict(run_id, "What is the capital of Zorbia?", False, api_name="/generate")
+    assert answer == "The capital of Zorbia is Quillton."
+
+
+def test_api_errors_are_messages(server):
+    client = Client(server.url, verbose=False)
+    with pytest.raises(Exception, match="upload sample.csv"):
+        client.predict(CONFIG, [], api_name="/start_run")
+    with pytest.raises(Exception, match="lora_rank: must be at least 1"):
+        client.predict(CONFIG.replace("lora_rank: 16", "lora_rank: 0"),
+                       [handle_file(str(ROOT / "assets" / "llm" / "sample.csv"))], api_name="/start_run")
+    with pytest.raises(Exception, match="no run"):
+        client.predict("nope", api_name="/run_status")
