@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from pipelines.config import RunConfig, option
+
+# Popular diffusers-format bases for the UI's dropdown. Sizes: what the studio downloads (full-precision
+# UNet, VAE and text encoder; the safety checker is skipped), rounded.
+HUB_MODELS = [
+    {"id": "stable-diffusion-v1-5/stable-diffusion-v1-5", "label": "Stable Diffusion 1.5", "download_gb": 4.3,
+     "resolution": 512, "note": "The most fine-tuned base; most community LoRAs target it."},
+    {"id": "stabilityai/stable-diffusion-2-1-base", "label": "Stable Diffusion 2.1 base", "download_gb": 5.2,
+     "resolution": 512, "note": "OpenCLIP text encoder; prompts behave differently from 1.5."},
+    {"id": "stabilityai/sd-turbo", "label": "SD-Turbo", "download_gb": 5.2, "resolution": 512,
+     "note": "Distilled 2.1: samples in 1-4 steps with guidance 0."},
+    {"id": "Lykon/dreamshaper-8", "label": "DreamShaper 8 (SD 1.5)", "download_gb": 4.3, "resolution": 512,
+     "note": "A popular SD 1.5 fine-tune for illustration and photos."},
+    {"id": "nota-ai/bk-sdm-small", "label": "BK-SDM small (SD 1.4, pruned)", "download_gb": 2.9, "resolution": 512,
+     "note": "A block-removed SD 1.4: about a third smaller and faster."},
+    {"id": "hf-internal-testing/tiny-stable-diffusion-pipe", "label": "Tiny test pipeline (hub)",
+     "download_gb": 0.01, "resolution": 128, "note": "A few MB: checks downloads and training end to end."},
+]
+
+# The built-in offline presets (their architectures are in model.py) and the size they draw at.
+PRESET_RESOLUTIONS = {"tiny-sd": 32}
 
 CAPTION_SOURCES = {
     "auto": "Per image: a same-name .txt/.caption file, else metadata.csv/.jsonl, else the instance prompt.",
@@ -84,3 +105,26 @@ class ImageConfig(RunConfig):
 
 
 CONFIG = ImageConfig
+
+
+def native_resolution(base_model: str) -> int:
+    """The image size a base model was trained at, found without loading weights: the preset table, the
+    HUB_MODELS table or a local folder's configs; otherwise 512 (SD 1.x and 2.x base)."""
+    text = base_model.strip()
+    if text in PRESET_RESOLUTIONS:
+        return PRESET_RESOLUTIONS[text]
+    for entry in HUB_MODELS:
+        if entry["id"] == text:
+            return entry["resolution"]
+    folder = Path(text).expanduser()
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 512
+
+
+def training_resolution(config: ImageConfig) -> int:
+    """The size images are trained at: the config's, or the base model's native size when it says 0."""
+    return config.resolution or native_resolution(config.base_model)

@@ -26,8 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.archives import extract_zip
 from pipelines.data import DataReport, _limit
-from pipelines.hub import workspace
-from pipelines.image.config import ImageConfig
+from pipelines.image.config import ImageConfig, training_resolution
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -185,6 +184,8 @@ def _read_metadata(path: Path, report: DataReport) -> dict[Path, tuple[str, int]
 def unpack_upload(archive: Path, report: DataReport) -> Path | None:
     """Unpack a zip once into the workspace, keyed by its content, and reuse it afterwards (the data check
     and the training run see the same files). Problems found while unpacking are replayed each time."""
+    from pipelines.hub import workspace  # imported here: it pulls in torch, which checking a folder does not need
+
     digest = hashlib.sha256()
     with open(archive, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -252,8 +253,6 @@ def collect_files(config: ImageConfig, report: DataReport) -> tuple[list[Path], 
 def load_examples(config: ImageConfig, report: DataReport | None = None, *, keep_notes: bool = True
                   ) -> tuple[DataReport, list[ImageExample]]:
     """Find every image, decode it, pair it with its caption. Never raises on bad data."""
-    from pipelines.image.model import training_resolution
-
     report = report or DataReport()
     report.format = "images"
     files, base = collect_files(config, report)

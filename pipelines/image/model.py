@@ -7,7 +7,6 @@ as a downloaded model, and exported LoRA files load onto a real folder with plai
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -19,8 +18,9 @@ from pipelines.hub import ModelUnavailable, hub_reachable, load_from_hub, resolv
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 # Stable Diffusion's architecture at toy size (about 1.8 M parameters): a UNet with cross-attention in
-# every block, a 2x VAE and a 2-layer CLIP text encoder. 32 px images, 16x16 latents: a few hundred
-# steps take seconds on a laptop CPU. It learns shapes and colours, not photographs.
+# every block, a 2x VAE and a 2-layer CLIP text encoder. 32 px images (config.PRESET_RESOLUTIONS),
+# 16x16 latents: a few hundred steps take seconds on a laptop CPU. Its weights are random, so its
+# pictures are coloured noise: it is there to try the whole pipeline offline, not to draw.
 PRESETS = {
     "tiny-sd": {
         "tokenizer": "tiny-sd-tokenizer",
@@ -31,6 +31,7 @@ PRESETS = {
         "vae": dict(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
                     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                     latent_channels=4, sample_size=32, norm_num_groups=16, scaling_factor=1.0),
+        "vae_log_variance": -12.0,  # posterior std e^-6, about 0.0025
         "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              max_position_embeddings=77, projection_dim=32),
         # Stable Diffusion's noise schedule; Euler samples well in 20-30 steps.
@@ -39,23 +40,6 @@ PRESETS = {
         "seed": 0,
     },
 }
-
-# Popular diffusers-format bases for the UI's dropdown. Sizes: what the studio downloads (full-precision
-# UNet, VAE and text encoder; the safety checker is skipped), rounded.
-HUB_MODELS = [
-    {"id": "stable-diffusion-v1-5/stable-diffusion-v1-5", "label": "Stable Diffusion 1.5", "download_gb": 4.3,
-     "resolution": 512, "note": "The most fine-tuned base; most community LoRAs target it."},
-    {"id": "stabilityai/stable-diffusion-2-1-base", "label": "Stable Diffusion 2.1 base", "download_gb": 5.2,
-     "resolution": 512, "note": "OpenCLIP text encoder; prompts behave differently from 1.5."},
-    {"id": "stabilityai/sd-turbo", "label": "SD-Turbo", "download_gb": 5.2, "resolution": 512,
-     "note": "Distilled 2.1: samples in 1-4 steps with guidance 0."},
-    {"id": "Lykon/dreamshaper-8", "label": "DreamShaper 8 (SD 1.5)", "download_gb": 4.3, "resolution": 512,
-     "note": "A popular SD 1.5 fine-tune for illustration and photos."},
-    {"id": "nota-ai/bk-sdm-small", "label": "BK-SDM small (SD 1.4, pruned)", "download_gb": 2.9, "resolution": 512,
-     "note": "A block-removed SD 1.4: about a third smaller and faster."},
-    {"id": "hf-internal-testing/tiny-stable-diffusion-pipe", "label": "Tiny test pipeline (hub)",
-     "download_gb": 0.01, "resolution": 128, "note": "A few MB: checks downloads and training end to end."},
-]
 
 SAFETY_OFF = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
@@ -73,6 +57,12 @@ def materialise_preset(name: str) -> Path:
     torch.manual_seed(spec["seed"])
     unet = UNet2DConditionModel(**spec["unet"])
     vae = AutoencoderKL(**spec["vae"])
+    with torch.no_grad():
+        # A trained VAE encodes almost deterministically (a tiny posterior spread); a random one would
+        # drown each image's latent in sampling noise. Pin the log-variance half of quant_conv low.
+        channels = spec["vae"]["latent_channels"]
+        vae.quant_conv.weight[channels:] = 0.0
+        vae.quant_conv.bias[channels:] = spec["vae_log_variance"]
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                                 eos_token_id=tokenizer.eos_token_id,
                                                 pad_token_id=tokenizer.pad_token_id, **spec["text_encoder"]))
@@ -136,26 +126,3 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32):
                                    "a diffusers folder works offline.") from None
         raise ModelUnavailable(f"The pipeline in {where} could not be read: {first}",
                                "Check that the folder is complete (unet, vae, text_encoder, tokenizer, scheduler).") from None
-
-
-def native_resolution(base_model: str) -> int:
-    """The image size a base model was trained at, read without loading weights: the preset's or local
-    folder's configs, the HUB_MODELS table, or 512 (SD 1.x and 2.x base)."""
-    text = base_model.strip()
-    if text in PRESETS:
-        spec = PRESETS[text]
-        return spec["unet"]["sample_size"] * 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
-    for entry in HUB_MODELS:
-        if entry["id"] == text:
-            return entry["resolution"]
-    folder = Path(text).expanduser()
-    try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return 512
-
-
-def training_resolution(config) -> int:
-    return config.resolution or native_resolution(config.base_model)

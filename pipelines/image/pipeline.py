@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipelines.image.config import ImageConfig
+from pipelines.image.config import ImageConfig, training_resolution
 from pipelines.image.data import ImageExample, load_examples, read_image
-from pipelines.image.model import base_location, load_pipeline, training_resolution
+from pipelines.image.model import base_location, load_pipeline
 from pipelines.training import (Events, TrainingFailure, TrainingTask, iterate_in_batches, latest_checkpoint,
                                 pick_device, read_events, run_training, seed_everything, shuffled)
 
