@@ -30,7 +30,7 @@ PRESETS = {
                      cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16),
         "vae": dict(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
                     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                    latent_channels=4, sample_size=32, norm_num_groups=16, scaling_factor=1.0),
+                    latent_channels=4, sample_size=32, norm_num_groups=16, scaling_factor=3.5),
         "vae_log_variance": -12.0,  # posterior std e^-6, about 0.0025
         "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              max_position_embeddings=77, projection_dim=32),
