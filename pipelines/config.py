@@ -93,8 +93,9 @@ class RunConfig:
         return {"modality": self.modality, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        """Build and check a config from plain data (YAML, form values). Raises ConfigError."""
+    def from_dict(cls, data: dict[str, Any], check: bool = True) -> "RunConfig":
+        """Build and check a config from plain data (YAML, form values). Raises ConfigError.
+        check=False only converts types (for filling a form from a config whose data is elsewhere)."""
         data = dict(data or {})
         modality = data.pop("modality", cls.modality)
         problems: list[tuple[str, str]] = []
@@ -112,7 +113,8 @@ class RunConfig:
         if problems:
             raise ConfigError(problems)
         config = cls(**values)
-        config.check()
+        if check:
+            config.check()
         return config
 
     def check(self) -> None:

@@ -12,6 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+pytest_plugins = ["tests.browser"]  # the server/browser/page fixtures
+
 
 @pytest.fixture(scope="session", autouse=True)
 def studio_home(tmp_path_factory) -> Path:

@@ -5,7 +5,7 @@ import time
 import pytest
 from gradio_client import Client, handle_file
 
-from tests.browser import ROOT, server  # noqa: F401
+from tests.browser import ROOT
 
 CONFIG = (ROOT / "assets" / "llm" / "config.yaml").read_text()
 

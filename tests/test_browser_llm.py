@@ -4,7 +4,7 @@ import zipfile
 
 from playwright.sync_api import expect
 
-from tests.browser import ROOT, browser, page, screenshot, server, status_text, step_of, wait_status  # noqa: F401
+from tests.browser import ROOT, screenshot, step_of, wait_status
 
 
 def set_number(page, label: str, value) -> None:

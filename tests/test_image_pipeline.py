@@ -12,6 +12,7 @@ from diffusers import StableDiffusionPipeline
 from pipelines import load_config
 from pipelines.hub import ModelUnavailable, workspace
 from pipelines.image import pipeline
+from pipelines.image.config import native_resolution
 from pipelines.image.model import load_pipeline, materialise_preset
 from pipelines.training import Events, read_events
 
@@ -124,21 +125,21 @@ def test_any_checkpoint_can_be_tried(trained):
 
 
 def test_stop_and_resume_continue_exactly(sample_config, tmp_path):
-    config = sample_config.changed(max_steps=10, sample_every=0, checkpoint_every=100)
+    config = sample_config.changed(max_steps=7, sample_every=0, checkpoint_every=100)
     _, whole = train(config, tmp_path / "whole")
 
-    # Sampling mid-run must not change the training either: this run also draws samples every 3 steps.
+    # Sampling mid-run must not change the training either: this run also draws samples every 2 steps.
     calls = []
-    interrupted = config.changed(sample_every=3, sample_steps=2)
-    status, _ = train(interrupted, tmp_path / "parts", should_stop=lambda: calls.append(1) or len(calls) >= 4)
+    interrupted = config.changed(sample_every=2, sample_steps=2)
+    status, _ = train(interrupted, tmp_path / "parts", should_stop=lambda: calls.append(1) or len(calls) >= 3)
     assert status == "stopped"
-    assert (tmp_path / "parts" / "checkpoints" / "step-4" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "parts" / "checkpoints" / "step-3" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     status, events = train(interrupted, tmp_path / "parts", resume=True)
     assert status == "completed"
-    assert next(e for e in events if e["type"] == "resumed")["step"] == 4
+    assert next(e for e in events if e["type"] == "resumed")["step"] == 3
     assert losses(events) == pytest.approx(losses(whole), rel=1e-5)
-    assert (tmp_path / "parts" / "samples" / "step-3-0.png").is_file()
-    assert (tmp_path / "parts" / "samples" / "step-9-0.png").is_file()
+    made = sorted(p.name for p in (tmp_path / "parts" / "samples").iterdir())
+    assert made == ["step-2-0.png", "step-4-0.png", "step-6-0.png", "step-7-0.png"]
 
 
 def test_text_encoder_lora_and_flip_off(sample_config, tmp_path):
@@ -159,6 +160,7 @@ def test_unreachable_models_fail_in_one_sentence():
     # The test session is offline (conftest): a hub id that is not cached cannot load.
     with pytest.raises(ModelUnavailable, match="cannot reach the Hugging Face hub"):
         load_pipeline("someone/not-cached-sd-model")
+    assert native_resolution(str(materialise_preset("tiny-sd"))) == 32  # the table agrees with the folder
     not_a_pipeline = workspace() / "not-a-pipeline"
     not_a_pipeline.mkdir()
     with pytest.raises(ModelUnavailable, match="not a diffusers pipeline"):

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from tests.browser import ROOT, Server, free_port, server  # noqa: F401
+from tests.browser import ROOT, Server, free_port
 
 
 def fetch(url: str) -> tuple[int, bytes]:

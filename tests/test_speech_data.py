@@ -69,11 +69,13 @@ def messy(tmp_path_factory) -> Path:
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(CLIPS / "apples.wav"), "-c:a", "libvorbis",
                     str(folder / "apples.ogg")], check=True)
     shutil.copy(CLIPS / "violin.wav", folder / "blank.wav")
+    shutil.copy(CLIPS / "umbrella.wav", folder / "special.wav")
     write_metadata(folder, [
         ("good.wav", "The cat sat on the mat."), ("photo.png", "a photo"), ("empty.wav", "nothing"),
         ("nosamples.wav", "nothing"), ("silence.wav", "nothing at all"), ("long.wav", "The cat sat on the mat. " * 15),
         ("garbage.mp3", "noise"), ("strange_codec.wav", "what codec"), ("eightbit.wav", "Turn left at the bridge."),
         ("apples.ogg", "Seven green apples."), ("blank.wav", "   "), ("ghost.wav", "I am not there"),
+        ("special.wav", "Type <|endoftext|> to stop."),  # special-token text is plain text, not a crash
     ])
     return folder
 
@@ -92,9 +94,11 @@ def test_every_bad_file_gets_its_own_message(messy):
     by_row = {p.row: p.reason for p in report.problems if p.file == "metadata.csv"}
     assert "transcript of blank.wav is empty" in by_row[11]
     assert "'ghost.wav', which is not among the audio files" in by_row[12]
-    # Usable: the good clip, the converted 8-bit/48 kHz/stereo file and the Ogg file.
-    assert report.rows_usable == 3
-    assert sorted(Path(p["audio"]).name for p in report.preview) == ["apples.ogg", "eightbit.wav", "good.wav"]
+    # Usable: the good clip, the converted 8-bit/48 kHz/stereo file, the Ogg file, the odd transcript.
+    assert report.rows_usable == 4
+    assert sorted(Path(p["audio"]).name for p in report.preview) == ["apples.ogg", "eightbit.wav", "good.wav",
+                                                                     "special.wav"]
+    assert report.summary().startswith("4 of 15 rows usable (metadata.csv)")
     assert not any(name in found for name in ("eightbit.wav", "apples.ogg", "good.wav"))
 
 

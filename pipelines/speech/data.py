@@ -63,9 +63,13 @@ def _unpack(archive: Path, report: DataReport) -> Path | None:
     """Unpack a zip once into workspace/unpacked/<content hash>/ (kept: the preview plays files from
     there) and replay the archive's problems on later checks of the same file."""
     digest = hashlib.sha256()
-    with open(archive, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(archive, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        report.problem(archive, f"cannot be read ({err.strerror or err})")
+        return None
     target = workspace() / "unpacked" / digest.hexdigest()[:20]
     marker = target / "unpacked.json"
     if not marker.exists():
@@ -269,7 +273,7 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
             else [transcript.text]
         made = []
         for i, ((a, b), text) in enumerate(zip(pieces, texts_per_piece), start=1):
-            tokens = len(tokenizer.encode(" " + text))
+            tokens = len(tokenizer.encode(" " + text, disallowed_special=()))
             source = path.name if len(pieces) == 1 else f"{path.name}, part {i} of {len(pieces)}"
             if tokens > config.max_label_tokens:
                 report.problem(where[0], f"the transcript of {source} is {tokens} tokens, over the limit of "

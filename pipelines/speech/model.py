@@ -155,17 +155,14 @@ def _load_named(name: str, device: torch.device) -> Whisper:
         socket.setdefaulttimeout(previous)
 
 
-def text_tokenizer(model: Whisper | None, language: str, task: str, multilingual: bool = True) -> Tokenizer:
+def text_tokenizer(model: Whisper, language: str, task: str) -> Tokenizer:
     """The tokenizer with the language and task tokens pinned (from tiktoken files inside the package)."""
-    if model is not None:
-        if not model.is_multilingual:
-            if language != "en" or task != "transcribe":
-                raise TrainingFailure("This Whisper model knows English only and cannot translate.",
-                                      "Set language to en and task to transcribe, or pick a multilingual model.")
-            return get_tokenizer(False)
-        return get_tokenizer(True, num_languages=model.num_languages, language=language, task=task)
-    return get_tokenizer(multilingual, language=language if multilingual else None,
-                         task=task if multilingual else None)
+    if not model.is_multilingual:
+        if language != "en" or task != "transcribe":
+            raise TrainingFailure("This Whisper model knows English only and cannot translate.",
+                                  "Set language to en and task to transcribe, or pick a multilingual model.")
+        return get_tokenizer(False)
+    return get_tokenizer(True, num_languages=model.num_languages, language=language, task=task)
 
 
 def check_language(model: Whisper, language: str) -> None:

@@ -61,8 +61,10 @@ def _features(model, clips: list[Clip], encode: bool, device: torch.device) -> l
 
 
 def _labels(tokenizer, text: str) -> list[int]:
-    """Prompt (pinned language + task + no-timestamps), transcript, end-of-text."""
-    return list(tokenizer.sot_sequence_including_notimestamps) + tokenizer.encode(" " + text.strip()) + [tokenizer.eot]
+    """Prompt (pinned language + task + no-timestamps), transcript, end-of-text. Text that looks like a
+    special token ("<|en|>") is read as plain text, never as the token."""
+    text_tokens = tokenizer.encode(" " + text.strip(), disallowed_special=())
+    return list(tokenizer.sot_sequence_including_notimestamps) + text_tokens + [tokenizer.eot]
 
 
 def _collate(sequences: list[list[int]], prompt_length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:

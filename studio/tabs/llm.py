@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 import pandas as pd
-import yaml
 
-from pipelines.config import ConfigError, read_yaml
+from pipelines.config import ConfigError
 from pipelines.llm.config import KNOWN_MODELS, LLMConfig
-from studio import hardware, jobs
+from studio import hardware
 from studio.runs import Registry
 from studio.tabs import widgets
 
@@ -57,23 +54,13 @@ def model_size(base_model: str) -> float | None:
         return None
 
 
-def _values(files, validation_files, base_model, name, form_values) -> dict[str, Any]:
-    values = dict(zip(FORM, form_values))
-    values.update(modality="llm", base_model=base_model or "", name=name or "",
-                  train_files=[_path(f) for f in files or []],
-                  validation_files=[_path(f) for f in validation_files or []])
-    for key in ("custom_target_modules", "sample_prompts"):
-        values[key] = [v.strip() for v in (values[key] or "").split(",") if v.strip()]
-    return values
+FORM_SPEC = widgets.TabForm(LLMConfig, FORM, ["train_files", "validation_files"])
 
 
-def _path(file) -> str:
-    return file if isinstance(file, str) else getattr(file, "name", str(file))
-
-
-def check_data(files, validation_files, base_model, name, *form_values):
+def check_data(*args):
     """Data check shown under the upload: summary, problems, preview, token lengths; gates the Train button."""
-    values = _values(files, validation_files, base_model, name, form_values)
+    values = FORM_SPEC.values(*args)
+    base_model = values["base_model"]
     if not values["train_files"]:
         return ("Upload a CSV, JSONL, JSON or Parquet file to begin.", gr.update(visible=False), None, None,
                 *[gr.update(choices=[""], value="")] * 5, gr.update(interactive=False), "")
@@ -133,45 +120,6 @@ def preflight_line(config: LLMConfig, stats: dict | None) -> str:
         shown = format_seconds(seconds) if seconds >= 1 else "under a second"
         text += f", about **{shown} per epoch** ({tokens:,} tokens)."
     return text
-
-
-def start_training(files, validation_files, base_model, name, *form_values):
-    """Train: validate every setting, create the run (with its own copy of the data) and queue it."""
-    values = _values(files, validation_files, base_model, name, form_values)
-    config, problems = widgets.build_config(LLMConfig, values)
-    if config is None:
-        return gr.update(), problems
-    from pipelines.llm.data import inspect_data
-    report = inspect_data(config)
-    if not report.ok:
-        return gr.update(), f"**No usable data:** {report.summary()}"
-    run = jobs.submit(config)
-    return run.id, f"Started run `{run.id}`." if run.status != "queued" else f"Run `{run.id}` is queued."
-
-
-def save_config(files, validation_files, base_model, name, *form_values):
-    values = _values(files, validation_files, base_model, name, form_values)
-    config, problems = widgets.build_config(LLMConfig, values)
-    if config is None:
-        raise gr.Error(problems.replace("**", ""))
-    folder = Path(tempfile.mkdtemp(prefix="studio-config-"))
-    config.save(folder / "config.yaml")
-    return gr.update(value=str(folder / "config.yaml"), visible=True), ""
-
-
-def load_config_file(upload):
-    """Fill the form from a config.yaml; data files it names are kept where they exist."""
-    try:
-        data = read_yaml(_path(upload))
-        config = LLMConfig.from_dict({**data, "train_files": data.get("train_files") or ["-"]})
-    except ConfigError as err:
-        message = "**This config.yaml cannot be used:** " + "; ".join(f"`{n}` {w}" for n, w in err.problems)
-        return [gr.update()] * (3 + len(FORM)) + [message]
-    base = Path(_path(upload)).parent
-    files = [str((base / f).resolve()) if not Path(f).is_absolute() else f for f in data.get("train_files") or []]
-    files = [f for f in files if Path(f).exists()]
-    return [files or gr.update(), config.base_model, config.name, *widgets.config_to_form(config, FORM),
-            "Settings loaded from the config file."]
 
 
 def try_prompt(run_id, checkpoint, prompt, max_new_tokens, temperature, top_p):
@@ -287,10 +235,11 @@ def build() -> None:
     for column in mapping:
         column.input(check_data, everything, check_outputs, api_visibility="private", trigger_mode="always_last")
 
-    train.click(start_training, everything, [run_state, message], api_visibility="private").then(
+    train.click(FORM_SPEC.start, everything, [run_state, message], api_visibility="private").then(
         widgets.live_values, run_state, panel.outputs(), api_visibility="private")
-    save.click(save_config, everything, [config_file, message], api_visibility="private")
-    load.upload(load_config_file, load, [files, base_model, name, *form, message], api_visibility="private")
+    save.click(FORM_SPEC.save, everything, [config_file, message], api_visibility="private")
+    load.upload(FORM_SPEC.load, load, [files, validation_files, base_model, name, *form, message],
+                api_visibility="private")
 
     timer = gr.Timer(1.5)
     timer.tick(widgets.live_values, run_state, panel.outputs(), api_visibility="private", show_progress="hidden")

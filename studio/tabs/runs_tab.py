@@ -6,7 +6,6 @@ import time
 
 import gradio as gr
 import pandas as pd
-import yaml
 
 from pipelines import MODALITIES
 from studio import jobs

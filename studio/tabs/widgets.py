@@ -82,6 +82,83 @@ def config_to_form(config: RunConfig, names: list[str]) -> list[Any]:
     return values
 
 
+class TabForm:
+    """The settings a tab collects, in one order shared by all its handlers:
+    the upload components (each feeding a config field; several may feed the same list field), then the
+    base model, the run name, then the config fields of `form`."""
+
+    def __init__(self, config_cls: type[RunConfig], form: list[str], upload_fields: list[str]):
+        self.config_cls, self.form, self.upload_fields = config_cls, form, upload_fields
+        self.modality = config_cls.modality
+
+    def values(self, *args) -> dict[str, Any]:
+        uploads, (base_model, name), form = (args[:len(self.upload_fields)],
+                                             args[len(self.upload_fields):len(self.upload_fields) + 2],
+                                             args[len(self.upload_fields) + 2:])
+        values: dict[str, Any] = dict(zip(self.form, form))
+        values.update(modality=self.modality, base_model=base_model or "", name=name or "")
+        types = typing.get_type_hints(self.config_cls)
+        for field, files in zip(self.upload_fields, uploads):
+            paths = [upload_path(f) for f in (files if isinstance(files, list) else [files] if files else [])]
+            if typing.get_origin(types[field]) is list:
+                values[field] = values.get(field, []) + paths
+            else:
+                values[field] = paths[0] if paths else ""
+        return values
+
+    def start(self, *args):
+        """Train: validate every setting and the data, create the run (with its own copy of the data), queue it."""
+        from pipelines import data_module
+        config, problems = build_config(self.config_cls, self.values(*args))
+        if config is None:
+            return gr.update(), problems
+        report = data_module(self.modality).inspect_data(config)
+        if not report.ok:
+            return gr.update(), f"**No usable data:** {report.summary()}"
+        run = jobs.submit(config)
+        return run.id, f"Started run `{run.id}`." if run.status != "queued" else f"Run `{run.id}` is queued."
+
+    def save(self, *args):
+        """Save config: the run's config.yaml, for `studio train` or for loading back later."""
+        import tempfile
+        config, problems = build_config(self.config_cls, self.values(*args))
+        if config is None:
+            return gr.update(visible=False), problems
+        folder = Path(tempfile.mkdtemp(prefix="studio-config-"))
+        config.save(folder / "config.yaml")
+        return gr.update(value=str(folder / "config.yaml"), visible=True), ""
+
+    def load(self, upload):
+        """Load config: fill the form from a config.yaml. Data files it names are kept where they exist."""
+        from pipelines.config import read_yaml
+        unchanged = [gr.update()] * (len(self.upload_fields) + 2 + len(self.form))
+        try:
+            data = read_yaml(upload_path(upload))
+            try:
+                config = self.config_cls.from_dict(data)
+            except ConfigError as err:
+                # Data files missing on this machine: still fill the settings; the user uploads the data.
+                if any(name not in self.config_cls.path_fields for name, _ in err.problems):
+                    raise
+                config = self.config_cls.from_dict(data, check=False)
+        except ConfigError as err:
+            text = "; ".join(f"`{n}` {w}" for n, w in err.problems)
+            return unchanged + [f"**This config.yaml cannot be used:** {text}"]
+        base = Path(upload_path(upload)).parent
+        uploads = []
+        for field in self.upload_fields:
+            value = getattr(config, field)
+            paths = [str((base / p).resolve()) for p in (value if isinstance(value, list) else [value]) if p]
+            found = [p for p in paths if Path(p).exists()]
+            uploads.append(found or gr.update())
+        return uploads + [config.base_model, config.name, *config_to_form(config, self.form),
+                          "Settings loaded from the config file."]
+
+
+def upload_path(file) -> str:
+    return file if isinstance(file, str) else getattr(file, "path", None) or getattr(file, "name", str(file))
+
+
 # ---- the live run panel ----------------------------------------------------------------------
 
 @dataclasses.dataclass
