@@ -16,6 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from pipelines import MODALITIES
 from pipelines.data import _limit
 from pipelines.hub import workspace
 from studio import jobs
@@ -30,32 +31,24 @@ MAX_UPLOAD_MB = _limit("STUDIO_MAX_UPLOAD_MB", 2048)
 
 
 def build_app() -> gr.Blocks:
-    from studio.tabs import llm, runs_tab
+    from studio.tabs import image, llm, runs_tab, speech
     with gr.Blocks(title="LoRA Studio") as app:
         gr.Markdown("# LoRA Studio\nFine-tune language, image and speech models with LoRA, in your browser.")
+        tabs = {}
         with gr.Tabs():
-            with gr.Tab("Language model", id="llm"):
-                llm_parts = llm.build()
-            with gr.Tab("Image (Stable Diffusion)", id="image"):
-                _modality_tab("image")
-            with gr.Tab("Speech (Whisper)", id="speech"):
-                _modality_tab("speech")
+            for modality, module in (("llm", llm), ("image", image), ("speech", speech)):
+                with gr.Tab(MODALITIES[modality], id=modality):
+                    tabs[modality] = module.build()
             with gr.Tab("Runs", id="runs"):
                 runs_tab.build()
         _api()
-        # A page opened or reloaded shows the newest run of each tab, with its whole curve so far.
-        app.load(lambda: widgets.latest_run_id("llm"), None, llm_parts["run_state"], api_visibility="private")
-        app.load(*llm_parts["check"], api_visibility="private")
+        for modality, parts in tabs.items():
+            # A page opened or reloaded shows the newest run of each tab, with its whole curve so far,
+            # and checks the preselected sample data so Train is ready.
+            app.load(lambda modality=modality: widgets.latest_run_id(modality), None, parts["run_state"],
+                     api_visibility="private")
+            app.load(*parts["check"], api_visibility="private")
     return app
-
-
-def _modality_tab(modality: str) -> None:
-    try:
-        module = __import__(f"studio.tabs.{modality}", fromlist=["build"])
-    except ImportError:
-        gr.Markdown(f"The {modality} tab is not available in this build.")
-        return
-    module.build()
 
 
 def _api() -> None:

@@ -92,13 +92,14 @@ def test_every_bad_file_gets_its_own_message(messy):
     assert "codec is unknown" in found["strange_codec.wav"]
     assert "has no transcript" in found["untranscribed.wav"]
     by_row = {p.row: p.reason for p in report.problems if p.file == "metadata.csv"}
+    assert by_row[2] == "names 'photo.png', which is not an audio file"
     assert "transcript of blank.wav is empty" in by_row[11]
     assert "'ghost.wav', which is not among the audio files" in by_row[12]
     # Usable: the good clip, the converted 8-bit/48 kHz/stereo file, the Ogg file, the odd transcript.
     assert report.rows_usable == 4
     assert sorted(Path(p["audio"]).name for p in report.preview) == ["apples.ogg", "eightbit.wav", "good.wav",
                                                                      "special.wav"]
-    assert report.summary().startswith("4 of 15 rows usable (metadata.csv)")
+    assert report.summary() == "4 of 14 rows usable (metadata.csv); 3 rows dropped"
     assert not any(name in found for name in ("eightbit.wav", "apples.ogg", "good.wav"))
 
 
@@ -175,3 +176,15 @@ def test_validation_split_and_asset_config():
     assert report.problems == [] and report.rows_usable == 8 and report.stats["total_seconds"] > 10
     report = inspect_data(cfg.changed(validation_fraction=0.25))
     assert report.validation_rows == 2 and report.stats["train_clips"] == 6
+
+
+def test_decoding_matches_openai_whisper_sample_for_sample(tmp_path):
+    """The studio hears a clip exactly as plain openai-whisper does, whatever the format."""
+    import whisper
+    made = {"u8.wav": ["sox", str(CLIPS / "cat.wav"), "-b", "8", "-e", "unsigned-integer"],
+            "stereo44k.flac": ["sox", str(CLIPS / "cat.wav"), "-r", "44100", "-c", "2"],
+            "clip.mp3": ["ffmpeg", "-nostdin", "-v", "error", "-i", str(CLIPS / "cat.wav")]}
+    for name, command in made.items():
+        subprocess.run(command + [str(tmp_path / name)], check=True)
+    for name in [CLIPS / "cat.wav"] + [tmp_path / n for n in made]:
+        assert np.array_equal(read_audio(name).samples, whisper.load_audio(str(name))), name

@@ -53,11 +53,14 @@ def read_audio(path: str | Path, max_seconds: float = MAX_DECODE_SECONDS) -> Aud
         raise AudioUnreadable("the file was not found")
     if path.stat().st_size == 0:
         raise AudioUnreadable("the file is empty (0 bytes)")
-    try:
-        info = soundfile.info(str(path))
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError):
-        info = None
-    if info is not None and info.samplerate == SAMPLE_RATE and info.channels == 1 and info.subtype in ("PCM_16", "PCM_U8", "PCM_S8"):
+    info = None
+    if path.suffix.lower() in (".wav", ".wave", ".flac"):  # (libsndfile's mp3 reader prints to stderr)
+        try:
+            info = soundfile.info(str(path))
+        except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError):
+            pass
+    if info is not None and info.samplerate == SAMPLE_RATE and info.channels == 1 \
+            and info.subtype in ("PCM_16", "PCM_U8", "PCM_S8"):
         # The common case needs no subprocess. libsndfile widens 8-bit to 16-bit exactly as ffmpeg does.
         frames = min(info.frames, int(max_seconds * SAMPLE_RATE))
         try:

@@ -121,27 +121,38 @@ def _pick(columns: list[str], names: list[str]) -> str:
     return next((lower[n] for n in names if n in lower), "")
 
 
-def _match(name: str, base: Path, audio: list[Path]) -> Path | None:
-    """The audio file a table row names: by path from the table's folder, else by a unique file name,
-    else by a unique name without extension (uploads arrive in separate folders; LJSpeech-style ids)."""
-    resolved = {p.resolve(): p for p in audio}
-    candidate = (base / name).resolve()
-    if candidate in resolved:
-        return resolved[candidate]
-    leaf = Path(name.replace("\\", "/")).name
-    same = [p for p in audio if p.name == leaf]
-    if len(same) == 1:
-        return same[0]
-    stem = [p for p in audio if p.stem == Path(leaf).stem and (Path(leaf).suffix.lower() not in AUDIO_SUFFIXES
-                                                              or p.suffix.lower() == Path(leaf).suffix.lower())]
-    return stem[0] if len(stem) == 1 else None
+class _AudioIndex:
+    """Finds the audio file a table row names: by path from the table's folder, else by a unique file
+    name, else by a unique name without extension (uploads arrive in separate folders; LJSpeech-style
+    ids). Built once: data sets may hold many thousands of clips."""
+
+    def __init__(self, audio: list[Path]):
+        self.by_path = {p.resolve(): p for p in audio}
+        self.by_name: dict[str, list[Path]] = {}
+        self.by_stem: dict[str, list[Path]] = {}
+        for p in audio:
+            self.by_name.setdefault(p.name, []).append(p)
+            self.by_stem.setdefault(p.stem, []).append(p)
+
+    def find(self, name: str, base: Path) -> Path | None:
+        path = (base / name).resolve()
+        if path in self.by_path:
+            return self.by_path[path]
+        leaf = Path(name.replace("\\", "/"))
+        for found in (self.by_name.get(leaf.name, []),
+                      [] if leaf.suffix.lower() in AUDIO_SUFFIXES else self.by_stem.get(leaf.stem, [])):
+            if len(found) == 1:
+                return found[0]
+        return None
 
 
-def _transcripts(tables: list[Path], texts: list[Path], audio: list[Path], report: DataReport,
-                 count: bool) -> tuple[dict[Path, _Transcript], int]:
+def _transcripts(tables: list[Path], texts: list[Path], audio: list[Path], others: list[Path],
+                 report: DataReport, count: bool) -> tuple[dict[Path, _Transcript], int]:
     """Transcript per audio file, and the number of table rows whose audio is missing."""
     found: dict[Path, _Transcript] = {}
     orphans = 0
+    index = _AudioIndex(audio)
+    other_names = {p.name for p in others}
     for table in tables:
         rows = read_table(table, report)
         if not rows:
@@ -159,10 +170,12 @@ def _transcripts(tables: list[Path], texts: list[Path], audio: list[Path], repor
             if not name:
                 report.problem(table, f"the '{file_column}' column is empty", number)
                 continue
-            clip = _match(name, table.parent, audio)
+            clip = index.find(name, table.parent)
             if clip is None:
                 orphans += 1
-                report.problem(table, f"names '{name}', which is not among the audio files", number)
+                leaf = Path(name.replace("\\", "/")).name
+                what = "not an audio file" if leaf in other_names else "not among the audio files"
+                report.problem(table, f"names '{name}', which is {what}", number)
                 continue
             if clip in found:
                 report.problem(table, f"names '{name}' again (already in {found[clip].origin}"
@@ -174,11 +187,12 @@ def _transcripts(tables: list[Path], texts: list[Path], audio: list[Path], repor
     by_stem: dict[str, list[Path]] = {}
     for text_file in texts:
         by_stem.setdefault(text_file.stem, []).append(text_file)
+    text_set = set(texts)
     for clip in audio:
         if clip in found:
             continue
         beside = clip.with_suffix(".txt")
-        candidates = [beside] if beside in texts else by_stem.get(clip.stem, [])
+        candidates = [beside] if beside in text_set else by_stem.get(clip.stem, [])
         if len(candidates) != 1:
             continue
         try:
@@ -189,7 +203,7 @@ def _transcripts(tables: list[Path], texts: list[Path], audio: list[Path], repor
         found[clip] = _Transcript(" ".join(text.split()), candidates[0].name)
     used = {t.origin for t in found.values()}
     for text_file in texts:
-        if text_file.name not in used and not any(p.stem == text_file.stem for p in audio):
+        if text_file.name not in used and text_file.stem not in index.by_stem:
             report.problem(text_file, "matches no audio file (a transcript pairs with the audio file of the "
                                       "same name)")
     return found, orphans
@@ -208,11 +222,11 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
     audio = [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
     tables = [p for p in files if p.suffix.lower() in TABLE_SUFFIXES]
     texts = [p for p in files if p.suffix.lower() == ".txt"]
-    for other in files:
-        if other not in audio and other not in tables and other not in texts:
-            report.problem(other, f"is not an audio file ({other.suffix or 'no extension'}); use "
-                                  "wav, flac, mp3, ogg, m4a or webm")
-    transcripts, orphans = _transcripts(tables, texts, audio, report, count)
+    others = [p for p in files if p.suffix.lower() not in AUDIO_SUFFIXES | TABLE_SUFFIXES | {".txt"}]
+    for other in others:
+        report.problem(other, f"is not an audio file ({other.suffix or 'no extension'}); use "
+                              "wav, flac, mp3, ogg, m4a or webm")
+    transcripts, orphans = _transcripts(tables, texts, audio, others, report, count)
     if count:
         report.rows_found += len(audio) + orphans
         kinds = ([", ".join(sorted({t.name for t in tables}))] if tables else []) + ([".txt files"] if texts else [])

@@ -139,6 +139,9 @@ def train(config: SpeechConfig, run_dir: str | Path, events: Events, should_stop
         f"({'encoder outputs' if encoded else 'log-mels'} kept in memory).")
     sequences = [_labels(tokenizer, c.text) for c in clips]
     prompt_length = len(tokenizer.sot_sequence_including_notimestamps)
+    if max(len(s) for s in sequences) - 1 > base.dims.n_text_ctx:
+        raise TrainingFailure(f"A transcript is longer than this model's {base.dims.n_text_ctx}-token context.",
+                              f"Lower max label tokens below {base.dims.n_text_ctx - prompt_length}.")
     train_items = list(range(len(train_clips)))
     eval_items = list(range(len(train_clips), len(clips))) or train_items
     eval_on = "validation" if validation_clips else "training"

@@ -1,0 +1,170 @@
+"""The Image (Stable Diffusion) tab: images with captions in, a LoRA that plain diffusers loads out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from pipelines.image.config import HUB_MODELS, ImageConfig
+from studio import hardware
+from studio.runs import Registry
+from studio.tabs import widgets
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "image"
+UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".txt", ".caption", ".csv",
+                ".jsonl", ".zip"]
+
+DATA = ["caption_source", "instance_prompt", "resolution", "center_crop", "random_flip"]
+TRAINING = ["lora_rank", "lora_alpha", "learning_rate", "epochs", "max_steps", "batch_size", "gradient_accumulation",
+            "warmup_steps", "sample_every", "seed", "train_text_encoder"]
+ADVANCED = ["sample_prompts", "snr_gamma", "mixed_precision", "gradient_checkpointing", "sample_seed", "sample_steps",
+            "sample_guidance", "scheduler", "weight_decay", "lora_dropout", "checkpoint_every", "keep_checkpoints",
+            "device"]
+FORM = DATA + TRAINING + ADVANCED
+FORM_SPEC = widgets.TabForm(ImageConfig, FORM, ["data_files", "data_files"])
+
+
+def default_config() -> ImageConfig:
+    from pipelines import load_config
+    return load_config(ASSETS / "config.yaml")
+
+
+def sample_files() -> list[str]:
+    return [str(p) for p in sorted(ASSETS.iterdir()) if p.suffix in (".png", ".txt")]
+
+
+def model_choices() -> list[tuple[str, str]]:
+    choices = [("tiny-sd — built-in, offline, 32 px", "tiny-sd")]
+    return choices + [(f"{m['label']} — {m['id']}, {m['download_gb']} GB download, {m['resolution']} px", m["id"])
+                      for m in HUB_MODELS]
+
+
+def check_data(*args):
+    """Data check: every unreadable, truncated or odd image and every missing caption, with a gallery."""
+    from pipelines.image.data import inspect_data
+    values = FORM_SPEC.values(*args)
+    if not values["data_files"]:
+        return "Upload images (with .txt captions, a metadata.csv, or a zip of them) to begin.", \
+            gr.update(visible=False), None, gr.update(interactive=False)
+    config = ImageConfig.from_dict(values, check=False)
+    report = inspect_data(config)
+    summary = ("**Images:** " if report.ok else "**No usable images.** ") + report.summary()
+    problems = gr.update(value=pd.DataFrame([{"file": p.file, "problem": p.reason} for p in report.problems])
+                         if report.problems else None, visible=bool(report.problems))
+    gallery = [(p["image"], p.get("caption", "")) for p in report.preview]
+    return summary, problems, gallery, gr.update(interactive=report.ok)
+
+
+def try_prompt(run_id, checkpoint, prompt, negative, seed, steps, guidance, size, strength):
+    """Base and tuned images for the same prompt and seed."""
+    from studio import tryit
+    run = Registry().get(run_id) if run_id else None
+    if run is None:
+        raise gr.Error("Train a run first, then try it here.")
+    checkpoint = None if checkpoint in (None, "", "final") else checkpoint
+    options = dict(negative_prompt=negative or "", seed=int(seed), steps=int(steps), guidance=float(guidance),
+                   width=int(size) or None, height=int(size) or None)
+    try:
+        base = tryit.generate_image(run.config(), run.dir, prompt, checkpoint=checkpoint, lora_scale=0.0, **options)
+        tuned = tryit.generate_image(run.config(), run.dir, prompt, checkpoint=checkpoint,
+                                     lora_scale=float(strength), **options)
+    except Exception as err:
+        raise gr.Error(f"Generation failed: {getattr(err, 'cause', None) or err}") from None
+    return base, tuned
+
+
+def build() -> dict:
+    defaults = default_config()
+    run_state = gr.State(None)
+    gr.Markdown(hardware.hardware_line(), elem_classes=["hardware"])
+    with gr.Row():
+        base_model = gr.Dropdown(model_choices(), value=defaults.base_model, allow_custom_value=True, scale=3,
+                                 label="Base model", info="A built-in preset, a diffusers hub id, a local diffusers "
+                                                          "folder or a single .safetensors checkpoint.")
+        name = gr.Textbox(label="Run name", placeholder="optional", scale=1)
+
+    with gr.Group():
+        gr.Markdown("### Images and captions")
+        with gr.Row():
+            files = gr.File(value=sample_files(), file_count="multiple", file_types=UPLOAD_TYPES, height=160,
+                            label="Images, captions (.txt / metadata.csv) or a zip", elem_id="image-files")
+            folder = gr.File(file_count="directory", label="…or a whole folder", height=160)
+        data_summary = gr.Markdown(elem_id="image-data-summary")
+        problems = gr.Dataframe(label="Problems found", wrap=True, max_height=200, visible=False,
+                                elem_id="image-problems")
+        preview = gr.Gallery(label="Preview (as trained, with captions)", columns=8, height=220)
+
+    inputs = widgets.config_inputs(ImageConfig, FORM, defaults)
+    with gr.Group():
+        gr.Markdown("### LoRA and training")
+        for row in (DATA, TRAINING[:6], TRAINING[6:]):
+            with gr.Row():
+                for key in row:
+                    inputs[key].render()
+        with gr.Accordion("Advanced", open=False):
+            for row in (ADVANCED[:7], ADVANCED[7:]):
+                with gr.Row():
+                    for key in row:
+                        inputs[key].render()
+    with gr.Row():
+        train = gr.Button("Train", variant="primary", interactive=False, scale=2, elem_id="image-train")
+        save = gr.Button("Save config", scale=1)
+        load = gr.UploadButton("Load config", file_types=[".yaml", ".yml"], scale=1)
+    config_file = gr.File(label="config.yaml", visible=False)
+    message = gr.Markdown(elem_id="image-message")
+
+    gr.Markdown("### Training")
+    panel = widgets.live_panel("image")
+
+    with gr.Group():
+        gr.Markdown("### Try it: base and tuned, same seed")
+        with gr.Row():
+            checkpoint = gr.Dropdown(["final"], value="final", label="Checkpoint")
+            strength = gr.Slider(0, 2, value=1, step=0.05, label="LoRA strength", info="0 = the base model")
+            seed = gr.Number(1234, label="Seed", precision=0, minimum=0)
+            steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
+            guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
+            size = gr.Slider(0, 1024, value=0, step=8, label="Size", info="0 = the model's native size")
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt", value=(defaults.sample_prompts or [""])[0], scale=3,
+                                elem_id="image-prompt")
+            negative = gr.Textbox(label="Negative prompt", scale=2)
+        generate = gr.Button("Generate", elem_id="image-generate")
+        with gr.Row():
+            base_image = gr.Image(label="Base model", type="pil", elem_id="image-base", height=256)
+            tuned_image = gr.Image(label="Tuned model", type="pil", elem_id="image-tuned", height=256)
+
+    with gr.Group():
+        gr.Markdown("### Export")
+        with gr.Row():
+            export_lora = gr.Button("LoRA for diffusers (zip)")
+            export_kohya = gr.Button("LoRA for A1111 / ComfyUI (kohya)")
+            export_merged = gr.Button("Fused pipeline (zip)")
+        download = gr.File(label="Download", visible=False, elem_id="image-download")
+
+    form = [inputs[k] for k in FORM]
+    everything = [files, folder, base_model, name, *form]
+    check_outputs = [data_summary, problems, preview, train]
+    for trigger in (files.change, folder.change, inputs["caption_source"].change, inputs["instance_prompt"].blur,
+                    inputs["resolution"].change):
+        trigger(check_data, everything, check_outputs, api_visibility="private", trigger_mode="always_last")
+    train.click(FORM_SPEC.start, everything, [run_state, message], api_visibility="private").then(
+        widgets.live_values, run_state, panel.outputs(), api_visibility="private")
+    save.click(FORM_SPEC.save, everything, [config_file, message], api_visibility="private")
+    load.upload(FORM_SPEC.load, load, [files, folder, base_model, name, *form, message], api_visibility="private")
+
+    gr.Timer(1.5).tick(widgets.live_values, run_state, panel.outputs(), api_visibility="private",
+                       show_progress="hidden")
+    widgets.wire_controls(panel, run_state)
+    run_state.change(lambda r: gr.update(choices=widgets.checkpoint_choices(r), value="final"), run_state,
+                     checkpoint, api_visibility="private")
+    checkpoint.focus(lambda r: gr.update(choices=widgets.checkpoint_choices(r)), run_state, checkpoint,
+                     api_visibility="private")
+    generate.click(try_prompt, [run_state, checkpoint, prompt, negative, seed, steps, guidance, size, strength],
+                   [base_image, tuned_image], api_visibility="private")
+    for button, kind in ((export_lora, "lora"), (export_kohya, "kohya"), (export_merged, "merged")):
+        button.click(lambda r, c, kind=kind: gr.update(value=widgets.export_zip(r, kind, c), visible=True),
+                     [run_state, checkpoint], download, api_visibility="private")
+    return {"run_state": run_state, "check": (check_data, everything, check_outputs)}

@@ -1,0 +1,169 @@
+"""The Speech (Whisper) tab: clips with transcripts in, WER going down, a checkpoint plain openai-whisper loads out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from pipelines.speech.config import BASE_MODELS, SpeechConfig
+from studio import hardware
+from studio.runs import Registry
+from studio.tabs import widgets
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "speech"
+UPLOAD_TYPES = [".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".webm", ".txt", ".csv", ".tsv",
+                ".jsonl", ".json", ".zip"]
+
+DATA = ["language", "task", "long_clips", "validation_fraction"]
+TRAINING = ["target", "decoder_only", "lora_rank", "lora_alpha", "lora_dropout", "learning_rate", "epochs",
+            "max_steps", "batch_size", "gradient_accumulation", "warmup_steps", "eval_every", "sample_every", "seed"]
+ADVANCED = ["max_label_tokens", "sample_count", "scheduler", "weight_decay", "checkpoint_every", "keep_checkpoints",
+            "device"]
+FORM = DATA + TRAINING + ADVANCED
+FORM_SPEC = widgets.TabForm(SpeechConfig, FORM, ["data_files", "validation_path"])
+
+
+def default_config() -> SpeechConfig:
+    from pipelines import load_config
+    return load_config(ASSETS / "config.yaml")
+
+
+def sample_files() -> list[str]:
+    return [str(p) for p in sorted((ASSETS / "clips").iterdir()) if p.suffix in (".wav", ".csv")]
+
+
+def check_data(*args):
+    """Data check: unreadable, silent, empty or too long clips and missing transcripts, with a player."""
+    from pipelines.speech.data import inspect_data
+    values = FORM_SPEC.values(*args)
+    if not values["data_files"]:
+        return ("Upload audio clips with a metadata.csv or same-name .txt transcripts (or a zip) to begin.",
+                gr.update(visible=False), None, gr.update(choices=[], value=None), None, gr.update(interactive=False))
+    report = inspect_data(SpeechConfig.from_dict(values, check=False))
+    summary = ("**Clips:** " if report.ok else "**No usable clips.** ") + report.summary()
+    stats = report.stats
+    if stats.get("total_seconds"):
+        summary += f"\n\nTotal audio: {stats['total_seconds']:.1f} s."
+    problems = gr.update(value=pd.DataFrame([{"file": p.file, "problem": p.reason} for p in report.problems])
+                         if report.problems else None, visible=bool(report.problems))
+    table = pd.DataFrame([{"clip": Path(p["audio"]).name, "seconds": p.get("seconds"), "transcript": p.get("text")}
+                          for p in report.preview]) if report.preview else None
+    clips = [p["audio"] for p in report.preview]
+    choices = [(Path(c).name, c) for c in clips]
+    return (summary, problems, table, gr.update(choices=choices, value=clips[0] if clips else None),
+            clips[0] if clips else None, gr.update(interactive=report.ok))
+
+
+def try_audio(run_id, checkpoint, audio):
+    """Base and tuned transcriptions of the same audio, with the time each took."""
+    from studio import tryit
+    run = Registry().get(run_id) if run_id else None
+    if run is None:
+        raise gr.Error("Train a run first, then try it here.")
+    if not audio:
+        raise gr.Error("Upload or record some audio first.")
+    checkpoint = None if checkpoint in (None, "", "final") else checkpoint
+    try:
+        base, base_s = tryit.transcribe(run.config(), run.dir, audio, checkpoint=checkpoint, use_adapter=False)
+        tuned, tuned_s = tryit.transcribe(run.config(), run.dir, audio, checkpoint=checkpoint)
+    except Exception as err:
+        raise gr.Error(f"Transcription failed: {getattr(err, 'cause', None) or err}") from None
+    return base, f"{base_s:.2f} s", tuned, f"{tuned_s:.2f} s"
+
+
+def build() -> dict:
+    defaults = default_config()
+    run_state = gr.State(None)
+    gr.Markdown(hardware.hardware_line(), elem_classes=["hardware"])
+    with gr.Row():
+        base_model = gr.Dropdown([(f"{name} — {text}", name) for name, text in BASE_MODELS.items()],
+                                 value=defaults.base_model, allow_custom_value=True, scale=3, label="Base model",
+                                 info="A built-in preset, an OpenAI Whisper size, or a local .pt checkpoint.")
+        name = gr.Textbox(label="Run name", placeholder="optional", scale=1)
+
+    with gr.Group():
+        gr.Markdown("### Audio and transcripts")
+        with gr.Row():
+            files = gr.File(value=sample_files(), file_count="multiple", file_types=UPLOAD_TYPES, height=160,
+                            label="Audio clips with metadata.csv or .txt transcripts, or a zip",
+                            elem_id="speech-files")
+            validation = gr.File(file_count="single", file_types=[".zip"], height=160,
+                                 label="Validation clips (optional zip)")
+        data_summary = gr.Markdown(elem_id="speech-data-summary")
+        problems = gr.Dataframe(label="Problems found", wrap=True, max_height=200, visible=False,
+                                elem_id="speech-problems")
+        with gr.Row():
+            preview = gr.Dataframe(label="Preview", wrap=True, max_height=240, scale=2)
+            with gr.Column(scale=1):
+                clip = gr.Dropdown([], label="Listen to a clip")
+                player = gr.Audio(label="Clip", type="filepath", interactive=False)
+
+    inputs = widgets.config_inputs(SpeechConfig, FORM, defaults)
+    with gr.Group():
+        gr.Markdown("### LoRA and training")
+        for row in (DATA, TRAINING[:7], TRAINING[7:]):
+            with gr.Row():
+                for key in row:
+                    inputs[key].render()
+        with gr.Accordion("Advanced", open=False):
+            with gr.Row():
+                for key in ADVANCED:
+                    inputs[key].render()
+    with gr.Row():
+        train = gr.Button("Train", variant="primary", interactive=False, scale=2, elem_id="speech-train")
+        save = gr.Button("Save config", scale=1)
+        load = gr.UploadButton("Load config", file_types=[".yaml", ".yml"], scale=1)
+    config_file = gr.File(label="config.yaml", visible=False)
+    message = gr.Markdown(elem_id="speech-message")
+
+    gr.Markdown("### Training")
+    panel = widgets.live_panel("speech")
+
+    with gr.Group():
+        gr.Markdown("### Try it: base and tuned on the same audio")
+        with gr.Row():
+            checkpoint = gr.Dropdown(["final"], value="final", label="Checkpoint", scale=1)
+            audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio", scale=3,
+                             elem_id="speech-audio")
+        transcribe = gr.Button("Transcribe", elem_id="speech-transcribe")
+        with gr.Row():
+            base_text = gr.Textbox(label="Base model", lines=3, scale=3, elem_id="speech-base-text")
+            base_time = gr.Textbox(label="Time", scale=1)
+            tuned_text = gr.Textbox(label="Tuned model", lines=3, scale=3, elem_id="speech-tuned-text")
+            tuned_time = gr.Textbox(label="Time", scale=1)
+
+    with gr.Group():
+        gr.Markdown("### Export")
+        with gr.Row():
+            export_adapter = gr.Button("Adapter (zip)")
+            export_merged = gr.Button("Merged checkpoint for openai-whisper (zip)")
+        download = gr.File(label="Download", visible=False, elem_id="speech-download")
+
+    form = [inputs[k] for k in FORM]
+    everything = [files, validation, base_model, name, *form]
+    check_outputs = [data_summary, problems, preview, clip, player, train]
+    for trigger in (files.change, validation.change, base_model.change, inputs["long_clips"].change,
+                    inputs["validation_fraction"].change, inputs["max_label_tokens"].change):
+        trigger(check_data, everything, check_outputs, api_visibility="private", trigger_mode="always_last")
+    clip.change(lambda c: c, clip, player, api_visibility="private")
+    train.click(FORM_SPEC.start, everything, [run_state, message], api_visibility="private").then(
+        widgets.live_values, run_state, panel.outputs(), api_visibility="private")
+    save.click(FORM_SPEC.save, everything, [config_file, message], api_visibility="private")
+    load.upload(FORM_SPEC.load, load, [files, validation, base_model, name, *form, message],
+                api_visibility="private")
+
+    gr.Timer(1.5).tick(widgets.live_values, run_state, panel.outputs(), api_visibility="private",
+                       show_progress="hidden")
+    widgets.wire_controls(panel, run_state)
+    run_state.change(lambda r: gr.update(choices=widgets.checkpoint_choices(r), value="final"), run_state,
+                     checkpoint, api_visibility="private")
+    checkpoint.focus(lambda r: gr.update(choices=widgets.checkpoint_choices(r)), run_state, checkpoint,
+                     api_visibility="private")
+    transcribe.click(try_audio, [run_state, checkpoint, audio], [base_text, base_time, tuned_text, tuned_time],
+                     api_visibility="private")
+    for button, kind in ((export_adapter, "adapter"), (export_merged, "merged")):
+        button.click(lambda r, c, kind=kind: gr.update(value=widgets.export_zip(r, kind, c), visible=True),
+                     [run_state, checkpoint], download, api_visibility="private")
+    return {"run_state": run_state, "check": (check_data, everything, check_outputs)}
