@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from pipelines.config import ConfigError
@@ -18,7 +20,17 @@ from pipelines.config import ConfigError
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for our own output: no download bars or library notices (set before they import)."""
+    for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                        ("DIFFUSERS_VERBOSITY", "error"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(name, value)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = argparse.ArgumentParser(prog="studio", description="LoRA fine-tuning studio")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -117,7 +129,9 @@ def follow(run_id: str, registry) -> int:
 
     run = registry.get(run_id)
     progress = Progress(run.dir)
-    bar = tqdm(total=0, unit="step", dynamic_ncols=True, file=sys.stdout)
+    # A bar for a terminal; plain lines (every 10% or so) when the output goes to a file or a pipe.
+    bar = tqdm(total=0, unit="step", dynamic_ncols=True, file=sys.stdout, disable=not sys.stdout.isatty())
+    printed_step = 0
     interrupts = 0
     status = run.status
     last_check = 0.0
@@ -129,6 +143,10 @@ def follow(run_id: str, registry) -> int:
                     bar.n = event["step"]
                     bar.set_postfix(loss=f"{event['loss']:.4f}", refresh=False)
                     bar.refresh()
+                    if bar.disable and (event["step"] - printed_step >= max(1, event["total_steps"] // 10)
+                                        or event["step"] == event["total_steps"]):
+                        printed_step = event["step"]
+                        print(f"step {printed_step}/{event['total_steps']} loss {event['loss']:.4f}", flush=True)
                 elif event["type"] == "eval":
                     metrics = {k: v for k, v in event.items() if k not in ("type", "time", "step")}
                     bar.write(f"step {event['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
@@ -153,7 +171,9 @@ def follow(run_id: str, registry) -> int:
     run = registry.get(run_id)
     if status == "completed":
         print(f"Completed. Adapter: {run.dir / 'adapter'}")
-        print(f"Try it:  studio generate {run_id} --prompt ...")
+        example = {"llm": '--prompt "..."', "image": '--prompt "..." --out image.png',
+                   "speech": "--audio clip.wav"}[run.modality]
+        print(f"Try it:  studio generate {run_id} {example}")
     else:
         message = f"Run {run_id} {status}."
         if progress.error:

@@ -62,8 +62,10 @@ def test_training_lowers_the_loss_and_writes_samples(trained):
     started = next(e for e in events if e["type"] == "started")
     assert started["unit"] == "images" and started["trainable_parameters"] > 0
     samples = [e for e in events if e["type"] == "sample"]
-    assert [s["prompt"] for s in samples] == [PROMPT] and samples[0]["image"] == "samples/step-60-0.png"
-    assert image_size(run_dir / samples[0]["image"]) == (32, 32)
+    # The base model's picture first (step 0), then the tuned one, same prompt and seed.
+    assert [(s["step"], s["prompt"], s["image"]) for s in samples] == [
+        (0, PROMPT, "samples/step-0-0.png"), (60, PROMPT, "samples/step-60-0.png")]
+    assert image_size(run_dir / samples[1]["image"]) == (32, 32)
     for folder in (run_dir / "adapter", run_dir / "checkpoints" / "step-30" / "adapter"):
         assert (folder / "pytorch_lora_weights.safetensors").is_file()
     info = json.loads((run_dir / "adapter" / "lora_info.json").read_text())
@@ -139,12 +141,12 @@ def test_stop_and_resume_continue_exactly(sample_config, tmp_path):
     assert next(e for e in events if e["type"] == "resumed")["step"] == 3
     assert losses(events) == pytest.approx(losses(whole), rel=1e-5)
     made = sorted(p.name for p in (tmp_path / "parts" / "samples").iterdir())
-    assert made == ["step-2-0.png", "step-4-0.png", "step-6-0.png", "step-7-0.png"]
+    assert made == ["step-0-0.png", "step-2-0.png", "step-4-0.png", "step-6-0.png", "step-7-0.png"]
 
 
 def test_text_encoder_lora_and_flip_off(sample_config, tmp_path):
     config = sample_config.changed(max_steps=3, sample_every=0, train_text_encoder=True, random_flip=False,
-                                   center_crop=False, snr_gamma=0.0, mixed_precision="bf16")
+                                   center_crop=False, snr_gamma=0.0, mixed_precision="bf16", gradient_checkpointing=True)
     status, events = train(config, tmp_path / "run")
     assert status == "completed" and len(losses(events)) == 3
     from safetensors import safe_open

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines import load_config
-from pipelines.training import Events, read_events
+from pipelines.training import Events, checkpoint_dirs, read_events
 from pipelines.speech.pipeline import export, load_for_transcription, train, transcribe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def test_training_lowers_loss_and_word_error_rate(trained):
     assert samples and {"audio", "reference", "transcript"} <= samples[0].keys()
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
-    assert seconds < 60, f"the sample run took {seconds:.0f} s"
+    assert seconds < 90, f"the sample run took {seconds:.0f} s"  # ~5 s on 2 idle cores
 
 
 def test_try_it_shows_base_and_tuned_side_by_side(trained):
@@ -71,7 +71,9 @@ def test_try_it_shows_base_and_tuned_side_by_side(trained):
     assert seconds > 0 and text != base_text
     assert "cat" in text.lower()
     # Any checkpoint can be chosen: the first one is the model part-way through training.
-    early = load_for_transcription(config, run_dir, checkpoint="step-20")
+    first = checkpoint_dirs(run_dir)[0].name
+    assert first != f"step-{config.max_steps}"
+    early = load_for_transcription(config, run_dir, checkpoint=first)
     assert isinstance(transcribe(early, CLIPS / "cat.wav", config.language, config.task)[0], str)
 
 
@@ -101,7 +103,7 @@ def test_merged_export_loads_in_plain_whisper_and_transcribes_the_same(trained, 
 
 def test_stop_and_resume_match_an_uninterrupted_run(tmp_path):
     config = load_config(ROOT / "assets" / "speech" / "config.yaml").changed(
-        max_steps=6, checkpoint_every=3, eval_every=0, sample_every=0, batch_size=4)
+        max_steps=6, checkpoint_every=3, eval_every=0, sample_every=0, sample_count=0, batch_size=4)
     status, _ = run(config, tmp_path / "whole")
     assert status == "completed"
     status, events = run(config, tmp_path / "parts", stop_after=3)

@@ -100,15 +100,17 @@ def encode_text(text_encoder, ids: torch.Tensor) -> torch.Tensor:
 # ---- training --------------------------------------------------------------------------------
 
 def _weight_dtype(config: ImageConfig, device: torch.device, log: Callable[[str], None]) -> torch.dtype:
-    if config.mixed_precision == "no":
+    choice = config.mixed_precision
+    if choice == "no" or (choice == "auto" and (device.type != "cuda" or not torch.cuda.is_bf16_supported())):
         return torch.float32
     if device.type != "cuda":
-        log(f"Mixed precision ({config.mixed_precision}) needs an NVIDIA GPU: training in float32 on the CPU.")
+        log(f"Mixed precision ({choice}) needs an NVIDIA GPU: training in float32 on the CPU.")
         return torch.float32
-    if config.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if choice in ("auto", "bf16") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if choice == "bf16":
         log("This GPU has no bf16: using fp16 instead.")
-        return torch.float16
-    return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
+    return torch.float16
 
 
 def _lora_config(config: ImageConfig, targets: list[str]):
@@ -246,6 +248,12 @@ def train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop:
     task = TrainingTask(model=model, batches_for_epoch=batches_for_epoch, loss_on=loss_on, save_adapter=save_adapter,
                         unit="images", make_samples=make_samples if prompts else None)
     events.emit("data", rows=len(examples), format=report.format, resolution=resolution)
+    if prompts and (not resume or latest_checkpoint(run_dir) is None):
+        # Step 0: the base model's pictures (the new LoRA adds exactly zero), to compare the samples against.
+        unet.eval()
+        with torch.no_grad():
+            for sample in make_samples():
+                events.emit("sample", step=0, **sample)
     return run_training(task, config, run_dir, events, should_stop, resume=resume, log=log)
 
 

@@ -224,15 +224,19 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
     texts = [p for p in files if p.suffix.lower() == ".txt"]
     others = [p for p in files if p.suffix.lower() not in AUDIO_SUFFIXES | TABLE_SUFFIXES | {".txt"}]
     for other in others:
-        report.problem(other, f"is not an audio file ({other.suffix or 'no extension'}); use "
-                              "wav, flac, mp3, ogg, m4a or webm")
+        if other.suffix.lower() == ".zip":  # only a zip chosen or uploaded itself is unpacked
+            report.problem(other, "is a zip inside the data: unpack it, or upload it on its own")
+        else:
+            report.problem(other, f"is not an audio file ({other.suffix or 'no extension'}); use "
+                                  "wav, flac, mp3, ogg, m4a or webm")
+    if not audio:
+        report.problem(paths[0] if len(paths) == 1 else "data", "holds no audio files (wav, flac, mp3, ogg, m4a "
+                                                                "or webm)")
     transcripts, orphans = _transcripts(tables, texts, audio, others, report, count)
     if count:
         report.rows_found += len(audio) + orphans
         kinds = ([", ".join(sorted({t.name for t in tables}))] if tables else []) + ([".txt files"] if texts else [])
         report.format = report.format or " + ".join(kinds)
-        if not audio and not report.problems:
-            report.problem(paths[0] if paths else "", "holds no audio files (wav, flac, mp3, ogg, m4a or webm)")
 
     tokenizer = _tokenizer(config)
     stats = report.stats
