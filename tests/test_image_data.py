@@ -208,6 +208,12 @@ def test_uploaded_files_pair_with_captions_by_name(tmp_path):
     caption.write_text("a cat")
     report = inspect_data(ImageConfig(data_files=[str(image), str(caption)]))
     assert report.preview[0]["caption"] == "a cat"
+    dog = square(tmp_path / "u3" / "dog.png", colour=(0, 0, 90), caption=None)
+    metadata = tmp_path / "u4" / "metadata.csv"
+    metadata.parent.mkdir()
+    metadata.write_text("file_name,text\ndog.png,a dog\n")
+    report = inspect_data(ImageConfig(data_files=[str(dog), str(metadata)], caption_source="metadata"))
+    assert [p["caption"] for p in report.preview] == ["a dog"] and report.problems == []
 
 
 def test_nothing_usable_is_explained_not_raised(tmp_path):

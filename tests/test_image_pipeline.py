@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import save_file
 
 from pipelines import load_config
 from pipelines.hub import ModelUnavailable, workspace
@@ -151,8 +152,11 @@ def test_text_encoder_lora_and_flip_off(sample_config, tmp_path):
     assert status == "completed" and len(losses(events)) == 3
     from safetensors import safe_open
     with safe_open(tmp_path / "run" / "adapter" / "pytorch_lora_weights.safetensors", "pt") as f:
-        keys = list(f.keys())
-    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    # LoRA's up (B) matrices start at zero: non-zero ones in both halves mean both learned.
+    for half in ("unet.", "text_encoder."):
+        ups = [w for k, w in weights.items() if k.startswith(half) and ".up." in k]
+        assert ups and any(w.abs().sum() > 0 for w in ups), half
     # Both halves load back: the tuned text encoder changes the picture as well.
     pipe = pipeline.load_for_generation(config, tmp_path / "run")
     assert set(pipe.get_list_adapters()) == {"unet", "text_encoder"}
@@ -167,3 +171,8 @@ def test_unreachable_models_fail_in_one_sentence():
     not_a_pipeline.mkdir()
     with pytest.raises(ModelUnavailable, match="not a diffusers pipeline"):
         load_pipeline(str(not_a_pipeline))
+    # A single-file checkpoint needs its model family's configs, which an offline machine may not have.
+    single = workspace() / "downloaded.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, single)
+    with pytest.raises(ModelUnavailable, match="could not be read"):
+        load_pipeline(str(single))

@@ -145,8 +145,10 @@ def _read_caption(path: Path) -> tuple[str | None, str]:
     return (caption, "") if caption else (None, f"caption file {path.name} is empty")
 
 
-def _read_metadata(path: Path, report: DataReport) -> dict[Path, tuple[str, int]]:
-    """file -> (caption, row) from a Hugging Face imagefolder metadata file next to the images."""
+def _read_metadata(path: Path, report: DataReport, by_name: dict[str, list[Path]]) -> dict[Path, tuple[str, int]]:
+    """image -> (caption, row) from a Hugging Face imagefolder metadata file. file_name is relative to the
+    metadata file's folder; for files uploaded one by one (each in its own temporary folder) a file name
+    that only one image has is enough."""
     from pipelines.llm.data import read_table  # the shared CSV/JSONL reader: same limits, same messages
 
     found: dict[Path, tuple[str, int]] = {}
@@ -169,6 +171,8 @@ def _read_metadata(path: Path, report: DataReport) -> dict[Path, tuple[str, int]
         if path.parent.resolve() not in target.parents:
             report.problem(path, f"file_name '{name}' points outside the metadata file's folder", row)
             continue
+        if not target.is_file() and len(by_name.get(Path(name).name, [])) == 1:
+            target = by_name[Path(name).name][0].resolve()
         if not target.is_file():
             report.problem(path, f"file_name '{name}' is not among the images", row)
             continue
@@ -269,11 +273,14 @@ def load_examples(config: ImageConfig, report: DataReport | None = None, *, keep
     by_stem: dict[str, list[Path]] = {}
     for f in captions.values():
         by_stem.setdefault(f.stem, []).append(f)
+    by_name: dict[str, list[Path]] = {}
+    for f in images:
+        by_name.setdefault(f.name, []).append(f)
     metadata: dict[Path, tuple[str, int]] = {}
     use_metadata = config.caption_source in ("auto", "metadata")
     for f in files:
         if f.name.lower() in METADATA_NAMES and use_metadata:
-            metadata.update(_read_metadata(f, report))
+            metadata.update(_read_metadata(f, report, by_name))
         elif f.suffix.lower() in CONVERT_FIRST:
             report.problem(shown(f), f"{f.suffix} images are not supported: convert it to PNG or JPEG")
         elif (f.suffix.lower() not in IMAGE_SUFFIXES | set(CAPTION_SUFFIXES)

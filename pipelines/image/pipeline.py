@@ -127,6 +127,46 @@ def default_prompts(config: ImageConfig, examples: list[ImageExample]) -> list[s
     return list(dict.fromkeys(e.caption for e in examples))[:2]
 
 
+def attach_lora(pipe, config: ImageConfig, device: torch.device, weight_dtype: torch.dtype):
+    """Freeze the pipeline, put LoRA on the UNet's attention (and the text encoder's, if asked) and move it
+    to the device. Returns (what trains, as one module; the text encoder's PeftModel or None)."""
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    vae.to(device)  # float32 always: it only encodes once, and fp16 VAEs are known to overflow
+    seed_everything(config.seed)  # LoRA's initial weights depend on it
+    unet.add_adapter(_lora_config(config, UNET_TARGETS))
+    text_lora = None
+    if config.train_text_encoder:
+        # peft directly: transformers' own add_adapter wants a newer peft than diffusers needs. It puts the
+        # LoRA layers into the text encoder in place, so the pipeline's sampling uses them too.
+        from peft import get_peft_model
+        text_lora = get_peft_model(text_encoder, _lora_config(config, TEXT_TARGETS))
+    for module in (unet, text_encoder):
+        module.to(device)
+        if weight_dtype != torch.float32:
+            module.to(weight_dtype)
+    model = LoraModules(unet, text_encoder if config.train_text_encoder else None)
+    for p in model.parameters():
+        if p.requires_grad:  # the adapter trains in float32 even when the frozen weights are half precision
+            p.data = p.data.float()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            # Non-reentrant: the frozen embeddings' outputs need no grad, and the LoRA inside still gets one.
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, text_lora
+
+
+def embed_captions(captions: list[str], tokenizer, text_encoder) -> torch.Tensor:
+    """Each caption's text-encoder output, computing every distinct caption once."""
+    distinct = list(dict.fromkeys(captions))
+    with torch.no_grad():
+        table = torch.cat([encode_text(text_encoder, tokenize(tokenizer, group))
+                           for group in iterate_in_batches(distinct, 32)])
+    return table[[distinct.index(c) for c in captions]]
+
+
 def train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop: Callable[[], bool],
           resume: bool = False, log: Callable[[str], None] = print) -> str:
     from diffusers import DDPMScheduler
@@ -148,44 +188,14 @@ def train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop:
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     # The folder's scheduler samples; DDPM with the same noise schedule defines the training noise.
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-    vae.to(device)  # float32 always: it only encodes once, and fp16 VAEs are known to overflow
-
-    seed_everything(config.seed)  # LoRA's initial weights depend on it
-    unet.add_adapter(_lora_config(config, UNET_TARGETS))
-    text_lora = None
-    if config.train_text_encoder:
-        # peft directly: transformers' own add_adapter wants a newer peft than diffusers needs. It puts the
-        # LoRA layers into the text encoder in place, so the pipeline's sampling uses them too.
-        from peft import get_peft_model
-        text_lora = get_peft_model(text_encoder, _lora_config(config, TEXT_TARGETS))
-    for module in (unet, text_encoder):
-        module.to(device)
-        if weight_dtype != torch.float32:
-            module.to(weight_dtype)
-    model = LoraModules(unet, text_encoder if config.train_text_encoder else None)
-    for p in model.parameters():
-        if p.requires_grad:  # the adapter trains in float32 even when the frozen weights are half precision
-            p.data = p.data.float()
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+    model, text_lora = attach_lora(pipe, config, device, weight_dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"LoRA adds {trainable:,} trainable parameters to {sum(p.numel() for p in unet.parameters()):,} in the UNet.")
 
     latents = encode_images(examples, vae, config, resolution, device)
     captions = [e.caption for e in examples]
     ids = tokenize(tokenizer, captions)
-    if config.train_text_encoder:
-        embeddings = None
-    else:
-        with torch.no_grad():
-            distinct = list(dict.fromkeys(captions))
-            table = torch.cat([encode_text(text_encoder, tokenize(tokenizer, group))
-                               for group in iterate_in_batches(distinct, 32)])
-            embeddings = table[[distinct.index(c) for c in captions]]
+    embeddings = None if config.train_text_encoder else embed_captions(captions, tokenizer, text_encoder)
     log(f"Encoded {len(examples)} images{' and their mirror images' if config.random_flip else ''} at {resolution} px "
         f"once with the frozen VAE" + ("" if config.train_text_encoder else " and their captions once with the frozen "
                                        "text encoder") + "; every step reuses them.")
@@ -229,8 +239,8 @@ def train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop:
     samples_dir = run_dir / "samples"
     reached = StepReader(events)
 
-    def make_samples() -> list[dict]:
-        step = reached()
+    def make_samples(step: int | None = None) -> list[dict]:
+        step = reached() if step is None else step
         samples_dir.mkdir(parents=True, exist_ok=True)
         made = []
         with autocast:
@@ -252,7 +262,7 @@ def train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop:
         # Step 0: the base model's pictures (the new LoRA adds exactly zero), to compare the samples against.
         unet.eval()
         with torch.no_grad():
-            for sample in make_samples():
+            for sample in make_samples(step=0):
                 events.emit("sample", step=0, **sample)
     return run_training(task, config, run_dir, events, should_stop, resume=resume, log=log)
 
@@ -321,9 +331,15 @@ def load_for_generation(config: ImageConfig, run_dir: str | Path | None = None, 
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     pipe = load_pipeline(config.base_model, dtype)
     pipe.to(device)
+    # generate() draws at the size the run trained at unless told otherwise (the base model's native size
+    # may be another: a LoRA trained at 512 px on a 768 px model).
+    pipe.studio_size = training_resolution(config)
     if run_dir is not None:
+        folder = adapter_dir(run_dir, checkpoint)
         with quiet_diffusers():  # it warns that a UNet-only LoRA has no text-encoder keys: expected
-            pipe.load_lora_weights(str(adapter_dir(run_dir, checkpoint)), adapter_name=ADAPTER_NAME)
+            pipe.load_lora_weights(str(folder), adapter_name=ADAPTER_NAME)
+        if (folder / INFO_FILE).exists():
+            pipe.studio_size = json.loads((folder / INFO_FILE).read_text()).get("resolution", pipe.studio_size)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -343,8 +359,11 @@ def quiet_diffusers():
 def generate(pipe, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 25, guidance: float = 7.5,
              width: int | None = None, height: int | None = None, lora_scale: float = 1.0) -> Image.Image:
     """One image. The seed fixes the starting noise (drawn on the CPU, so it is the same on every device);
-    lora_scale 0 gives exactly the base model's image, 1 the tuned one. Leaves torch's global random state
-    as it found it, so sampling during training does not change the training run."""
+    lora_scale 0 gives exactly the base model's image, 1 the tuned one. Width and height default to the
+    run's training size (see load_for_generation), else the model's native size. Leaves torch's global
+    random state as it found it, so sampling during training does not change the training run."""
+    default = getattr(pipe, "studio_size", None)
+    width, height = width or default, height or default
     state = torch.random.get_rng_state()
     tuned = ADAPTER_NAME in (pipe.get_list_adapters().get("unet", []) if hasattr(pipe, "get_list_adapters") else [])
     try:
@@ -369,12 +388,13 @@ EXPORT_KINDS = {
     "lora": "pytorch_lora_weights.safetensors in diffusers format: pipe.load_lora_weights(folder).",
     "kohya": "One .safetensors file in kohya/A1111 format for AUTOMATIC1111, ComfyUI, Forge, InvokeAI.",
     "merged": "A full diffusers pipeline folder with the LoRA fused into the UNet (and text encoder).",
-}
+}  # "fused" is accepted as another name for "merged"
 
 
 def export(config: ImageConfig, run_dir: str | Path, kind: str, destination: str | Path,
            checkpoint: str | None = None) -> Path:
-    """Write the run's LoRA (or a checkpoint's) in one of EXPORT_KINDS to `destination` (a folder)."""
+    """Write the run's LoRA (or a checkpoint's) in one of EXPORT_KINDS into the folder `destination`.
+    Returns the folder ("lora", "merged") or the file ("kohya")."""
     destination = Path(destination)
     source = adapter_dir(run_dir, checkpoint)
     if kind == "lora":
@@ -385,7 +405,7 @@ def export(config: ImageConfig, run_dir: str | Path, kind: str, destination: str
         return destination
     if kind == "kohya":
         return _export_kohya(config, source, destination)
-    if kind != "merged":
+    if kind not in ("merged", "fused"):
         raise ValueError(f"unknown export kind {kind!r}: use one of {', '.join(EXPORT_KINDS)}")
     pipe = load_for_generation(config.changed(device="cpu"), run_dir, checkpoint)
     pipe.fuse_lora(lora_scale=1.0, adapter_names=[ADAPTER_NAME])

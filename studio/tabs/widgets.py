@@ -187,12 +187,14 @@ def live_panel(key: str, unit_label: str = "Loss") -> LivePanel:
         loss_plot = gr.LinePlot(None, x="step", y="value", color="series", title=unit_label,
                                 height=300, scale=2, x_title="step", y_title="loss", elem_id=f"{key}-loss-plot")
         metrics_plot = gr.LinePlot(None, x="step", y="value", color="series", title="Validation metrics",
-                                   height=300, scale=1, visible=False, x_title="step", y_title="")
+                                   height=300, scale=1, visible=False, x_title="step", y_title="",
+                                   elem_id=f"{key}-metrics-plot")
     with gr.Row():
         stop = gr.Button("Stop (save checkpoint)", variant="secondary", interactive=False)
         cancel = gr.Button("Cancel", variant="stop", interactive=False)
         resume = gr.Button("Resume", interactive=False)
-    samples_gallery = gr.Gallery(label="Samples during training", visible=False, columns=6, height=260)
+    samples_gallery = gr.Gallery(label="Samples during training", visible=False, columns=6, height=260,
+                                 elem_id=f"{key}-samples-gallery")
     samples_table = gr.Dataframe(label="Samples during training", visible=False, wrap=True, max_height=260,
                                  elem_id=f"{key}-samples")
     with gr.Accordion("Log", open=False):

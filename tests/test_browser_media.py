@@ -1,0 +1,94 @@
+"""The Image and Speech tabs in a real browser: upload, train, watch samples and metrics, try side by side, export."""
+
+import re
+import zipfile
+
+from playwright.sync_api import expect
+
+from tests.browser import ROOT, screenshot, step_of, wait_status
+
+
+def set_number(page, label: str, value) -> None:
+    """Type into the visible tab's number field (each tab has its own 'Max steps')."""
+    box = page.get_by_role("spinbutton", name=re.compile(rf"^(number input for )?{re.escape(label)}$"))
+    box = box.locator("visible=true").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def open_tab(page, server, name: str) -> None:
+    page.goto(server.url)
+    page.get_by_role("tab", name=name).click()
+
+
+def download_names(page, locator: str, tmp_path) -> set[str]:
+    link = page.locator(f"{locator} a").first
+    expect(link).to_be_visible(timeout=180_000)
+    with page.expect_download() as download:
+        link.click()
+    path = tmp_path / "download.zip"
+    download.value.save_as(path)
+    return set(zipfile.ZipFile(path).namelist())
+
+
+def test_image_tab_zip_upload_training_gallery_and_side_by_side(server, page, tmp_path):
+    archive = tmp_path / "shapes.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted((ROOT / "assets" / "image").iterdir()):
+            if path.suffix in (".png", ".txt"):
+                zf.write(path, f"shapes/{path.name}")
+        zf.writestr("../escape.txt", "nope")
+    open_tab(page, server, "Image (Stable Diffusion)")
+    expect(page.locator("#image-train")).to_be_enabled()
+    page.locator("#image-files button[aria-label='Clear']").first.click()
+    page.locator("#image-files input[type=file]").set_input_files(str(archive))
+    summary = page.locator("#image-data-summary")
+    expect(summary).to_contain_text("8 of 8")
+    expect(page.locator("#image-problems")).to_contain_text("climbs out of the archive")
+    set_number(page, "Max steps", 40)
+    set_number(page, "Sample every", 20)
+    screenshot(page, "image-tab.png")
+    page.locator("#image-train").click()
+    done = wait_status(page, "image", lambda t: "completed" in t or "failed" in t, timeout=400)
+    assert "completed" in done and step_of(done) == 40
+    expect(page.locator("#image-samples-gallery img").first).to_be_visible()  # validation images, step 20 and 40
+    page.locator("#image-generate").click()
+    expect(page.locator("#image-tuned img")).to_be_visible(timeout=180_000)
+    expect(page.locator("#image-base img")).to_be_visible()
+    page.locator("#image-generate").scroll_into_view_if_needed()
+    screenshot(page, "image-try-it.png")
+    page.get_by_role("button", name="LoRA for diffusers (zip)").click()
+    assert "pytorch_lora_weights.safetensors" in download_names(page, "#image-download", tmp_path)
+
+
+def test_speech_tab_training_shows_wer_and_transcribes_side_by_side(server, page, tmp_path):
+    open_tab(page, server, "Speech (Whisper)")
+    expect(page.locator("#speech-data-summary")).to_contain_text("8 of 8")
+    expect(page.locator("#speech-train")).to_be_enabled()
+    screenshot(page, "speech-tab.png")
+    page.locator("#speech-train").click()
+    done = wait_status(page, "speech", lambda t: "completed" in t or "failed" in t, timeout=400)
+    assert "completed" in done
+    expect(page.locator("#speech-metrics-plot")).to_contain_text("wer")  # the WER curve's legend
+    page.locator("#speech-audio input[type=file]").set_input_files(str(ROOT / "assets" / "speech" / "clips" / "cat.wav"))
+    page.locator("#speech-transcribe").click()
+    tuned = page.locator("#speech-tuned-text textarea")
+    expect(tuned).to_have_value("The cat sat on the mat.", timeout=180_000)
+    assert page.locator("#speech-base-text textarea").input_value() != "The cat sat on the mat."
+    page.locator("#speech-transcribe").scroll_into_view_if_needed()
+    screenshot(page, "speech-try-it.png")
+    page.get_by_role("button", name="Merged checkpoint for openai-whisper (zip)").click()
+    assert any(name.endswith(".pt") for name in download_names(page, "#speech-download", tmp_path))
+
+
+def test_bad_audio_gets_a_message(server, page, tmp_path):
+    fake = tmp_path / "clip.wav"
+    fake.write_bytes(b"this is not audio" * 100)
+    (tmp_path / "clip.txt").write_text("hello there")
+    open_tab(page, server, "Speech (Whisper)")
+    expect(page.locator("#speech-train")).to_be_enabled()
+    page.locator("#speech-files button[aria-label='Clear']").first.click()
+    page.locator("#speech-files input[type=file]").set_input_files([str(fake), str(tmp_path / "clip.txt")])
+    expect(page.locator("#speech-data-summary")).to_contain_text("No usable clips")
+    expect(page.locator("#speech-problems")).to_contain_text("clip.wav")
+    expect(page.locator("#speech-train")).to_be_disabled()
