@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
+    # Share the CPU cores between the runs allowed to train at once, rather than oversubscribing them.
+    import torch
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs.max_concurrent_runs()))
     registry.set_status(run_id, "running", pid=os.getpid(), resume=0)
     events = Events(run_dir)
     status, error, advice = "failed", "", ""
