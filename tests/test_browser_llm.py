@@ -80,3 +80,25 @@ def test_broken_csv_gets_a_message_and_no_train_button(server, page, tmp_path):
     expect(problems).to_contain_text("has 3 fields but the header has 2")
     expect(page.locator("#llm-train")).to_be_disabled()
     screenshot(page, "llm-bad-data.png")
+
+
+def test_two_browser_sessions_see_the_same_truth(server, browser):
+    pages = []
+    for _ in range(2):
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        pages.append(context.new_page())
+    first, second = pages
+    first.goto(server.url)
+    expect(first.locator("#llm-train")).to_be_enabled()
+    set_number(first, "Max steps", 400)
+    first.locator("#llm-train").click()
+    running = wait_status(first, "llm", lambda t: "running" in t and step_of(t) > 0)
+    run_id = running.split("·")[1].strip()
+    second.goto(server.url)  # a second browser attaches to the run the first one started
+    wait_status(second, "llm", lambda t: run_id in t and "running" in t)
+    second.get_by_role("button", name="Stop (save checkpoint)").click()
+    for page in pages:
+        stopped = wait_status(page, "llm", lambda t: run_id in t and "stopped" in t)
+        assert "Resume" in stopped
+    for page in pages:
+        page.context.close()

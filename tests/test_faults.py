@@ -1,0 +1,43 @@
+"""Faults in a real training process: each ends as a failed run with one sentence and advice, and what was
+saved before stays intact and usable."""
+
+import json
+
+from safetensors.torch import load_file
+
+from pipelines.training import checkpoint_dirs, read_events
+from studio.runs import Registry
+from tests.test_runs import config_file, home, run_id_of, studio  # noqa: F401
+
+
+def final_status(home, run_id):
+    return [e for e in read_events(home / "runs" / run_id)[0] if e["type"] == "status"][-1]
+
+
+def test_nan_loss_fails_with_advice_and_keeps_earlier_checkpoints(home, tmp_path):
+    config = config_file(tmp_path, learning_rate=1.0, max_grad_norm=0.0, warmup_steps=0, scheduler="constant",
+                         max_steps=200, checkpoint_every=3, sample_every=0)
+    result = studio("train", str(config))
+    assert result.returncode == 1
+    assert "The loss became nan" in result.stdout and "Lower the learning rate" in result.stdout
+    run_id = run_id_of(result.stdout)
+    status = final_status(home, run_id)
+    assert status["status"] == "failed" and status["advice"].startswith("Lower the learning rate")
+    assert Registry(home).get(run_id).status == "failed"
+    saved = checkpoint_dirs(home / "runs" / run_id)
+    assert saved, "checkpoints written before the failure must remain"
+    for checkpoint in saved:
+        state = json.loads((checkpoint / "state.json").read_text())
+        weights = load_file(checkpoint / "trainable.safetensors")
+        assert state["step"] == int(checkpoint.name.split("-")[1])
+        assert all(t.isfinite().all() for t in weights.values())
+    assert not list((home / "runs" / run_id / "checkpoints").glob(".tmp-*"))
+
+
+def test_missing_base_model_fails_in_one_sentence(home, tmp_path):
+    result = studio("train", str(config_file(tmp_path, base_model=str(home / "models" / "gone"))))
+    assert result.returncode == 1
+    run_id = run_id_of(result.stdout)
+    status = final_status(home, run_id)
+    assert status["error"] == f"The model path {home / 'models' / 'gone'} does not exist."
+    assert "Traceback" not in status["error"] + status["advice"]
