@@ -159,3 +159,17 @@ def test_bad_settings_are_refused_with_the_field_name_and_no_run(home, tmp_path)
     assert not (home / "runs").exists() or not any((home / "runs").iterdir())
     missing = studio("train", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "file not found" in missing.stderr
+
+
+def test_ctrl_c_in_studio_train_stops_with_a_checkpoint(home, tmp_path):
+    config = config_file(tmp_path, max_steps=100000, checkpoint_every=100000, sample_every=0)
+    process = subprocess.Popen([sys.executable, "-m", "studio.cli", "train", str(config)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    registry = Registry(home)
+    run = wait_for(lambda: (registry.list() or [None])[0], what="the run")
+    wait_for(lambda: steps(home, run.id), what="the first step")
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=240)
+    assert process.returncode == 1 and "Stopping: saving a checkpoint" in out
+    assert registry.get(run.id).status == "stopped"
+    assert list((home / "runs" / run.id / "checkpoints").glob("step-*"))

@@ -61,38 +61,46 @@ def read_image(path: Path) -> tuple[Image.Image | None, str, list[str]]:
         return None, f"cannot be read ({err.strerror or err})", []
     if size == 0:
         return None, "is empty (0 bytes)", []
-    notes: list[str] = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size ourselves
             image = Image.open(path)
-        width, height = image.size
-        if width * height > MAX_IMAGE_PIXELS:
-            return None, _bomb(width, height), []
-        frames = getattr(image, "n_frames", 1)
-        if frames > 1:
-            image.seek(0)
-            notes.append(f"is animated ({frames} frames): the first frame is used")
-        if any(";16" in str(tile.args) for tile in getattr(image, "tile", []) or []) and image.mode != "I;16":
-            notes.append("has 16 bits per channel: reduced to 8 bits")
-        image.load()
     except UnidentifiedImageError:
         return None, "is not an image (not PNG, JPEG, WebP, BMP, GIF or TIFF data inside)", []
     except Image.DecompressionBombError as err:  # Pillow's own, larger limit, hit while reading the header
         return None, f"is a decompression bomb: {err}", []
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as err:
-        text = str(err) or type(err).__name__
-        if "truncated" in text or isinstance(err, EOFError):
-            return None, "is truncated (the file ends before the image does); upload it again", []
-        return None, f"is damaged and cannot be decoded ({text})", []
-    orientation = image.getexif().get(0x0112, 1)
-    if orientation not in (0, 1):
-        image = ImageOps.exif_transpose(image)
-        notes.append("was turned upright following its EXIF orientation")
-    rgb, note = to_rgb(image)
-    if note:
-        notes.append(note)
-    return rgb, "", notes
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        return None, _damaged(err), []
+    with image:  # closes the file, which animated images would otherwise keep open
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            return None, _bomb(width, height), []
+        notes: list[str] = []
+        try:
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                image.seek(0)
+                notes.append(f"is animated ({frames} frames): the first frame is used")
+            if any(";16" in str(tile.args) for tile in getattr(image, "tile", []) or []) and image.mode != "I;16":
+                notes.append("has 16 bits per channel: reduced to 8 bits")
+            image.load()  # decodes every pixel: damage shows up here, not at training time
+            orientation = image.getexif().get(0x0112, 1)
+            if orientation not in (0, 1):
+                image = ImageOps.exif_transpose(image)
+                notes.append("was turned upright following its EXIF orientation")
+            rgb, note = to_rgb(image)
+        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as err:
+            return None, _damaged(err), []
+        if note:
+            notes.append(note)
+        return (rgb.copy() if rgb is image else rgb), "", notes
+
+
+def _damaged(err: Exception) -> str:
+    text = str(err) or type(err).__name__
+    if "truncated" in text or isinstance(err, EOFError):
+        return "is truncated (the file ends before the image does); upload it again"
+    return f"is damaged and cannot be decoded ({text})"
 
 
 def _bomb(width: int, height: int) -> str:

@@ -1,71 +1,478 @@
-"""The Runs tab: every run of every tab in one table; select one to see its curve, config and log."""
+"""The Runs tab: every run of every tab in one table. Filter, rename, delete; select one to see its
+config, curves, samples, log and files, and to stop, resume, clone or export it to TensorBoard; pick
+several to overlay their curves and see only the settings that differ.
+
+The functions above build() are plain functions of run ids (tests call them directly); build() wires them.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pandas as pd
 
 from pipelines import MODALITIES
-from studio import jobs
-from studio.progress import format_seconds
-from studio.runs import ACTIVE, FINAL, Registry
+from studio import jobs, tracking
+from studio.progress import Progress, format_seconds
+from studio.runs import ACTIVE, FINAL, RESUMABLE, Registry, Run
 from studio.tabs import widgets
 
-COLUMNS = ["id", "name", "modality", "base model", "status", "progress", "loss", "best eval loss", "created",
-           "duration"]
+COLUMNS = ["id", "name", "modality", "base model", "status", "progress", "best validation", "created", "duration"]
+STATUSES = ["queued", "running", "completed", "stopped", "failed", "interrupted", "cancelled", "starting"]
+TRAIN_LOSS, TRAIN_SMOOTHED = "train loss", "train loss (smoothed)"
+NO_SELECTION = "Select a run in the table to see it here."
 
 
-def runs_table(modality: str, status: str) -> pd.DataFrame:
-    registry = Registry()
+# ---- the table ---------------------------------------------------------------------------------
+
+def best_validation(progress: Progress) -> str:
+    """The run's best validation result: word error rate for speech runs that measure it, else loss."""
+    for metric, label in (("wer", "WER"), ("eval_loss", "loss")):
+        best = progress.best(metric)
+        if best is not None:
+            return f"{label} {best:.4f}"
+    return ""
+
+
+def status_label(run: Run, queue: list[str]) -> str:
+    if run.status == "queued" and run.id in queue:
+        return f"queued (#{queue.index(run.id) + 1})"
+    return run.status
+
+
+def runs_table(modality: str = "", status: str = "", registry: Registry | None = None) -> pd.DataFrame:
+    """One row per run, newest first, filtered by modality and status ("" = all)."""
+    registry = registry or Registry()
     jobs.reconcile(registry)
+    queue = [r.id for r in registry.queue()]
     rows = []
     for run in registry.list(modality=modality or None, status=status or None):
         progress = widgets.progress_of(run.id, registry)
         end = run.ended if run.status in FINAL and run.ended else time.time()
-        best = progress.best()
         rows.append({"id": run.id, "name": run.name, "modality": MODALITIES.get(run.modality, run.modality),
-                     "base model": run.base_model, "status": run.status,
-                     "progress": f"{progress.step}/{progress.total_steps}" if progress.total_steps else "",
-                     "loss": round(progress.last_loss, 4) if progress.last_loss is not None else None,
-                     "best eval loss": round(best, 4) if best is not None else None,
+                     "base model": run.base_model, "status": status_label(run, queue),
+                     "progress": (f"{progress.step}/{progress.total_steps} ({100 * progress.fraction():.0f}%)"
+                                  if progress.total_steps else ""),
+                     "best validation": best_validation(progress),
                      "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(run.created)),
                      "duration": format_seconds(end - run.started) if run.started else ""})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def select_run(table: pd.DataFrame, event: gr.SelectData):
-    row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
-    run_id = table.iloc[row]["id"]
-    return run_id, details(run_id)
+def run_label(run: Run) -> str:
+    """A name that tells runs apart in legends and column headers even when two share a name."""
+    return f"{run.name} ({run.id[-4:]})"
 
 
-def details(run_id: str | None) -> str:
-    run = Registry().get(run_id) if run_id else None
-    if run is None:
+def run_choices(registry: Registry | None = None) -> list[tuple[str, str]]:
+    return [(run_label(r), r.id) for r in (registry or Registry()).list()]
+
+
+# ---- one run -----------------------------------------------------------------------------------
+
+def run_files(run: Run) -> pd.DataFrame:
+    """The run folder's main files and folders (checkpoints one per row), with sizes."""
+    def size(path: Path) -> int:
+        return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+    def human(n: int) -> str:
+        for unit in ("B", "KB", "MB", "GB"):
+            if n < 1024 or unit == "GB":
+                return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            n /= 1024
         return ""
-    config = (run.dir / "config.yaml").read_text()
-    return f"**{run.name}** · `{run.id}` · {run.status}\n\n```yaml\n{config}```"
+
+    rows = []
+    if run.dir.is_dir():
+        for path in sorted(run.dir.iterdir(), key=lambda p: (p.is_dir(), p.name)):
+            if path.name == "checkpoints" and path.is_dir():
+                steps = sorted((p for p in path.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+                for checkpoint in steps:
+                    complete = (checkpoint / "state.json").exists()
+                    rows.append({"path": f"checkpoints/{checkpoint.name}/",
+                                 "kind": "checkpoint" if complete else "checkpoint (incomplete)",
+                                 "size": human(size(checkpoint))})
+                continue
+            rows.append({"path": path.name + ("/" if path.is_dir() else ""),
+                         "kind": "folder" if path.is_dir() else "file", "size": human(size(path))})
+    return pd.DataFrame(rows, columns=["path", "kind", "size"])
 
 
-def build() -> None:
+def run_details(run_id: str | None, registry: Registry | None = None) -> tuple[str, str, pd.DataFrame | None, str]:
+    """(summary, config.yaml text, files, current name) of the selected run."""
+    registry = registry or Registry()
+    run = registry.get(run_id) if run_id else None
+    if run is None:
+        return NO_SELECTION, "", None, ""
+    config = run.dir / "config.yaml"
+    text = config.read_text(encoding="utf-8") if config.exists() else "(config.yaml is missing)"
+    summary = (f"**{run.name}** · `{run.id}` · {MODALITIES.get(run.modality, run.modality)} · "
+               f"{run.base_model} · **{run.status}**\n\nFolder: `{run.dir}`")
+    return summary, text, run_files(run), run.name
+
+
+def rename_run(run_id: str | None, name: str, registry: Registry | None = None) -> str:
+    """Rename in the index and in the run's config.yaml. Returns a message for the user."""
+    registry = registry or Registry()
+    run = registry.get(run_id) if run_id else None
+    if run is None:
+        raise ValueError("Select a run first.")
+    name = (name or "").strip()
+    if not name:
+        raise ValueError("Type the new name first.")
+    registry.rename(run.id, name)
+    return f"Renamed `{run.id}` to **{name}**."
+
+
+def delete_run(run_id: str | None, registry: Registry | None = None) -> str:
+    """Delete the run's folder and its row. Refuses starting/running runs (ValueError with the reason)."""
+    registry = registry or Registry()
+    run = registry.get(run_id) if run_id else None
+    if run is None:
+        raise ValueError("Select a run first.")
+    if run.status == "queued":
+        jobs.request_stop(run.id, registry)  # off the queue first, so no dispatcher starts it meanwhile
+    registry.delete(run.id)
+    widgets._progress.pop(run.id, None)
+    return f"Deleted run **{run.name}** (`{run.id}`) and its folder."
+
+
+# ---- comparing -----------------------------------------------------------------------------------
+
+def metric_choices(run_ids: list[str] | None, registry: Registry | None = None) -> list[str]:
+    """Curves the runs can be compared on: training loss, then every validation metric any of them logged."""
+    registry = registry or Registry()
+    found: list[str] = []
+    for run_id in run_ids or []:
+        progress = widgets.progress_of(run_id, registry)
+        for event in progress.evals if progress else []:
+            for key, value in event.items():
+                if key not in ("type", "time", "step") and isinstance(value, (int, float)) and key not in found:
+                    found.append(key)
+    return [TRAIN_SMOOTHED, TRAIN_LOSS, *found]
+
+
+def compare_frame(run_ids: list[str] | None, metric: str = TRAIN_SMOOTHED,
+                  registry: Registry | None = None) -> pd.DataFrame | None:
+    """Long frame (step, value, run) with one series per run, for a LinePlot coloured by run.
+    None (not an empty frame) when there is nothing to draw: an empty frame leaves an empty colour scale."""
+    registry = registry or Registry()
+    parts = []
+    for run_id in run_ids or []:
+        run = registry.get(run_id)
+        progress = widgets.progress_of(run_id, registry)
+        if run is None or progress is None:
+            continue
+        if metric in (TRAIN_LOSS, TRAIN_SMOOTHED):
+            steps = [s for s, _ in progress.losses]
+            values = [v for _, v in progress.losses]
+            if metric == TRAIN_SMOOTHED:
+                values = widgets.smoothed(values)
+        else:
+            points = [(e["step"], e[metric]) for e in progress.evals if isinstance(e.get(metric), (int, float))]
+            steps, values = [s for s, _ in points], [v for _, v in points]
+        if steps:
+            parts.append(pd.DataFrame({"step": steps, "value": values, "run": run_label(run)}))
+    return pd.concat(parts, ignore_index=True) if parts else None
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return "" if value is None else str(value)
+
+
+def _relative(value: Any, folder: Path) -> Any:
+    if isinstance(value, list):
+        return [_relative(v, folder) for v in value]
+    if isinstance(value, str) and value:
+        try:
+            return str(Path(value).resolve().relative_to(folder.resolve()))
+        except ValueError:
+            return value
+    return value
+
+
+def config_diff(run_ids: list[str] | None, registry: Registry | None = None) -> pd.DataFrame | None:
+    """The settings whose values differ between the runs (one column per run); None for fewer than two."""
+    registry = registry or Registry()
+    runs = [r for r in (registry.get(i) for i in run_ids or []) if r is not None]
+    if len(runs) < 2:
+        return None
+    configs = []
+    for run in runs:
+        try:
+            config = run.config()
+        except Exception:  # an unreadable config still shows up, as missing values
+            configs.append({})
+            continue
+        values = config.to_dict()
+        for key in config.path_fields:  # each run's own copy of the data: compare them as the run sees them
+            values[key] = _relative(values.get(key), run.dir)
+        configs.append(values)
+    keys = [k for k in dict.fromkeys(k for c in configs for k in c) if k != "name"]
+    rows = []
+    for key in keys:
+        values = [_shown(c.get(key)) for c in configs]
+        if len(set(values)) > 1:
+            rows.append({"setting": key, **{run_label(r): v for r, v in zip(runs, values)}})
+    return pd.DataFrame(rows, columns=["setting", *[run_label(r) for r in runs]])
+
+
+# ---- clone ---------------------------------------------------------------------------------------
+
+def _tab_form(modality: str) -> widgets.TabForm:
+    from studio.tabs import image, llm, speech
+    return {"llm": llm, "image": image, "speech": speech}[modality].FORM_SPEC
+
+
+def clone_values(run_id: str | None, registry: Registry | None = None) -> tuple[str, list[Any]]:
+    """(modality, values) for that tab's form, in TabForm order plus its message: uploads (the run's own
+    copies of its data), base model, name, settings, message. What "Load config" would fill in."""
+    registry = registry or Registry()
+    run = registry.get(run_id) if run_id else None
+    if run is None:
+        raise ValueError("Select a run first.")
+    form = _tab_form(run.modality)
+    values = list(form.load(str(run.dir / "config.yaml")))
+    uploads = len(form.upload_fields)
+    # A data folder (image and speech runs) has no input of its own in the tabs: its files go into the first
+    # upload, as if the user had picked them. Uploads the run does not use are cleared, not left as they were.
+    data_path = getattr(run.config(), "data_path", "")  # absolute: run.config() resolves against the run folder
+    if data_path:
+        source = Path(data_path)
+        found = [str(p) for p in sorted(source.rglob("*")) if p.is_file()] if source.is_dir() else [str(source)]
+        first = values[0] if isinstance(values[0], list) else []
+        values[0] = first + [p for p in found if p not in first]
+    for i in range(uploads):
+        if not isinstance(values[i], list):
+            values[i] = None
+    values[len(form.upload_fields) + 1] = f"{run.name} (clone)"
+    values[-1] = (f"Cloned from run **{run.name}** (`{run.id}`): change what you like, then press **Train** "
+                  "to start a new run.")
+    return run.modality, values
+
+
+def _find_clone_targets() -> tuple[Any, dict[str, list]]:
+    """The gr.Tabs holding the tabs, and for each modality the components its "Load config" fills, found
+    in the Blocks being built (the modality tabs are built before this one). Empty where not found."""
+    root = gr.context.Context.root_block
+    if root is None:
+        return None, {}
+    targets: dict[str, list] = {}
+    for dependency in root.fns.values():
+        owner = getattr(dependency.fn, "__self__", None)
+        if isinstance(owner, widgets.TabForm) and getattr(dependency.fn, "__func__", None) is widgets.TabForm.load:
+            targets[owner.modality] = list(dependency.outputs)
+    tabs = None
+    for block in root.blocks.values():
+        if isinstance(block, gr.Tabs) and any(getattr(c, "id", None) in targets for c in block.children):
+            tabs = block
+    return tabs, targets
+
+
+# ---- the tab ---------------------------------------------------------------------------------------
+
+_tracking_lock = threading.Lock()
+
+
+def sync_tracking(registry: Registry | None = None) -> None:
+    """With tracking switched on, bring each finished run's TensorBoard/MLflow export up to date."""
+    if not tracking.enabled():
+        return
+    with _tracking_lock:
+        for run in (registry or Registry()).list():
+            if run.status in FINAL and tracking.stale(run.dir):
+                try:
+                    tracking.sync(run.dir)
+                except Exception as err:  # one bad run must not stop the table from showing
+                    print(f"tracking export of {run.id} failed: {err}")
+
+
+def _panel_values(run_id: str | None) -> list[Any]:
+    values = widgets.live_values(run_id)
+    if not run_id or Registry().get(run_id) is None:
+        values[0] = NO_SELECTION
+    return values
+
+
+def build() -> dict[str, Any]:
     selected = gr.State(None)
+    shown = gr.State("")  # the table last sent, so the timer sends it again only when it changed
+
     with gr.Row():
         modality = gr.Dropdown([("all", "")] + [(label, key) for key, label in MODALITIES.items()], value="",
-                               label="Tab", scale=1)
-        status = gr.Dropdown(["", *ACTIVE, *FINAL], value="", label="Status", scale=1)
+                               label="Tab", scale=1, elem_id="runs-filter-modality")
+        status = gr.Dropdown([("all", "")] + [(s, s) for s in STATUSES], value="", label="Status", scale=1,
+                             elem_id="runs-filter-status")
         refresh = gr.Button("Refresh", scale=0)
-    table = gr.Dataframe(runs_table("", ""), interactive=False, wrap=True, max_height=360, label="Runs")
-    gr.Markdown("Select a row to see the run.")
-    panel = widgets.live_panel("runs")
-    info = gr.Markdown()
+        track = gr.Checkbox(tracking.enabled(), label="Log runs to TensorBoard"
+                            + (" and MLflow" if tracking.mlflow_available() else ""), scale=1,
+                            info="Writes runs/<id>/tensorboard/ for each finished run. Off by default.",
+                            elem_id="runs-tracking")
+    table = gr.Dataframe(None, headers=COLUMNS, interactive=False, wrap=True, max_height=360, label="Runs",
+                         elem_id="runs-table")
+    gr.Markdown("Select a row to see the run. Pick two or more under **Compare** to overlay their curves.")
 
+    gr.Markdown("### Selected run")
+    summary = gr.Markdown(NO_SELECTION, elem_id="runs-selected")
+    with gr.Row():
+        new_name = gr.Textbox(label="Name", scale=2, elem_id="runs-name")
+        rename = gr.Button("Rename", scale=0, elem_id="runs-rename")
+        clone = gr.Button("Clone", scale=0, elem_id="runs-clone")
+        export_tb = gr.Button("Export to TensorBoard", scale=0, elem_id="runs-export-tensorboard")
+        delete = gr.Button("Delete", variant="stop", scale=0, elem_id="runs-delete")
+    with gr.Row(visible=False) as confirm_row:
+        confirm_text = gr.Markdown(elem_id="runs-confirm-text")
+        confirm = gr.Button("Yes, delete it", variant="stop", scale=0, elem_id="runs-confirm-delete")
+        keep = gr.Button("Keep it", scale=0, elem_id="runs-keep")
+    message = gr.Markdown(elem_id="runs-message")
+    clone_file = gr.File(label="config.yaml", visible=False, elem_id="runs-clone-file")
+    panel = widgets.live_panel("runs")
+    panel.status.value = NO_SELECTION
+    with gr.Accordion("Config", open=False):
+        config = gr.Code(language="yaml", interactive=False, show_label=False, elem_id="runs-config")
+    with gr.Accordion("Files", open=False):
+        files = gr.Dataframe(None, headers=["path", "kind", "size"], interactive=False, max_height=300,
+                             show_label=False, elem_id="runs-files")
+
+    gr.Markdown("### Compare")
+    with gr.Row():
+        compare_runs = gr.Dropdown([], value=[], multiselect=True, label="Runs to compare", scale=3,
+                                   elem_id="runs-compare-select")
+        metric = gr.Dropdown([TRAIN_SMOOTHED, TRAIN_LOSS], value=TRAIN_SMOOTHED, label="Curve", scale=1,
+                             elem_id="runs-compare-metric")
+        compare = gr.Button("Compare", scale=0, elem_id="runs-compare")
+    compare_plot = gr.LinePlot(None, x="step", y="value", color="run", title="Runs compared", height=320,
+                               x_title="step", y_title="", elem_id="runs-compare-plot")
+    diff = gr.Dataframe(None, label="Settings that differ", interactive=False, wrap=True, visible=False,
+                        elem_id="runs-diff")
+
+    # -- handlers --
+    def refresh_table(modality_value, status_value, last):
+        sync_tracking()
+        frame = runs_table(modality_value, status_value)
+        signature = frame.to_json()
+        return (gr.skip(), last) if signature == last else (frame, signature)
+
+    def show_run(run_id):
+        text, yaml_text, file_rows, name = run_details(run_id)
+        return [text, yaml_text, file_rows, name, *_panel_values(run_id)]
+
+    details_outputs = [summary, config, files, new_name, *panel.outputs()]
+
+    def select_run(frame: pd.DataFrame, event: gr.SelectData):
+        row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
+        run_id = str(frame.iloc[row]["id"]) if frame is not None and row < len(frame) else None
+        return [run_id, gr.update(visible=False), "", *show_run(run_id)]
+
+    def do_rename(run_id, name, modality_value, status_value):
+        try:
+            text = rename_run(run_id, name)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        frame = runs_table(modality_value, status_value)
+        return [text, frame, frame.to_json(), gr.update(choices=run_choices()), *show_run(run_id)]
+
+    def ask_delete(run_id):
+        run = Registry().get(run_id) if run_id else None
+        if run is None:
+            raise gr.Error("Select a run first.")
+        if run.status in ("starting", "running"):
+            text = f"Run {run.id} is {run.status}: stop or cancel it before deleting it."
+            gr.Warning(text)
+            return gr.update(visible=False), "", text
+        return (gr.update(visible=True),
+                f"Delete **{run.name}** (`{run.id}`)? This removes its folder: checkpoints, adapter and samples.",
+                "")
+
+    def do_delete(run_id, modality_value, status_value):
+        try:
+            text = delete_run(run_id)
+            run_id = None
+        except ValueError as err:
+            gr.Warning(str(err))
+            text = str(err)
+        frame = runs_table(modality_value, status_value)
+        return [run_id, gr.update(visible=False), text, frame, frame.to_json(),
+                gr.update(choices=run_choices()), *show_run(run_id)]
+
+    def do_export(run_id):
+        run = Registry().get(run_id) if run_id else None
+        if run is None:
+            raise gr.Error("Select a run first.")
+        folder = tracking.export_tensorboard(run.dir)
+        return f"TensorBoard files written to `{folder}`. View them with `tensorboard --logdir {folder}`."
+
+    def do_compare(run_ids, metric_value):
+        choices = metric_choices(run_ids)
+        metric_value = metric_value if metric_value in choices else TRAIN_SMOOTHED
+        frame = compare_frame(run_ids, metric_value)
+        table_diff = config_diff(run_ids)
+        if run_ids and len(run_ids) < 2:
+            gr.Info("Pick at least two runs to see which settings differ.")
+        return (gr.update(choices=choices, value=metric_value), frame,
+                gr.update(value=table_diff, visible=table_diff is not None))
+
+    def set_tracking(on):
+        tracking.set_enabled(on)
+        gr.Info("Finished runs will be written to TensorBoard." if on else "TensorBoard logging is off.")
+
+    private = {"api_visibility": "private"}
+    table_outputs = [table, shown]
     for trigger in (modality.change, status.change, refresh.click):
-        trigger(runs_table, [modality, status], table, api_visibility="private")
-    table.select(select_run, table, [selected, info], api_visibility="private").then(
-        widgets.live_values, selected, panel.outputs(), api_visibility="private")
+        trigger(refresh_table, [modality, status, shown], table_outputs, **private).then(
+            lambda: gr.update(choices=run_choices()), None, compare_runs, **private)
     timer = gr.Timer(3)
-    timer.tick(runs_table, [modality, status], table, api_visibility="private", show_progress="hidden")
-    timer.tick(widgets.live_values, selected, panel.outputs(), api_visibility="private", show_progress="hidden")
+    timer.tick(refresh_table, [modality, status, shown], table_outputs, show_progress="hidden", **private)
+    timer.tick(_panel_values, selected, panel.outputs(), show_progress="hidden", **private)
+    compare_runs.focus(lambda: gr.update(choices=run_choices()), None, compare_runs, **private)
+
+    table.select(select_run, table, [selected, confirm_row, message, *details_outputs], **private)
+    rename.click(do_rename, [selected, new_name, modality, status],
+                 [message, table, shown, compare_runs, *details_outputs], **private)
+    delete.click(ask_delete, selected, [confirm_row, confirm_text, message], **private)
+    keep.click(lambda: (gr.update(visible=False), "Kept."), None, [confirm_row, message], **private)
+    confirm.click(do_delete, [selected, modality, status],
+                  [selected, confirm_row, message, table, shown, compare_runs, *details_outputs], **private)
+    export_tb.click(do_export, selected, message, **private)
+    compare.click(do_compare, [compare_runs, metric], [metric, compare_plot, diff], **private)
+    metric.input(lambda ids, m: compare_frame(ids, m), [compare_runs, metric], compare_plot, **private)
+    track.input(set_tracking, track, None, **private)
     widgets.wire_controls(panel, selected)
+    root = gr.context.Context.root_block
+    if root is not None:  # a page opened or reloaded shows the table at once, not at the first tick
+        root.load(refresh_table, [modality, status, shown], table_outputs, **private).then(
+            lambda: gr.update(choices=run_choices()), None, compare_runs, **private)
+    _wire_clone(clone, selected, message, clone_file)
+    return {"run_state": selected, "table": (refresh_table, [modality, status, shown], table_outputs)}
+
+
+def _wire_clone(clone: gr.Button, selected: gr.State, message: gr.Markdown, clone_file: gr.File) -> None:
+    """Clone opens the run's tab with its settings and data filled in. Where this tab is built without the
+    others (or they change shape), it offers the config.yaml to load there instead."""
+    tabs, targets = _find_clone_targets()
+    outputs = [message, clone_file] + ([tabs] if tabs is not None else [])
+    for components in targets.values():
+        outputs += [c for c in components if c not in outputs]
+
+    def do_clone(run_id):
+        try:
+            modality, values = clone_values(run_id)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        run = Registry().get(run_id)
+        if modality in targets and tabs is not None:
+            update = dict(zip(targets[modality], values))
+            update[tabs] = gr.Tabs(selected=modality)
+            update[message] = f"Cloned **{run.name}** into the {MODALITIES[modality]} tab."
+            update[clone_file] = gr.update(visible=False)
+            return update
+        return {message: f"Load this config.yaml in the {MODALITIES[modality]} tab with **Load config**.",
+                clone_file: gr.update(value=str(run.dir / "config.yaml"), visible=True)}
+
+    clone.click(do_clone, selected, outputs, api_visibility="private")

@@ -1,0 +1,97 @@
+"""The Runs tab in a real browser against a real server, over runs made by the real CLI."""
+
+import os
+import subprocess
+import sys
+import time
+
+import yaml
+from playwright.sync_api import expect
+
+from studio.runs import Registry
+from tests.browser import ROOT, screenshot
+
+
+def train_detached(server, tmp_path, **changes) -> str:
+    data = yaml.safe_load((ROOT / "assets" / "llm" / "config.yaml").read_text())
+    data.update({"train_files": [str(ROOT / "assets" / "llm" / "sample.csv")], "sample_every": 3,
+                 "checkpoint_every": 3, "validation_fraction": 0.25, "eval_every": 3, **changes})
+    path = tmp_path / f"{changes['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = subprocess.run([sys.executable, "-m", "studio.cli", "train", str(path), "--detach"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, STUDIO_HOME=str(server.home), STUDIO_MAX_CONCURRENT_RUNS="2"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.split()[1]
+
+
+def row_cell(page, text: str):
+    page.locator("#runs-table").scroll_into_view_if_needed()
+    return page.locator("#runs-table").get_by_text(text, exact=True).filter(visible=True).first
+
+
+def test_list_select_compare_clone_and_delete(server, page, tmp_path):
+    ids = [train_detached(server, tmp_path, name="run-a", max_steps=6, lora_rank=8),
+           train_detached(server, tmp_path, name="run-b", max_steps=6, lora_rank=4)]
+    registry = Registry(server.home)
+    deadline = time.monotonic() + 240
+    while not all(registry.get(i).status == "completed" for i in ids):
+        assert time.monotonic() < deadline, [registry.get(i).status for i in ids]
+        time.sleep(0.5)
+
+    page.goto(server.url)
+    page.get_by_role("tab", name="Runs").click()
+    table = page.locator("#runs-table")
+    expect(table).to_contain_text("run-a")
+    expect(table).to_contain_text("run-b")
+    expect(table).to_contain_text("6/6 (100%)")
+    expect(table).to_contain_text("completed")
+
+    # select one: its summary, config, files, curve and log
+    row_cell(page, "run-a").click()
+    expect(page.locator("#runs-selected")).to_contain_text("run-a")
+    expect(page.locator("#runs-run-status")).to_contain_text("completed")
+    expect(page.locator("#runs-name input, #runs-name textarea").first).to_have_value("run-a")
+    page.get_by_text("Config", exact=True).click()
+    expect(page.locator("#runs-config")).to_contain_text("lora_rank: 8")
+    page.get_by_text("Files", exact=True).click()
+    expect(page.locator("#runs-files")).to_contain_text("checkpoints/step-6/")
+    expect(page.locator("#runs-samples")).to_contain_text("Zorbia")
+    screenshot(page, "runs-tab.png")
+
+    # compare both: one plot coloured by run, and only the settings that differ
+    select = page.locator("#runs-compare-select input").first
+    for label in ("run-a", "run-b"):
+        select.click()
+        page.get_by_role("option", name=f"{label} (").first.click()
+    page.locator("#runs-compare").click()
+    plot = page.locator("#runs-compare-plot")
+    expect(plot).to_contain_text("run-a (")
+    expect(plot).to_contain_text("run-b (")
+    diff = page.locator("#runs-diff")
+    expect(diff).to_contain_text("lora_rank")
+    expect(diff).not_to_contain_text("batch_size")
+    plot.scroll_into_view_if_needed()
+    screenshot(page, "runs-compare.png")
+
+    # clone: the Language model tab opens with the run's settings filled in
+    row_cell(page, "run-b").click()
+    expect(page.locator("#runs-selected")).to_contain_text("run-b")
+    page.locator("#runs-clone").click()
+    expect(page.locator("#llm-message")).to_contain_text("Cloned from run run-b")
+    expect(page.get_by_label("Run name")).to_have_value("run-b (clone)")
+    expect(page.get_by_role("spinbutton", name="LoRA rank").first).to_have_value("4")
+    expect(page.locator("#llm-train")).to_be_enabled()  # the run's own copy of the data passed the check
+
+    # delete, with confirmation
+    page.get_by_role("tab", name="Runs").click()
+    row_cell(page, "run-a").click()
+    expect(page.locator("#runs-selected")).to_contain_text("run-a")
+    page.locator("#runs-delete").click()
+    expect(page.locator("#runs-confirm-text")).to_contain_text("Delete run-a")
+    assert (server.home / "runs" / ids[0]).is_dir()  # nothing happens before the confirmation
+    page.locator("#runs-confirm-delete").click()
+    expect(page.locator("#runs-message")).to_contain_text("Deleted run run-a")
+    expect(table).not_to_contain_text("run-a")
+    expect(table).to_contain_text("run-b")
+    assert not (server.home / "runs" / ids[0]).exists() and registry.get(ids[0]) is None

@@ -1,0 +1,176 @@
+"""The Runs tab's functions over real runs: real worker processes started by the CLI, a real SQLite index,
+real TensorBoard event files read back by TensorBoard's own reader."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from studio import jobs, tracking
+from studio.runs import Registry
+from studio.tabs import runs_tab
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train_detached(folder: Path, **changes) -> str:
+    data = yaml.safe_load((ROOT / "assets" / "llm" / "config.yaml").read_text())
+    data.update({"train_files": [str(ROOT / "assets" / "llm" / "sample.csv")], "sample_every": 0,
+                 "checkpoint_every": 1000, "validation_fraction": 0.25, "eval_every": 4, **changes})
+    path = folder / f"config-{len(list(folder.glob('config-*')))}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = subprocess.run([sys.executable, "-m", "studio.cli", "train", str(path), "--detach"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.split()[1]
+
+
+def wait_for(predicate, timeout=240, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A long run that trains while two short ones wait in the queue; then the long one is cancelled and the
+    short ones complete. Yields (registry, long id, short ids, what the table showed with the queue full)."""
+    import os
+    folder = tmp_path_factory.mktemp("runs-tab")
+    old = os.environ.get("STUDIO_HOME")
+    os.environ["STUDIO_HOME"] = str(folder / "ws")
+    try:
+        registry = Registry()
+        long_id = train_detached(folder, name="long", max_steps=5000, eval_every=0)
+        wait_for(lambda: registry.get(long_id).status == "running", what="the long run to start")
+        short = [train_detached(folder, name="short-a", max_steps=8, lora_rank=8),
+                 train_detached(folder, name="short-b", max_steps=8, lora_rank=4, learning_rate=0.002)]
+        queued_table = runs_tab.runs_table()
+        refused = None
+        try:
+            runs_tab.delete_run(long_id, registry)
+        except ValueError as err:
+            refused = str(err)
+        jobs.cancel(long_id, registry)
+        wait_for(lambda: all(registry.get(i).status == "completed" for i in short), what="the short runs")
+        yield registry, long_id, short, queued_table, refused
+    finally:
+        if old is None:
+            os.environ.pop("STUDIO_HOME", None)
+        else:
+            os.environ["STUDIO_HOME"] = old
+
+
+def test_table_shows_queue_positions_and_filters(runs):
+    registry, long_id, short, queued_table, _ = runs
+    statuses = dict(zip(queued_table["id"], queued_table["status"]))
+    assert statuses == {long_id: "running", short[0]: "queued (#1)", short[1]: "queued (#2)"}
+
+    table = runs_tab.runs_table()
+    assert list(table.columns) == runs_tab.COLUMNS
+    row = table.set_index("id").loc[short[0]]
+    assert (row["name"], row["modality"], row["base model"], row["status"], row["progress"]) == \
+        ("short-a", "Language model", "tiny-llama", "completed", "8/8 (100%)")
+    assert row["best validation"].startswith("loss ") and row["duration"]
+    assert list(runs_tab.runs_table(status="cancelled")["id"]) == [long_id]
+    assert sorted(runs_tab.runs_table(status="completed")["id"]) == sorted(short)
+    assert runs_tab.runs_table(modality="image").empty
+    assert len(runs_tab.runs_table(modality="llm")) == 3
+
+
+def test_details_show_config_and_files(runs):
+    registry, _, short, _, _ = runs
+    summary, config, files, name = runs_tab.run_details(short[0], registry)
+    assert "short-a" in summary and "completed" in summary and name == "short-a"
+    assert "lora_rank: 8" in config
+    assert {"config.yaml", "events.jsonl", "log.txt", "adapter/", "data/"} <= set(files["path"])
+    assert runs_tab.run_details(None, registry)[0] == runs_tab.NO_SELECTION
+
+
+def test_compare_has_one_series_per_run_and_diff_only_differing_settings(runs):
+    registry, long_id, short, _, _ = runs
+    frame = runs_tab.compare_frame(short, runs_tab.TRAIN_LOSS, registry)
+    labels = {runs_tab.run_label(registry.get(i)) for i in short}
+    assert set(frame["run"]) == labels
+    assert frame.groupby("run")["step"].apply(list).map(sorted).tolist() == [list(range(1, 9))] * 2
+    assert "eval_loss" in runs_tab.metric_choices(short, registry)
+    evals = runs_tab.compare_frame(short, "eval_loss", registry)
+    assert set(evals["run"]) == labels and set(evals["step"]) >= {4, 8}
+    assert runs_tab.compare_frame([], runs_tab.TRAIN_LOSS, registry) is None  # None, never an empty frame
+
+    diff = runs_tab.config_diff(short, registry)
+    assert sorted(diff["setting"]) == ["learning_rate", "lora_rank"]
+    assert diff.set_index("setting").loc["lora_rank"].tolist() == ["8", "4"]
+    assert runs_tab.config_diff(short[:1], registry) is None
+    three = runs_tab.config_diff([long_id, *short], registry)
+    assert set(three["setting"]) == {"learning_rate", "lora_rank", "max_steps", "eval_every"}
+
+
+def test_clone_fills_the_language_tab_from_the_run(runs):
+    registry, _, short, _, _ = runs
+    modality, values = runs_tab.clone_values(short[1], registry)
+    assert modality == "llm"
+    from studio.tabs import llm
+    form = llm.FORM_SPEC
+    uploads, (base, name), settings = (values[:2], values[2:4], values[4:-1])
+    assert uploads[0] == [str(registry.get(short[1]).dir / "data" / "sample.csv")]
+    assert (base, name) == ("tiny-llama", "short-b (clone)")
+    chosen = dict(zip(form.form, settings))
+    assert (chosen["lora_rank"], chosen["learning_rate"], chosen["max_steps"]) == (4, 0.002, 8)
+    assert "Cloned from run **short-b**" in values[-1]
+
+
+def test_tensorboard_export_is_readable_by_tensorboard(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    registry, _, short, _, _ = runs
+    run = registry.get(short[0])
+    assert tracking.stale(run.dir) and tracking.sync(run.dir) == []  # off by default: writes nothing
+    folder = tracking.export_tensorboard(run.dir)
+    assert folder == run.dir / "tensorboard" and not tracking.stale(run.dir)
+    tracking.export_tensorboard(run.dir)  # again: rebuilt, not appended to
+    assert len(list(folder.iterdir())) == 1
+    reader = EventAccumulator(str(folder))
+    reader.Reload()
+    assert {"train/loss", "train/learning_rate", "eval/loss"} <= set(reader.Tags()["scalars"])
+    assert [e.step for e in reader.Scalars("train/loss")] == list(range(1, 9))
+    assert [e.step for e in reader.Scalars("eval/loss")][-1] == 8
+
+    tracking.set_enabled(True)
+    try:
+        assert tracking.enabled()
+        other = registry.get(short[1])
+        runs_tab.sync_tracking(registry)  # the switch: every finished run gets its export
+        assert (other.dir / "tensorboard").is_dir()
+    finally:
+        tracking.set_enabled(False)
+    assert not tracking.enabled()
+
+
+def test_rename_changes_the_name_everywhere(runs):
+    registry, _, short, _, _ = runs
+    runs_tab.rename_run(short[1], "  renamed run ", registry)
+    run = registry.get(short[1])
+    assert run.name == "renamed run"
+    assert yaml.safe_load((run.dir / "config.yaml").read_text())["name"] == "renamed run"
+    assert runs_tab.runs_table().set_index("id").loc[short[1], "name"] == "renamed run"
+    assert Registry().rebuild() == 3 and Registry().get(short[1]).name == "renamed run"  # the folder agrees
+    with pytest.raises(ValueError, match="Type the new name"):
+        runs_tab.rename_run(short[1], " ", registry)
+
+
+def test_delete_refuses_a_running_run_and_removes_folder_and_row(runs):
+    registry, long_id, short, _, refused = runs
+    assert refused and "running" in refused and "stop or cancel it" in refused
+    run = registry.get(short[0])
+    message = runs_tab.delete_run(short[0], registry)
+    assert "Deleted run **short-a**" in message
+    assert not run.dir.exists() and registry.get(short[0]) is None
+    assert short[0] not in set(runs_tab.runs_table()["id"])
+    with pytest.raises(ValueError, match="Select a run"):
+        runs_tab.delete_run(short[0], registry)
