@@ -57,6 +57,24 @@ def write_result(path: str | Path, result: dict) -> None:
     Path(path).write_text(json.dumps(result, indent=2))
 
 
+THREADS: int | None = None  # set by add_common_arguments' --threads; None = torch's default
+
+
+def add_common_arguments(parser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads in every run (default: torch's own, one per core). On a "
+                             "machine other jobs share, 1 avoids thread oversubscription stalls")
+
+
+def apply_threads(threads: int | None) -> None:
+    """In a worker: the thread count both ways use."""
+    global THREADS
+    THREADS = threads
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+
+
 def run_worker(script: str, way: str, extra: list[str], timeout: float = 3600) -> dict:
     """Start `script --worker way` in a fresh process and return what it wrote."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -65,6 +83,9 @@ def run_worker(script: str, way: str, extra: list[str], timeout: float = 3600) -
                    STUDIO_HOME=os.environ.get("STUDIO_HOME", str(Path(tmp) / "workspace")),
                    TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    STUDIO_OFFLINE="1")
+        if THREADS:
+            env["OMP_NUM_THREADS"] = str(THREADS)
+            extra = [*extra, "--threads", str(THREADS)]
         cmd = [PYTHON, script, "--worker", way, "--out", str(out), *extra]
         started = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -30,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import alternate, peak_rss_mb, ratios, result_line, table, write_result  # noqa: E402
+from bench.common import (add_common_arguments, alternate, apply_threads, peak_rss_mb, ratios,  # noqa: E402
+                          result_line, table, write_result)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "assets" / "image"
@@ -203,11 +204,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="studio+baseline pairs (default 3, quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 150, quick 40)")
     parser.add_argument("--batch-size", type=int, default=4)
+    add_common_arguments(parser)
     parser.add_argument("--worker", choices=["studio", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.steps = args.steps or (40 if args.quick else 150)
+    apply_threads(args.threads)
     if args.worker:
         return worker(args)
     with tempfile.TemporaryDirectory(prefix="bench-image-") as tmp:

@@ -35,8 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (alternate, matmul_peak_flops, peak_rss_mb, ratios, result_line, table,  # noqa: E402
-                          write_result)
+from bench.common import (add_common_arguments, alternate, apply_threads, matmul_peak_flops,  # noqa: E402
+                          peak_rss_mb, ratios, result_line, table, write_result)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "assets" / "tiny-llama-tokenizer"
@@ -291,6 +291,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 24, quick 8)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-rows", type=int, default=None)
+    add_common_arguments(parser)
     parser.add_argument("--worker", choices=["studio", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -299,6 +300,7 @@ def main() -> None:
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.steps = args.steps or (8 if args.quick else 24)
     args.eval_rows = args.eval_rows or (16 if args.quick else 32)
+    apply_threads(args.threads)
     if args.worker:
         return worker(args)
 

@@ -30,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import alternate, peak_rss_mb, ratios, result_line, table, write_result  # noqa: E402
+from bench.common import (add_common_arguments, alternate, apply_threads, peak_rss_mb, ratios,  # noqa: E402
+                          result_line, table, write_result)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "assets" / "speech" / "clips"
@@ -171,11 +172,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="studio+baseline pairs (default 3, quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 40, quick 15)")
     parser.add_argument("--batch-size", type=int, default=8)
+    add_common_arguments(parser)
     parser.add_argument("--worker", choices=["studio", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.steps = args.steps or (15 if args.quick else 40)
+    apply_threads(args.threads)
     if args.worker:
         return worker(args)
     with tempfile.TemporaryDirectory(prefix="bench-speech-") as tmp:

@@ -246,19 +246,23 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
             return final
         tmp = run_dir / "checkpoints" / f".tmp-step-{step}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "trainable.safetensors")
-        opt_tensors, opt_meta = _optimizer_to_files(optimizer)
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        rng_tensors, rng_plain = _rng_state()
-        save_file(rng_tensors, tmp / "rng.safetensors")
-        task.save_adapter(tmp / "adapter")
-        state = {"step": step, "epoch": epoch, "next_chunk": chunk_start, "total_steps": total_steps,
-                 "units_done": units_done, "elapsed_s": elapsed, "optimizer": opt_meta,
-                 "scheduler": scheduler.state_dict(), "rng": rng_plain, **task.extra_state}
-        # state.json last: a folder without it is incomplete and ignored by latest_checkpoint().
-        (tmp / "state.json").write_text(json.dumps(state))
-        os.replace(tmp, final)
+        try:
+            tmp.mkdir(parents=True)
+            save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "trainable.safetensors")
+            opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+            save_file(opt_tensors, tmp / "optimizer.safetensors")
+            rng_tensors, rng_plain = _rng_state()
+            save_file(rng_tensors, tmp / "rng.safetensors")
+            task.save_adapter(tmp / "adapter")
+            state = {"step": step, "epoch": epoch, "next_chunk": chunk_start, "total_steps": total_steps,
+                     "units_done": units_done, "elapsed_s": elapsed, "optimizer": opt_meta,
+                     "scheduler": scheduler.state_dict(), "rng": rng_plain, **task.extra_state}
+            # state.json last: a folder without it is incomplete and ignored by latest_checkpoint().
+            (tmp / "state.json").write_text(json.dumps(state))
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint (full disk, kill) leaves nothing
+            raise
         for old in checkpoint_dirs(run_dir)[:-config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         events.emit("checkpoint", step=step, path=str(final.relative_to(run_dir)))

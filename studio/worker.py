@@ -34,7 +34,7 @@ def explain(error: BaseException) -> tuple[str, str]:
     if name == "OutOfMemoryError" or isinstance(error, MemoryError) or "out of memory" in text.lower():
         return ("The run ran out of memory.",
                 "Lower the batch size or the max length, raise gradient accumulation instead, or turn on 4-bit.")
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in text:
         return ("The disk is full, so a checkpoint could not be written (earlier checkpoints are intact).",
                 "Free some disk space, then resume the run.")
     return f"Training stopped on an unexpected error: {name}: {text}", "See the log below for details."

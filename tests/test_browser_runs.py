@@ -52,12 +52,12 @@ def test_list_select_compare_clone_and_delete(server, page, tmp_path):
     expect(page.locator("#runs-selected")).to_contain_text("run-a")
     expect(page.locator("#runs-run-status")).to_contain_text("completed")
     expect(page.locator("#runs-name input, #runs-name textarea").first).to_have_value("run-a")
+    screenshot(page, "runs-tab.png")
     page.get_by_text("Config", exact=True).click()
     expect(page.locator("#runs-config")).to_contain_text("lora_rank: 8")
     page.get_by_text("Files", exact=True).click()
     expect(page.locator("#runs-files")).to_contain_text("checkpoints/step-6/")
     expect(page.locator("#runs-samples")).to_contain_text("Zorbia")
-    screenshot(page, "runs-tab.png")
 
     # compare both: one plot coloured by run, and only the settings that differ
     select = page.locator("#runs-compare-select input").first
@@ -73,6 +73,10 @@ def test_list_select_compare_clone_and_delete(server, page, tmp_path):
     expect(diff).not_to_contain_text("batch_size")
     plot.scroll_into_view_if_needed()
     screenshot(page, "runs-compare.png")
+    page.locator("#runs-compare-metric input").first.click()
+    page.get_by_role("option", name="eval_loss").click()
+    expect(plot).to_contain_text("eval_loss")  # the validation curves, still one per run
+    expect(plot).to_contain_text("run-b (")
 
     # clone: the Language model tab opens with the run's settings filled in
     row_cell(page, "run-b").click()

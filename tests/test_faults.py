@@ -2,7 +2,10 @@
 saved before stays intact and usable."""
 
 import json
+import shutil
+import subprocess
 
+import pytest
 from safetensors.torch import load_file
 
 from pipelines.training import checkpoint_dirs, read_events
@@ -41,3 +44,38 @@ def test_missing_base_model_fails_in_one_sentence(home, tmp_path):
     status = final_status(home, run_id)
     assert status["error"] == f"The model path {home / 'models' / 'gone'} does not exist."
     assert "Traceback" not in status["error"] + status["advice"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, small filesystem (tmpfs) for the workspace, so a checkpoint can meet a full disk."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_during_a_checkpoint_fails_cleanly(small_disk, tmp_path, monkeypatch):
+    home = small_disk / "ws"
+    monkeypatch.setenv("STUDIO_HOME", str(home))
+    probe = run_id_of(studio("train", str(config_file(tmp_path, max_steps=1, sample_every=0))).stdout)
+    checkpoint_bytes = sum(f.stat().st_size for f in (home / "runs" / probe / "checkpoints").rglob("*") if f.is_file())
+    # Fill the disk so that one more checkpoint fits, but not two.
+    free = shutil.disk_usage(small_disk).free
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - int(1.6 * checkpoint_bytes) - 300_000))
+    result = studio("train", str(config_file(tmp_path, max_steps=50, checkpoint_every=2, keep_checkpoints=10,
+                                              sample_every=0)))
+    assert result.returncode == 1, result.stdout
+    run_id = run_id_of(result.stdout)
+    status = final_status(home, run_id)
+    assert status["status"] == "failed" and status["error"].startswith("The disk is full"), status
+    saved = checkpoint_dirs(home / "runs" / run_id)
+    assert [c.name for c in saved] == ["step-2"]  # the one that fitted is complete and loadable
+    load_file(saved[0] / "trainable.safetensors")
+    assert not list((home / "runs" / run_id / "checkpoints").glob(".tmp-*"))
+    filler.unlink()
+    resumed = studio("train", str(home / "runs" / run_id / "config.yaml"), "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr

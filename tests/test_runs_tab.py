@@ -57,10 +57,12 @@ def runs(tmp_path_factory):
             runs_tab.delete_run(long_id, registry)
         except ValueError as err:
             refused = str(err)
+        os.environ["STUDIO_MAX_CONCURRENT_RUNS"] = "2"  # from here on the short runs may train side by side
         jobs.cancel(long_id, registry)
         wait_for(lambda: all(registry.get(i).status == "completed" for i in short), what="the short runs")
         yield registry, long_id, short, queued_table, refused
     finally:
+        os.environ.pop("STUDIO_MAX_CONCURRENT_RUNS", None)
         if old is None:
             os.environ.pop("STUDIO_HOME", None)
         else:
@@ -124,6 +126,23 @@ def test_clone_fills_the_language_tab_from_the_run(runs):
     chosen = dict(zip(form.form, settings))
     assert (chosen["lora_rank"], chosen["learning_rate"], chosen["max_steps"]) == (4, 0.002, 8)
     assert "Cloned from run **short-b**" in values[-1]
+
+
+@pytest.mark.parametrize("modality, expected", [("image", "01-red-circle.png"), ("speech", "apples.wav")])
+def test_clone_puts_a_data_folder_into_the_upload(runs, modality, expected):
+    """Image and speech runs keep their data as a folder, which the tabs take as uploaded files."""
+    from pipelines import load_config
+    registry = runs[0]
+    run = registry.create(load_config(ROOT / "assets" / modality / "config.yaml"), status="stopped")
+    try:
+        chosen, values = runs_tab.clone_values(run.id, registry)
+        assert chosen == modality
+        names = [Path(p).name for p in values[0]]
+        assert expected in names and "config.yaml" not in names
+        assert all(Path(p).is_relative_to(run.dir / "data") for p in values[0])
+        assert values[1] is None  # the tab's second upload is cleared, not left as it was
+    finally:
+        registry.delete(run.id)
 
 
 def test_tensorboard_export_is_readable_by_tensorboard(runs):

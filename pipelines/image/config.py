@@ -22,8 +22,6 @@ HUB_MODELS = [
      "note": "A popular SD 1.5 fine-tune for illustration and photos."},
     {"id": "nota-ai/bk-sdm-small", "label": "BK-SDM small (SD 1.4, pruned)", "download_gb": 2.9, "resolution": 512,
      "note": "A block-removed SD 1.4: about a third smaller and faster."},
-    {"id": "hf-internal-testing/tiny-stable-diffusion-pipe", "label": "Tiny test pipeline (hub)",
-     "download_gb": 0.01, "resolution": 128, "note": "A few MB: checks downloads and training end to end."},
 ]
 
 # The built-in offline presets (their architectures are in model.py) and the size they draw at.

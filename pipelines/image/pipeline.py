@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipelines.image.config import ImageConfig, training_resolution
+from pipelines.image.config import ImageConfig
 from pipelines.image.data import ImageExample, load_examples, read_image
 from pipelines.image.model import base_location, load_pipeline
 from pipelines.training import (Events, TrainingFailure, TrainingTask, iterate_in_batches, latest_checkpoint,
@@ -180,11 +180,12 @@ def train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop:
     if not examples:
         first = report.problems[0] if report.problems else "no images"
         raise TrainingFailure(f"The training data has no usable image ({first}).", "Fix the data and start again.")
-    resolution = training_resolution(config)
     weight_dtype = _weight_dtype(config, device, log)
 
     log(f"Loading {config.base_model} on {device.type}.")
     pipe = load_pipeline(config.base_model)
+    # 0 = the size this model was trained at, read from the model itself (the data check had to guess).
+    resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     # The folder's scheduler samples; DDPM with the same noise schedule defines the training noise.
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -333,7 +334,7 @@ def load_for_generation(config: ImageConfig, run_dir: str | Path | None = None, 
     pipe.to(device)
     # generate() draws at the size the run trained at unless told otherwise (the base model's native size
     # may be another: a LoRA trained at 512 px on a 768 px model).
-    pipe.studio_size = training_resolution(config)
+    pipe.studio_size = config.resolution or None  # None: the pipeline's own native size
     if run_dir is not None:
         folder = adapter_dir(run_dir, checkpoint)
         with quiet_diffusers():  # it warns that a UNet-only LoRA has no text-encoder keys: expected

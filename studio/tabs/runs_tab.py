@@ -225,9 +225,13 @@ def config_diff(run_ids: list[str] | None, registry: Registry | None = None) -> 
 
 # ---- clone ---------------------------------------------------------------------------------------
 
-def _tab_form(modality: str) -> widgets.TabForm:
+def _tab_module(modality: str):
     from studio.tabs import image, llm, speech
-    return {"llm": llm, "image": image, "speech": speech}[modality].FORM_SPEC
+    return {"llm": llm, "image": image, "speech": speech}[modality]
+
+
+def _tab_form(modality: str) -> widgets.TabForm:
+    return _tab_module(modality).FORM_SPEC
 
 
 def clone_values(run_id: str | None, registry: Registry | None = None) -> tuple[str, list[Any]]:
@@ -245,7 +249,9 @@ def clone_values(run_id: str | None, registry: Registry | None = None) -> tuple[
     data_path = getattr(run.config(), "data_path", "")  # absolute: run.config() resolves against the run folder
     if data_path:
         source = Path(data_path)
-        found = [str(p) for p in sorted(source.rglob("*")) if p.is_file()] if source.is_dir() else [str(source)]
+        accepted = getattr(_tab_module(run.modality), "UPLOAD_TYPES", None)
+        found = [str(p) for p in sorted(source.rglob("*")) if p.is_file()
+                 and (accepted is None or p.suffix.lower() in accepted)] if source.is_dir() else [str(source)]
         first = values[0] if isinstance(values[0], list) else []
         values[0] = first + [p for p in found if p not in first]
     for i in range(uploads):
@@ -348,7 +354,7 @@ def build() -> dict[str, Any]:
                              elem_id="runs-compare-metric")
         compare = gr.Button("Compare", scale=0, elem_id="runs-compare")
     compare_plot = gr.LinePlot(None, x="step", y="value", color="run", title="Runs compared", height=320,
-                               x_title="step", y_title="", elem_id="runs-compare-plot")
+                               x_title="step", y_title=TRAIN_SMOOTHED, elem_id="runs-compare-plot")
     diff = gr.Dataframe(None, label="Settings that differ", interactive=False, wrap=True, visible=False,
                         elem_id="runs-diff")
 
@@ -415,7 +421,7 @@ def build() -> dict[str, Any]:
         table_diff = config_diff(run_ids)
         if run_ids and len(run_ids) < 2:
             gr.Info("Pick at least two runs to see which settings differ.")
-        return (gr.update(choices=choices, value=metric_value), frame,
+        return (gr.update(choices=choices, value=metric_value), gr.update(value=frame, y_title=metric_value),
                 gr.update(value=table_diff, visible=table_diff is not None))
 
     def set_tracking(on):
@@ -441,7 +447,8 @@ def build() -> dict[str, Any]:
                   [selected, confirm_row, message, table, shown, compare_runs, *details_outputs], **private)
     export_tb.click(do_export, selected, message, **private)
     compare.click(do_compare, [compare_runs, metric], [metric, compare_plot, diff], **private)
-    metric.input(lambda ids, m: compare_frame(ids, m), [compare_runs, metric], compare_plot, **private)
+    metric.input(lambda ids, m: gr.update(value=compare_frame(ids, m), y_title=m), [compare_runs, metric],
+                 compare_plot, **private)
     track.input(set_tracking, track, None, **private)
     widgets.wire_controls(panel, selected)
     root = gr.context.Context.root_block
