@@ -105,6 +105,22 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def adapter_dir(run_dir: str | Path, checkpoint: str | None = None, marker: str = "adapter_config.json") -> Path:
+    """Where a run's adapter is: a named checkpoint's ("step-40"), else the final one, else (while the run
+    is still training) the latest checkpoint's. `marker` is the file an adapter folder must hold."""
+    run_dir = Path(run_dir)
+    if checkpoint:
+        folder = run_dir / "checkpoints" / checkpoint / "adapter"
+    elif (run_dir / "adapter" / marker).exists():
+        folder = run_dir / "adapter"
+    else:
+        latest = latest_checkpoint(run_dir)
+        folder = latest / "adapter" if latest else run_dir / "adapter"
+    if not (folder / marker).exists():
+        raise TrainingFailure(f"No adapter found at {folder}.", "Train the run (or wait for its first checkpoint).")
+    return folder
+
+
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     state = optimizer.state_dict()
     tensors, plain = {}, {}

@@ -14,7 +14,7 @@ from pipelines.llm.config import LLMConfig
 from pipelines.llm.data import load_examples
 from pipelines.llm.model import base_location, load_base_model, load_tokenizer, lora_targets
 from pipelines.llm.tokenize import collate, counted_tokens, encode
-from pipelines.training import (Events, TrainingFailure, TrainingTask, iterate_in_batches, latest_checkpoint,
+from pipelines.training import (Events, TrainingFailure, TrainingTask, adapter_dir, iterate_in_batches,
                                 pick_device, run_training, seed_everything, shuffled)
 
 
@@ -120,21 +120,6 @@ def _point_adapter_at_base(folder: Path, base_model: str) -> None:
 
 
 # ---- using a trained run ---------------------------------------------------------------------
-
-def adapter_dir(run_dir: str | Path, checkpoint: str | None = None) -> Path:
-    """The final adapter, or a named checkpoint's ("step-40"), or the latest checkpoint's if training
-    has not finished yet."""
-    run_dir = Path(run_dir)
-    if checkpoint:
-        folder = run_dir / "checkpoints" / checkpoint / "adapter"
-    elif (run_dir / "adapter" / "adapter_config.json").exists():
-        folder = run_dir / "adapter"
-    else:
-        latest = latest_checkpoint(run_dir)
-        folder = latest / "adapter" if latest else run_dir / "adapter"
-    if not (folder / "adapter_config.json").exists():
-        raise TrainingFailure(f"No adapter found at {folder}.", "Train the run (or wait for its first checkpoint).")
-    return folder
 
 
 def load_for_generation(config: LLMConfig, run_dir: str | Path | None, checkpoint: str | None = None):

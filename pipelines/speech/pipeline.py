@@ -30,7 +30,7 @@ from pipelines.speech.config import SpeechConfig
 from pipelines.speech.data import Clip, load_clips
 from pipelines.speech.model import (base_location, check_language, load_base_model, log_mel, lora_targets,
                                     model_summary, text_tokenizer)
-from pipelines.training import (Events, TrainingFailure, TrainingTask, iterate_in_batches, latest_checkpoint,
+from pipelines.training import (Events, TrainingFailure, TrainingTask, adapter_dir, iterate_in_batches,
                                 pick_device, run_training, seed_everything, shuffled)
 
 IGNORE = -100
@@ -221,21 +221,6 @@ def _describe_adapter(folder: Path, config: SpeechConfig) -> None:
 
 
 # ---- using a trained run ---------------------------------------------------------------------
-
-def adapter_dir(run_dir: str | Path, checkpoint: str | None = None) -> Path:
-    """The final adapter, or a named checkpoint's ("step-40"), or the latest checkpoint's if training
-    has not finished yet."""
-    run_dir = Path(run_dir)
-    if checkpoint:
-        folder = run_dir / "checkpoints" / checkpoint / "adapter"
-    elif (run_dir / "adapter" / "adapter_config.json").exists():
-        folder = run_dir / "adapter"
-    else:
-        latest = latest_checkpoint(run_dir)
-        folder = latest / "adapter" if latest else run_dir / "adapter"
-    if not (folder / "adapter_config.json").exists():
-        raise TrainingFailure(f"No adapter found at {folder}.", "Train the run (or wait for its first checkpoint).")
-    return folder
 
 
 def load_for_transcription(config: SpeechConfig, run_dir: str | Path | None = None,

@@ -18,7 +18,7 @@ import pandas as pd
 from pipelines import MODALITIES
 from studio import jobs, tracking
 from studio.progress import Progress, format_seconds
-from studio.runs import ACTIVE, FINAL, RESUMABLE, Registry, Run
+from studio.runs import FINAL, Registry, Run
 from studio.tabs import widgets
 
 COLUMNS = ["id", "name", "modality", "base model", "status", "progress", "best validation", "created", "duration"]
@@ -372,8 +372,13 @@ def build() -> dict[str, Any]:
     details_outputs = [summary, config, files, new_name, *panel.outputs()]
 
     def select_run(frame: pd.DataFrame, event: gr.SelectData):
-        row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
-        run_id = str(frame.iloc[row]["id"]) if frame is not None and row < len(frame) else None
+        # The clicked row's own values: right even after the user sorted the table in the browser.
+        row_value = getattr(event, "row_value", None)
+        if row_value:
+            run_id = str(row_value[0])
+        else:
+            row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
+            run_id = str(frame.iloc[row]["id"]) if frame is not None and row < len(frame) else None
         return [run_id, gr.update(visible=False), "", *show_run(run_id)]
 
     def do_rename(run_id, name, modality_value, status_value):
