@@ -35,12 +35,12 @@ def build_app() -> gr.Blocks:
     with gr.Blocks(title="LoRA Studio") as app:
         gr.Markdown("# LoRA Studio\nFine-tune language, image and speech models with LoRA, in your browser.")
         tabs = {}
-        with gr.Tabs():
+        with gr.Tabs() as tab_set:
             for modality, module in (("llm", llm), ("image", image), ("speech", speech)):
                 with gr.Tab(MODALITIES[modality], id=modality):
                     tabs[modality] = module.build()
             with gr.Tab("Runs", id="runs"):
-                runs_tab.build()
+                runs_tab.build(tab_set, {m: parts["load_outputs"] for m, parts in tabs.items()})
         _api()
         for modality, parts in tabs.items():
             # A page opened or reloaded shows the newest run of each tab, with its whole curve so far,

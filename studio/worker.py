@@ -19,7 +19,7 @@ from pathlib import Path
 from pipelines import load_config, pipeline_module
 from pipelines.config import ConfigError
 from pipelines.training import STOP_FILE, Events, TrainingFailure, stop_requested
-from studio import jobs
+from studio import jobs, tracking
 from studio.runs import Registry
 
 
@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         (run_dir / STOP_FILE).unlink(missing_ok=True)
         registry.set_status(run_id, status, error=error, advice=advice)
         log(f"Run {run_id} {status}.")
+        try:
+            tracking.sync(run_dir)  # TensorBoard / MLflow copies of the run, when switched on
+        except Exception as err:  # tracking must never change the run's result
+            log(f"Tracking export failed: {err}")
         sys.stdout.flush()
     try:
         jobs.dispatch(registry)

@@ -255,5 +255,5 @@ def build() -> None:
         button.click(lambda r, c, kind=kind: gr.update(value=widgets.export_zip(r, kind, c), visible=True),
                      [run_state, checkpoint], download, api_visibility="private")
 
-    return {"run_state": run_state, "check": (check_data, everything, check_outputs),
+    return {"run_state": run_state, "load_outputs": [files, validation_files, base_model, name, *form, message], "check": (check_data, everything, check_outputs),
             "live": (widgets.live_values, run_state, panel.outputs())}

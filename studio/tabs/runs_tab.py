@@ -263,24 +263,6 @@ def clone_values(run_id: str | None, registry: Registry | None = None) -> tuple[
     return run.modality, values
 
 
-def _find_clone_targets() -> tuple[Any, dict[str, list]]:
-    """The gr.Tabs holding the tabs, and for each modality the components its "Load config" fills, found
-    in the Blocks being built (the modality tabs are built before this one). Empty where not found."""
-    root = gr.context.Context.root_block
-    if root is None:
-        return None, {}
-    targets: dict[str, list] = {}
-    for dependency in root.fns.values():
-        owner = getattr(dependency.fn, "__self__", None)
-        if isinstance(owner, widgets.TabForm) and getattr(dependency.fn, "__func__", None) is widgets.TabForm.load:
-            targets[owner.modality] = list(dependency.outputs)
-    tabs = None
-    for block in root.blocks.values():
-        if isinstance(block, gr.Tabs) and any(getattr(c, "id", None) in targets for c in block.children):
-            tabs = block
-    return tabs, targets
-
-
 # ---- the tab ---------------------------------------------------------------------------------------
 
 _tracking_lock = threading.Lock()
@@ -306,7 +288,10 @@ def _panel_values(run_id: str | None) -> list[Any]:
     return values
 
 
-def build() -> dict[str, Any]:
+def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None) -> dict[str, Any]:
+    """`tabs` and `targets` (per modality, the components its Load config fills, in TabForm.load's order)
+    let Clone switch to the run's tab with its settings filled in."""
+    targets = targets or {}
     selected = gr.State(None)
     shown = gr.State("")  # the table last sent, so the timer sends it again only when it changed
 
@@ -460,14 +445,14 @@ def build() -> dict[str, Any]:
     if root is not None:  # a page opened or reloaded shows the table at once, not at the first tick
         root.load(refresh_table, [modality, status, shown], table_outputs, **private).then(
             lambda: gr.update(choices=run_choices()), None, compare_runs, **private)
-    _wire_clone(clone, selected, message, clone_file)
+    _wire_clone(clone, selected, message, clone_file, tabs, targets)
     return {"run_state": selected, "table": (refresh_table, [modality, status, shown], table_outputs)}
 
 
-def _wire_clone(clone: gr.Button, selected: gr.State, message: gr.Markdown, clone_file: gr.File) -> None:
+def _wire_clone(clone: gr.Button, selected: gr.State, message: gr.Markdown, clone_file: gr.File,
+                tabs: gr.Tabs | None, targets: dict[str, list]) -> None:
     """Clone opens the run's tab with its settings and data filled in. Where this tab is built without the
-    others (or they change shape), it offers the config.yaml to load there instead."""
-    tabs, targets = _find_clone_targets()
+    others, it offers the config.yaml to load there instead."""
     outputs = [message, clone_file] + ([tabs] if tabs is not None else [])
     for components in targets.values():
         outputs += [c for c in components if c not in outputs]

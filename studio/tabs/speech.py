@@ -166,4 +166,4 @@ def build() -> dict:
     for button, kind in ((export_adapter, "adapter"), (export_merged, "merged")):
         button.click(lambda r, c, kind=kind: gr.update(value=widgets.export_zip(r, kind, c), visible=True),
                      [run_state, checkpoint], download, api_visibility="private")
-    return {"run_state": run_state, "check": (check_data, everything, check_outputs)}
+    return {"run_state": run_state, "load_outputs": [files, validation, base_model, name, *form, message], "check": (check_data, everything, check_outputs)}
