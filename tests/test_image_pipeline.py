@@ -34,6 +34,16 @@ def losses(events: list[dict]) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in events if e["type"] == "step"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny preset's operations are too small to share between cores, and on a CPU busy with other work
+    (parallel test runs) torch's spinning worker threads slow each step severalfold: one thread is steadier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def sample_config(assets):
     return load_config(assets / "image" / "config.yaml")
