@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipelines.image.config import ImageConfig
 from pipelines.image.data import ImageExample, load_examples, read_image
-from pipelines.image.model import base_location, load_pipeline
+from pipelines.image.model import PRESETS, base_location, load_pipeline
 from pipelines.training import (Events, TrainingFailure, TrainingTask, iterate_in_batches, latest_checkpoint,
                                 pick_device, read_events, run_training, seed_everything, shuffled)
 
@@ -169,6 +169,20 @@ def embed_captions(captions: list[str], tokenizer, text_encoder) -> torch.Tensor
 
 def train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop: Callable[[], bool],
           resume: bool = False, log: Callable[[str], None] = print) -> str:
+    threads = torch.get_num_threads()
+    if config.base_model.strip() in PRESETS and pick_device(config.device).type == "cpu":
+        # The preset's operations are far too small to split between cores: one thread is as fast on an idle
+        # CPU, and on a busy one (another run, a test suite) several spinning threads make each step many
+        # times slower (measured: 150 steps in 24 s with one thread, 140-600 s with two on a shared 2-core box).
+        torch.set_num_threads(1)
+    try:
+        return _train(config, run_dir, events, should_stop, resume, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop: Callable[[], bool],
+           resume: bool, log: Callable[[str], None]) -> str:
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
@@ -389,7 +403,7 @@ EXPORT_KINDS = {
     "lora": "pytorch_lora_weights.safetensors in diffusers format: pipe.load_lora_weights(folder).",
     "kohya": "One .safetensors file in kohya/A1111 format for AUTOMATIC1111, ComfyUI, Forge, InvokeAI.",
     "merged": "A full diffusers pipeline folder with the LoRA fused into the UNet (and text encoder).",
-}  # "fused" is accepted as another name for "merged"
+}  # also accepted: "adapter" (every modality's name for the bare adapter) = "lora", "fused" = "merged"
 
 
 def export(config: ImageConfig, run_dir: str | Path, kind: str, destination: str | Path,
@@ -398,7 +412,7 @@ def export(config: ImageConfig, run_dir: str | Path, kind: str, destination: str
     Returns the folder ("lora", "merged") or the file ("kohya")."""
     destination = Path(destination)
     source = adapter_dir(run_dir, checkpoint)
-    if kind == "lora":
+    if kind in ("lora", "adapter"):
         destination.mkdir(parents=True, exist_ok=True)
         for name in (LORA_FILE, INFO_FILE):
             if (source / name).exists():
