@@ -26,6 +26,7 @@ from pipelines.image.data import ImageExample, load_examples, read_image
 from pipelines.image.model import PRESETS, base_location, load_pipeline
 from pipelines.training import (Events, TrainingFailure, TrainingTask, iterate_in_batches, latest_checkpoint,
                                 pick_device, read_events, run_training, seed_everything, shuffled)
+from pipelines.training import adapter_dir as shared_adapter_dir
 
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -322,19 +323,8 @@ def save_lora(folder: Path, unet, text_encoder, config: ImageConfig, resolution:
 # ---- using a trained run ---------------------------------------------------------------------
 
 def adapter_dir(run_dir: str | Path, checkpoint: str | None = None) -> Path:
-    """The final adapter, or a named checkpoint's ("step-40"), or the latest checkpoint's if training
-    has not finished yet."""
-    run_dir = Path(run_dir)
-    if checkpoint:
-        folder = run_dir / "checkpoints" / checkpoint / "adapter"
-    elif (run_dir / "adapter" / LORA_FILE).exists():
-        folder = run_dir / "adapter"
-    else:
-        latest = latest_checkpoint(run_dir)
-        folder = latest / "adapter" if latest else run_dir / "adapter"
-    if not (folder / LORA_FILE).exists():
-        raise TrainingFailure(f"No LoRA found at {folder}.", "Train the run (or wait for its first checkpoint).")
-    return folder
+    """The run's LoRA folder (final, a named checkpoint's, or the latest checkpoint's while training)."""
+    return shared_adapter_dir(run_dir, checkpoint, marker=LORA_FILE)
 
 
 def load_for_generation(config: ImageConfig, run_dir: str | Path | None = None, checkpoint: str | None = None):
