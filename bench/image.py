@@ -88,7 +88,8 @@ def order(config, count: int, steps: int) -> list[list[int]]:
 def worker_studio(args, config) -> dict:
     from diffusers import DDPMScheduler
     from pipelines.image.data import load_examples
-    from pipelines.image.pipeline import load_for_generation, train
+    from pipelines.image.model import load_pipeline
+    from pipelines.image.pipeline import train
     from pipelines.training import Events, read_events
 
     run_dir = Path(tempfile.mkdtemp(prefix="studio-run-"))
@@ -101,7 +102,8 @@ def worker_studio(args, config) -> dict:
     assert status == "completed", status
     found, _ = read_events(run_dir)
     steps = [e for e in found if e["type"] == "step"]
-    pipe = load_for_generation(config, run_dir)
+    pipe = load_pipeline(config.base_model)  # plain diffusers loading of the run's exported LoRA
+    pipe.load_lora_weights(str(run_dir / "adapter"))
     _, examples = load_examples(config, keep_notes=False)
     loss = fixed_loss(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
                       DDPMScheduler.from_config(pipe.scheduler.config), examples, config)
