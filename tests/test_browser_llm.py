@@ -102,3 +102,15 @@ def test_two_browser_sessions_see_the_same_truth(server, browser):
         assert "Resume" in stopped
     for page in pages:
         page.context.close()
+
+
+def test_out_of_range_settings_are_refused_with_the_field_name(server, page):
+    page.goto(server.url)
+    expect(page.locator("#llm-train")).to_be_enabled()
+    runs_before = len(list((server.home / "runs").iterdir())) if (server.home / "runs").exists() else 0
+    set_number(page, "Learning rate", 5)
+    page.locator("#llm-train").click()
+    message = page.locator("#llm-message")
+    expect(message).to_contain_text("learning_rate")
+    expect(message).to_contain_text("must be at most 1.0")
+    assert len(list((server.home / "runs").iterdir())) == runs_before

@@ -58,8 +58,11 @@ def _input_for(field: dataclasses.Field, kind: Any, value: Any) -> gr.Component:
     if kind in (int, float):
         if step and low is not None and high is not None and (high - low) / step <= 600:
             return gr.Slider(low, high, value=value, step=step, label=label, info=info, render=render)
-        return gr.Number(value=value, label=label, info=info, minimum=low, maximum=high,
-                         precision=0 if kind is int else None, render=render)
+        # Bounds go in the tooltip, not to gr.Number: its own refusal names no field, while Train's check
+        # names the field and every other problem at once.
+        bounds = f" ({low:g} to {high:g})" if low is not None and high is not None else ""
+        return gr.Number(value=value, label=label, info=info + bounds, precision=0 if kind is int else None,
+                         render=render)
     if typing.get_origin(kind) is list:
         return gr.Textbox(", ".join(value), label=label, info=info + " (comma-separated)", render=render)
     return gr.Textbox(value, label=label, info=info, render=render)
