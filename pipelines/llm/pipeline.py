@@ -64,7 +64,8 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
 
     def batches_for_epoch(epoch: int) -> list[dict]:
         order = shuffled(encoded, config.seed, epoch)
-        return [collate(group, pad_id, config.packing) for group in iterate_in_batches(order, config.batch_size)]
+        return [collate(group, pad_id, config.packing, config.max_length)
+                for group in iterate_in_batches(order, config.batch_size)]
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else None
 
@@ -83,7 +84,7 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
             return {}
         total_loss, total_tokens = 0.0, 0
         for group in iterate_in_batches(validation, config.batch_size):
-            batch = collate(group, pad_id, config.packing)
+            batch = collate(group, pad_id, config.packing, config.max_length)
             n = counted_tokens(batch)
             if n:
                 total_loss += forward(batch).item() * n

@@ -52,21 +52,40 @@ def encode(example: Example, tokenizer: PreTrainedTokenizerBase, config: LLMConf
     return ids, labels
 
 
-def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
+def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, packing: bool,
+            row_length: int = 0) -> dict[str, torch.Tensor]:
     """One forward pass worth of examples.
 
-    packing: all examples concatenated into a single row with position ids restarting at each example.
-    The model then builds a block-diagonal causal mask from the position ids, so examples never attend to
-    each other, and no compute is spent on padding. Otherwise: right-padded to the longest example.
+    packing: the examples are packed into rows of at most `row_length` tokens (first fit, longest first),
+    with position ids restarting at each example. The model builds a block-diagonal causal mask from the
+    position ids, so examples never attend to each other, and almost no compute goes to padding. Rows are
+    bounded because without a flash-attention kernel attention costs grow with the square of the row.
+    Otherwise: one row per example, right-padded to the longest.
     """
     if packing:
+        longest = max(len(seq) for seq, _ in encoded)
+        capacity = max(row_length, longest)
+        rows: list[list[tuple[list[int], list[int]]]] = []
+        for pair in sorted(encoded, key=lambda p: -len(p[0])):
+            row = next((r for r in rows if sum(len(s) for s, _ in r) + len(pair[0]) <= capacity), None)
+            if row is None:
+                rows.append([pair])
+            else:
+                row.append(pair)
+        width = max(sum(len(s) for s, _ in row) for row in rows)
         ids, labels, positions = [], [], []
-        for seq, lab in encoded:
-            ids += seq
-            labels += [IGNORE] + lab[1:]  # the first token is never predicted from the previous example
-            positions += list(range(len(seq)))
-        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([positions])}
+        for row in rows:
+            row_ids, row_labels, row_positions = [], [], []
+            for seq, lab in row:
+                row_ids += seq
+                row_labels += [IGNORE] + lab[1:]  # the first token is never predicted from the previous example
+                row_positions += list(range(len(seq)))
+            pad = width - len(row_ids)  # padding forms its own segment (positions restart) and is never learned
+            ids.append(row_ids + [pad_id] * pad)
+            labels.append(row_labels + [IGNORE] * pad)
+            positions.append(row_positions + list(range(pad)))
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "position_ids": torch.tensor(positions)}
     longest = max(len(seq) for seq, _ in encoded)
     ids = [seq + [pad_id] * (longest - len(seq)) for seq, _ in encoded]
     labels = [lab + [IGNORE] * (longest - len(lab)) for _, lab in encoded]
