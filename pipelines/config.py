@@ -110,15 +110,23 @@ class RunConfig:
                 values[name] = _coerce(data[name], types[name])
             except ValueError as err:
                 problems.append((name, str(err)))
-        if problems:
-            raise ConfigError(problems)
         config = cls(**values)
         if check:
-            config.check()
+            # Every problem at once: also the bounds and rules of the fields that converted fine.
+            named = {name for name, _ in problems}
+            problems += [(name, why) for name, why in config.problems() if name not in named]
+        if problems:
+            raise ConfigError(problems)
         return config
 
     def check(self) -> None:
-        """Validate every field against its type and bounds, then cross-field rules."""
+        """Validate every field against its type and bounds, then cross-field rules. Raises ConfigError."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, reason) for every field out of type or bounds, then the cross-field rules."""
         problems = []
         types = self.field_types()
         for f in self.fields():
@@ -135,9 +143,7 @@ class RunConfig:
                 problems.append((f.name, f"must be at most {meta['max']} (got {value})"))
             if meta.get("choices") and value not in meta["choices"]:
                 problems.append((f.name, f"must be one of {', '.join(map(str, meta['choices']))} (got {value!r})"))
-        problems += self.extra_problems()
-        if problems:
-            raise ConfigError(problems)
+        return problems + self.extra_problems()
 
     def extra_problems(self) -> list[tuple[str, str]]:
         """Cross-field rules; modalities extend this."""

@@ -25,7 +25,7 @@ def home(tmp_path, monkeypatch):
     return home
 
 
-def studio(*args, timeout=180):
+def studio(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "studio.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
