@@ -108,15 +108,7 @@ def build() -> dict:
                 with gr.Row():
                     for key in row:
                         inputs[key].render()
-    with gr.Row():
-        train = gr.Button("Train", variant="primary", interactive=False, scale=2, elem_id="image-train")
-        save = gr.Button("Save config", scale=1)
-        load = gr.UploadButton("Load config", file_types=[".yaml", ".yml"], scale=1)
-    config_file = gr.File(label="config.yaml", visible=False)
-    message = gr.Markdown(elem_id="image-message")
-
-    gr.Markdown("### Training")
-    panel = widgets.live_panel("image")
+    section = widgets.run_section("image")
 
     with gr.Group():
         gr.Markdown("### Try it: base and tuned, same seed")
@@ -146,25 +138,13 @@ def build() -> dict:
 
     form = [inputs[k] for k in FORM]
     everything = [files, folder, base_model, name, *form]
-    check_outputs = [data_summary, problems, preview, train]
+    check_outputs = [data_summary, problems, preview, section.train]
     for trigger in (files.change, folder.change, inputs["caption_source"].change, inputs["instance_prompt"].blur,
                     inputs["resolution"].change):
         trigger(check_data, everything, check_outputs, api_visibility="private", trigger_mode="always_last")
-    train.click(FORM_SPEC.start, everything, [run_state, message], api_visibility="private").then(
-        widgets.live_values, run_state, panel.outputs(), api_visibility="private")
-    save.click(FORM_SPEC.save, everything, [config_file, message], api_visibility="private")
-    load.upload(FORM_SPEC.load, load, [files, folder, base_model, name, *form, message], api_visibility="private")
-
-    gr.Timer(1.5).tick(widgets.live_values, run_state, panel.outputs(), api_visibility="private",
-                       show_progress="hidden")
-    widgets.wire_controls(panel, run_state)
-    run_state.change(lambda r: gr.update(choices=widgets.checkpoint_choices(r), value="final"), run_state,
-                     checkpoint, api_visibility="private")
-    checkpoint.focus(lambda r: gr.update(choices=widgets.checkpoint_choices(r)), run_state, checkpoint,
-                     api_visibility="private")
     generate.click(try_prompt, [run_state, checkpoint, prompt, negative, seed, steps, guidance, size, strength],
                    [base_image, tuned_image], api_visibility="private")
-    for button, kind in ((export_lora, "lora"), (export_kohya, "kohya"), (export_merged, "merged")):
-        button.click(lambda r, c, kind=kind: gr.update(value=widgets.export_zip(r, kind, c), visible=True),
-                     [run_state, checkpoint], download, api_visibility="private")
-    return {"run_state": run_state, "load_outputs": [files, folder, base_model, name, *form, message], "check": (check_data, everything, check_outputs)}
+    load_outputs = [files, folder, base_model, name, *form, section.message]
+    widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
+                             {"lora": export_lora, "kohya": export_kohya, "merged": export_merged}, download)
+    return {"run_state": run_state, "load_outputs": load_outputs, "check": (check_data, everything, check_outputs)}

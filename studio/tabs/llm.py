@@ -194,15 +194,7 @@ def build() -> None:
                 for key in ADVANCED[5:]:
                     inputs[key].render()
     preflight = gr.Markdown()
-    with gr.Row():
-        train = gr.Button("Train", variant="primary", interactive=False, scale=2, elem_id="llm-train")
-        save = gr.Button("Save config", scale=1)
-        load = gr.UploadButton("Load config", file_types=[".yaml", ".yml"], scale=1)
-    config_file = gr.File(label="config.yaml", visible=False)
-    message = gr.Markdown(elem_id="llm-message")
-
-    gr.Markdown("### Training")
-    panel = widgets.live_panel("llm")
+    section = widgets.run_section("llm")
 
     with gr.Group():
         gr.Markdown("### Try it")
@@ -227,7 +219,7 @@ def build() -> None:
     form = [inputs[k] for k in FORM]
     everything = [files, validation_files, base_model, name, *form]
     mapping = [inputs[k] for k in COLUMNS]
-    check_outputs = [data_summary, problems, preview, histogram, *mapping, train, preflight]
+    check_outputs = [data_summary, problems, preview, histogram, *mapping, section.train, preflight]
     for trigger in (files.change, validation_files.change, base_model.change, inputs["data_format"].change,
                     inputs["max_length"].change, inputs["validation_fraction"].change,
                     inputs["system_prompt"].blur, inputs["batch_size"].change, inputs["load_in_4bit"].change):
@@ -235,25 +227,9 @@ def build() -> None:
     for column in mapping:
         column.input(check_data, everything, check_outputs, api_visibility="private", trigger_mode="always_last")
 
-    train.click(FORM_SPEC.start, everything, [run_state, message], api_visibility="private").then(
-        widgets.live_values, run_state, panel.outputs(), api_visibility="private")
-    save.click(FORM_SPEC.save, everything, [config_file, message], api_visibility="private")
-    load.upload(FORM_SPEC.load, load, [files, validation_files, base_model, name, *form, message],
-                api_visibility="private")
-
-    timer = gr.Timer(1.5)
-    timer.tick(widgets.live_values, run_state, panel.outputs(), api_visibility="private", show_progress="hidden")
-    widgets.wire_controls(panel, run_state)
-    run_state.change(lambda r: gr.update(choices=widgets.checkpoint_choices(r), value="final"), run_state,
-                     checkpoint, api_visibility="private")
-    checkpoint.focus(lambda r: gr.update(choices=widgets.checkpoint_choices(r)), run_state, checkpoint,
-                     api_visibility="private")
-
     generate.click(try_prompt, [run_state, checkpoint, prompt, max_new_tokens, temperature, top_p],
                    [base_answer, tuned_answer], api_visibility="private")
-    for button, kind in ((export_adapter, "adapter"), (export_merged, "merged")):
-        button.click(lambda r, c, kind=kind: gr.update(value=widgets.export_zip(r, kind, c), visible=True),
-                     [run_state, checkpoint], download, api_visibility="private")
-
-    return {"run_state": run_state, "load_outputs": [files, validation_files, base_model, name, *form, message], "check": (check_data, everything, check_outputs),
-            "live": (widgets.live_values, run_state, panel.outputs())}
+    load_outputs = [files, validation_files, base_model, name, *form, section.message]
+    widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
+                             {"adapter": export_adapter, "merged": export_merged}, download)
+    return {"run_state": run_state, "load_outputs": load_outputs, "check": (check_data, everything, check_outputs)}

@@ -111,15 +111,7 @@ def build() -> dict:
             with gr.Row():
                 for key in ADVANCED:
                     inputs[key].render()
-    with gr.Row():
-        train = gr.Button("Train", variant="primary", interactive=False, scale=2, elem_id="speech-train")
-        save = gr.Button("Save config", scale=1)
-        load = gr.UploadButton("Load config", file_types=[".yaml", ".yml"], scale=1)
-    config_file = gr.File(label="config.yaml", visible=False)
-    message = gr.Markdown(elem_id="speech-message")
-
-    gr.Markdown("### Training")
-    panel = widgets.live_panel("speech")
+    section = widgets.run_section("speech")
 
     with gr.Group():
         gr.Markdown("### Try it: base and tuned on the same audio")
@@ -143,27 +135,14 @@ def build() -> dict:
 
     form = [inputs[k] for k in FORM]
     everything = [files, validation, base_model, name, *form]
-    check_outputs = [data_summary, problems, preview, clip, player, train]
+    check_outputs = [data_summary, problems, preview, clip, player, section.train]
     for trigger in (files.change, validation.change, base_model.change, inputs["long_clips"].change,
                     inputs["validation_fraction"].change, inputs["max_label_tokens"].change):
         trigger(check_data, everything, check_outputs, api_visibility="private", trigger_mode="always_last")
     clip.change(lambda c: c, clip, player, api_visibility="private")
-    train.click(FORM_SPEC.start, everything, [run_state, message], api_visibility="private").then(
-        widgets.live_values, run_state, panel.outputs(), api_visibility="private")
-    save.click(FORM_SPEC.save, everything, [config_file, message], api_visibility="private")
-    load.upload(FORM_SPEC.load, load, [files, validation, base_model, name, *form, message],
-                api_visibility="private")
-
-    gr.Timer(1.5).tick(widgets.live_values, run_state, panel.outputs(), api_visibility="private",
-                       show_progress="hidden")
-    widgets.wire_controls(panel, run_state)
-    run_state.change(lambda r: gr.update(choices=widgets.checkpoint_choices(r), value="final"), run_state,
-                     checkpoint, api_visibility="private")
-    checkpoint.focus(lambda r: gr.update(choices=widgets.checkpoint_choices(r)), run_state, checkpoint,
-                     api_visibility="private")
     transcribe.click(try_audio, [run_state, checkpoint, audio], [base_text, base_time, tuned_text, tuned_time],
                      api_visibility="private")
-    for button, kind in ((export_adapter, "adapter"), (export_merged, "merged")):
-        button.click(lambda r, c, kind=kind: gr.update(value=widgets.export_zip(r, kind, c), visible=True),
-                     [run_state, checkpoint], download, api_visibility="private")
-    return {"run_state": run_state, "load_outputs": [files, validation, base_model, name, *form, message], "check": (check_data, everything, check_outputs)}
+    load_outputs = [files, validation, base_model, name, *form, section.message]
+    widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
+                             {"adapter": export_adapter, "merged": export_merged}, download)
+    return {"run_state": run_state, "load_outputs": load_outputs, "check": (check_data, everything, check_outputs)}

@@ -337,6 +337,49 @@ def latest_run_id(modality: str, registry: Registry | None = None) -> str | None
     return chosen[0].id if chosen else None
 
 
+# ---- the part of a tab every modality shares --------------------------------------------------
+
+@dataclasses.dataclass
+class RunSection:
+    train: gr.Button
+    message: gr.Markdown
+    panel: LivePanel
+    save: gr.Button
+    load: gr.UploadButton
+    config_file: gr.File
+
+
+def run_section(key: str) -> RunSection:
+    """Train / Save config / Load config, the settings message, and the live training panel."""
+    with gr.Row():
+        train = gr.Button("Train", variant="primary", interactive=False, scale=2, elem_id=f"{key}-train")
+        save = gr.Button("Save config", scale=1)
+        load = gr.UploadButton("Load config", file_types=[".yaml", ".yml"], scale=1)
+    config_file = gr.File(label="config.yaml", visible=False)
+    message = gr.Markdown(elem_id=f"{key}-message")
+    gr.Markdown("### Training")
+    return RunSection(train, message, live_panel(key), save, load, config_file)
+
+
+def wire_run_section(section: RunSection, form: TabForm, run_state: gr.State, inputs: list, load_outputs: list,
+                     checkpoint: gr.Dropdown, exports: dict[str, gr.Button], download: gr.File) -> None:
+    """The handlers every tab shares: train, save/load config, the live refresh, run controls, the
+    checkpoint choice and the export buttons."""
+    private = {"api_visibility": "private"}
+    section.train.click(form.start, inputs, [run_state, section.message], **private).then(
+        live_values, run_state, section.panel.outputs(), **private)
+    section.save.click(form.save, inputs, [section.config_file, section.message], **private)
+    section.load.upload(form.load, section.load, load_outputs, **private)
+    gr.Timer(1.5).tick(live_values, run_state, section.panel.outputs(), show_progress="hidden", **private)
+    wire_controls(section.panel, run_state)
+    run_state.change(lambda r: gr.update(choices=checkpoint_choices(r), value="final"), run_state, checkpoint,
+                     **private)
+    checkpoint.focus(lambda r: gr.update(choices=checkpoint_choices(r)), run_state, checkpoint, **private)
+    for kind, button in exports.items():
+        button.click(lambda r, c, kind=kind: gr.update(value=export_zip(r, kind, c), visible=True),
+                     [run_state, checkpoint], download, **private)
+
+
 # ---- checkpoints and export -------------------------------------------------------------------
 
 def checkpoint_choices(run_id: str | None) -> list[str]:
