@@ -83,6 +83,15 @@ def read_events(run_dir: str | Path, offset: int = 0) -> tuple[list[dict], int]:
     return events, offset + end
 
 
+def require_data(problems: list, examples: list, what: str, log: Callable[[str], None]) -> None:
+    """Log each problem the data check found (those rows are skipped); fail when nothing is usable."""
+    for problem in problems:
+        log(f"Skipped: {problem}")
+    if not examples:
+        first = problems[0] if problems else f"no {what}s"
+        raise TrainingFailure(f"The training data has no usable {what} ({first}).", "Fix the data and start again.")
+
+
 def stop_requested(run_dir: str | Path) -> Callable[[], bool]:
     """The should_stop callback the worker passes in: true once someone wrote the STOP file."""
     flag = Path(run_dir) / STOP_FILE

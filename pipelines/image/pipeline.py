@@ -27,6 +27,7 @@ from pipelines.image.model import PRESETS, base_location, load_pipeline
 from pipelines.training import (Events, TrainingFailure, TrainingTask, iterate_in_batches, latest_checkpoint,
                                 pick_device, read_events, run_training, seed_everything, shuffled)
 from pipelines.training import adapter_dir as shared_adapter_dir
+from pipelines.training import require_data
 
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -190,11 +191,7 @@ def _train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop
     run_dir = Path(run_dir)
     device = pick_device(config.device)
     report, examples = load_examples(config, keep_notes=False)
-    for problem in report.problems:
-        log(f"Data: {problem}")
-    if not examples:
-        first = report.problems[0] if report.problems else "no images"
-        raise TrainingFailure(f"The training data has no usable image ({first}).", "Fix the data and start again.")
+    require_data(report.problems, examples, "image", log)
     weight_dtype = _weight_dtype(config, device, log)
 
     log(f"Loading {config.base_model} on {device.type}.")

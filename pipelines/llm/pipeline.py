@@ -14,7 +14,7 @@ from pipelines.llm.config import LLMConfig
 from pipelines.llm.data import load_examples
 from pipelines.llm.model import base_location, load_base_model, load_tokenizer, lora_targets
 from pipelines.llm.tokenize import collate, counted_tokens, encode
-from pipelines.training import (Events, TrainingFailure, TrainingTask, adapter_dir, iterate_in_batches,
+from pipelines.training import (Events, TrainingFailure, TrainingTask, adapter_dir, iterate_in_batches, require_data,
                                 pick_device, run_training, seed_everything, shuffled)
 
 
@@ -36,11 +36,7 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
     run_dir = Path(run_dir)
     device = pick_device(config.device)
     report, train_examples, validation_examples = load_examples(config)
-    for problem in report.problems:
-        log(f"Skipped: {problem}")
-    if not train_examples:
-        first = report.problems[0] if report.problems else "no rows"
-        raise TrainingFailure(f"The training data has no usable row ({first}).", "Fix the data and start again.")
+    require_data(report.problems, train_examples, "row", log)
 
     log(f"Loading {config.base_model} on {device.type}.")
     tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)

@@ -30,7 +30,7 @@ from pipelines.speech.config import SpeechConfig
 from pipelines.speech.data import Clip, load_clips
 from pipelines.speech.model import (base_location, check_language, load_base_model, log_mel, lora_targets,
                                     model_summary, text_tokenizer)
-from pipelines.training import (Events, TrainingFailure, TrainingTask, adapter_dir, iterate_in_batches,
+from pipelines.training import (Events, TrainingFailure, TrainingTask, adapter_dir, iterate_in_batches, require_data,
                                 pick_device, run_training, seed_everything, shuffled)
 
 IGNORE = -100
@@ -111,11 +111,7 @@ def train(config: SpeechConfig, run_dir: str | Path, events: Events, should_stop
     run_dir = Path(run_dir)
     device = pick_device(config.device)
     report, train_clips, validation_clips = load_clips(config)
-    for problem in report.problems:
-        log(f"Data: {problem}")
-    if not train_clips:
-        first = report.problems[0] if report.problems else "no clips"
-        raise TrainingFailure(f"The training data has no usable clip ({first}).", "Fix the data and start again.")
+    require_data(report.problems, train_clips, "clip", log)
 
     log(f"Loading {config.base_model} on {device.type}.")
     base = load_base_model(config.base_model, device)
