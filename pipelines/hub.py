@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
+import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 from urllib.parse import urlparse
@@ -58,16 +60,44 @@ def resolve_source(base_model: str, presets: dict) -> tuple[str, str]:
                            "or a local folder.")
 
 
+def host_reachable(url: str, timeout: float = 3.0) -> bool:
+    """A quick TCP check of a download host, so an offline machine gets its answer in seconds, not after
+    minutes of retries. STUDIO_OFFLINE=1 or HF_HUB_OFFLINE=1 answers no without asking."""
+    if any(os.environ.get(flag, "0").lower() in ("1", "true", "yes") for flag in ("STUDIO_OFFLINE", "HF_HUB_OFFLINE")):
+        return False
+    parsed = urlparse(url)
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    # getaddrinfo ignores socket timeouts; a daemon thread bounds the whole check.
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return bool(result and result[0])
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check, so an offline machine gets its answer in seconds, not after minutes of retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return host_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
+
+
+def publish_folder(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build a folder (a materialised preset) under a temporary name and rename it into place, so a
+    half-written folder never looks complete and two processes building it at once both end up fine."""
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        os.replace(tmp, target)
+    except OSError:  # another process built it first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def load_from_hub(loader: Callable[..., T], repo_id: str, **kwargs) -> T:

@@ -7,13 +7,11 @@ as a downloaded model, and exported LoRA files load onto a real folder with plai
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from pipelines.hub import ModelUnavailable, hub_reachable, load_from_hub, resolve_source, workspace
+from pipelines.hub import ModelUnavailable, hub_reachable, load_from_hub, publish_folder, resolve_source, workspace
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
@@ -68,15 +66,7 @@ def materialise_preset(name: str) -> Path:
                                                 pad_token_id=tokenizer.pad_token_id, **spec["text_encoder"]))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=EulerDiscreteScheduler(**spec["scheduler"]), **SAFETY_OFF)
-    tmp = target.with_name(f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process built it first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return publish_folder(target, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
 
 
 def base_location(base_model: str) -> tuple[str, str]:

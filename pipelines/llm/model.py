@@ -7,14 +7,12 @@ exported adapter's `base_model_name_or_path` points at a real folder plain peft 
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from pipelines.hub import ModelUnavailable, load_from_hub, resolve_source, workspace
+from pipelines.hub import ModelUnavailable, load_from_hub, publish_folder, resolve_source, workspace
 from pipelines.training import TrainingFailure
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -58,16 +56,12 @@ def materialise_preset(name: str) -> Path:
     torch.manual_seed(spec["seed"])
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = target.with_name(f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process built it first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    return publish_folder(target, save)
 
 
 def base_location(base_model: str) -> str:

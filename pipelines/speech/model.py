@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlparse
@@ -22,7 +21,7 @@ from whisper.audio import N_FRAMES, N_SAMPLES
 from whisper.model import ModelDimensions, Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
-from pipelines.hub import ModelUnavailable, resolve_source, workspace
+from pipelines.hub import ModelUnavailable, host_reachable, resolve_source, workspace
 from pipelines.speech.config import BASE_MODELS
 from pipelines.training import TrainingFailure
 
@@ -84,27 +83,6 @@ def materialise_preset(name: str) -> Path:
     return target
 
 
-def _host_reachable(url: str, timeout: float = 3.0) -> bool:
-    """A quick TCP check, name lookup included, so an offline machine hears so in seconds."""
-    if any(os.environ.get(flag, "0").lower() in ("1", "true", "yes") for flag in ("STUDIO_OFFLINE", "HF_HUB_OFFLINE")):
-        return False
-    parsed = urlparse(url)
-    result: list[bool] = []
-
-    def connect() -> None:
-        try:
-            with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    # getaddrinfo ignores socket timeouts; a daemon thread bounds the whole check.
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout + 1)
-    return bool(result and result[0])
-
-
 def base_location(base_model: str) -> str:
     """What whisper.load_model should load: a named size or a .pt path. Raises ModelUnavailable."""
     text = base_model.strip()
@@ -139,7 +117,7 @@ def load_base_model(base_model: str, device: torch.device) -> Whisper:
 def _load_named(name: str, device: torch.device) -> Whisper:
     url = whisper._MODELS[name]
     cached = whisper_cache_dir() / os.path.basename(url)
-    if not cached.is_file() and not _host_reachable(url):
+    if not cached.is_file() and not host_reachable(url):
         raise ModelUnavailable(f"Whisper '{name}' is not downloaded yet and this machine cannot reach "
                                f"{urlparse(url).hostname} to fetch it.",
                                "Pick the built-in tiny-whisper preset, or download the model on a connected "
