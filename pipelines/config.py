@@ -78,6 +78,15 @@ class RunConfig:
                                    advanced=True)
     device: str = option("auto", "Where to train: auto picks the GPU when there is one.",
                          choices=["auto", "cpu", "cuda"], advanced=True)
+    processes: int = option(1, "Training processes on this machine: one per GPU (on a CPU, each takes a share "
+                               "of the cores). Above 1 trains data parallel: global batch = batch size x "
+                               "accumulation x processes x nodes.", min=1, max=64, step=1, advanced=True)
+    nodes: int = option(1, "Machines training this run together. Node 0 is this studio; start the others with "
+                           "`studio join` on the same run folder (shared storage).", min=1, max=1024, advanced=True)
+    main_address: str = option("127.0.0.1", "Address of node 0 that the other nodes can reach (nodes > 1 only).",
+                               advanced=True)
+    main_port: int = option(0, "Port the processes meet on; 0 = any free port (one machine only).",
+                            min=0, max=65535, advanced=True)
 
     # ---- (de)serialisation -------------------------------------------------------------------
 
@@ -155,7 +164,21 @@ class RunConfig:
             problems.append(("name", "may hold only letters, digits, spaces, '-', '_' and '.'"))
         if len(name) > 80:
             problems.append(("name", "is longer than 80 characters"))
+        if self.nodes > 1 and not self.main_port:
+            problems.append(("main_port", "must be set (not 0) when several nodes train together"))
+        address = self.main_address.strip()
+        if not address or not all(c.isalnum() or c in ".-:[]" for c in address):
+            problems.append(("main_address", "must be a host name or an IP address"))
         return problems
+
+    @property
+    def world_size(self) -> int:
+        """Training processes over all nodes."""
+        return self.processes * self.nodes
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.gradient_accumulation * self.world_size
 
     def resolved_paths(self, base: Path) -> "RunConfig":
         """A copy whose data paths are absolute, relative ones read against `base`."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipelines import distributed
 from pipelines.config import RunConfig
 
 STOP_FILE = "STOP"
@@ -43,18 +44,21 @@ class Events:
     """Append-only `events.jsonl`: one JSON object per line, flushed as written, so readers in other
     processes (the UI, the CLI) see each step as soon as it happens."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, write: bool = True):
         self.path = Path(run_dir) / "events.jsonl"
-        self._file = open(self.path, "a", encoding="utf-8")
+        # Processes other than rank 0 of a multi-process run pass write=False: one writer, one story.
+        self._file = open(self.path, "a", encoding="utf-8") if write else None
 
     def emit(self, kind: str, **data: Any) -> dict:
         event = {"type": kind, "time": round(time.time(), 3), **data}
-        self._file.write(json.dumps(event, default=_jsonable) + "\n")
-        self._file.flush()
+        if self._file:
+            self._file.write(json.dumps(event, default=_jsonable) + "\n")
+            self._file.flush()
         return event
 
     def close(self) -> None:
-        self._file.close()
+        if self._file:
+            self._file.close()
 
 
 def _jsonable(value: Any) -> Any:
@@ -215,11 +219,17 @@ def make_scheduler(optimizer, config: RunConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def count_steps(config: RunConfig, batches_per_epoch: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps)."""
-    per_epoch = max(1, math.ceil(batches_per_epoch / config.gradient_accumulation))
+def count_steps(config: RunConfig, batches_per_epoch: int, world: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps). A step takes accumulation x world batches."""
+    per_epoch = max(1, math.ceil(batches_per_epoch / (config.gradient_accumulation * world)))
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     return per_epoch, total
+
+
+def seed_batch(seed: int, step: int, index: int) -> None:
+    """Seed torch for the index-th batch of a step's global chunk: the batch's dropout and noise are then
+    the same whichever process computes it, so 1 and N processes follow the same curve."""
+    torch.manual_seed((seed * 1_000_003 + step) * 65_537 + index)
 
 
 def seed_everything(seed: int) -> None:
@@ -231,18 +241,27 @@ def seed_everything(seed: int) -> None:
 def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, events: Events,
                  should_stop: Callable[[], bool], resume: bool = False,
                  log: Callable[[str], None] = print) -> str:
-    """Train until done or stopped. Returns "completed" or "stopped"; raises TrainingFailure."""
+    """Train until done or stopped. Returns "completed" or "stopped"; raises TrainingFailure.
+
+    In a multi-process run (pipelines.distributed) every process calls this; only rank 0 writes."""
     run_dir = Path(run_dir)
+    here = distributed.place()
     model = task.model
     params = trainable_parameters(model)
     if not params:
         raise TrainingFailure("The model has no trainable parameters.", "Check the LoRA target modules.")
     optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
-    epoch0 = task.batches_for_epoch(0)
+    def epoch_batches(epoch: int) -> list:
+        batches = task.batches_for_epoch(epoch)
+        # Every process must get the same number of batches per step: drop the last few (< world).
+        return batches[:len(batches) - len(batches) % here.world]
+
+    epoch0 = epoch_batches(0)
     if not epoch0:
         raise TrainingFailure("The training data has no usable example.", "Fix the problems the data check lists.")
-    per_epoch, total_steps = count_steps(config, len(epoch0))
+    per_epoch, total_steps = count_steps(config, len(epoch0), here.world)
+    rank_status = distributed.RankStatus(run_dir, here, next(iter(params.values())).device) if here.distributed else None
     scheduler = make_scheduler(optimizer, config, total_steps)
 
     step, epoch, chunk_start, units_done, elapsed_before = 0, 0, 0, 0, 0.0
@@ -265,8 +284,10 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
     else:
         seed_everything(config.seed)
 
-    def save_checkpoint() -> Path:
+    def save_checkpoint() -> Path | None:
         final = run_dir / "checkpoints" / f"step-{step}"
+        if not here.main:
+            return None
         if final.exists():
             return final
         tmp = run_dir / "checkpoints" / f".tmp-step-{step}"
@@ -294,7 +315,7 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
         return final
 
     def evaluate() -> None:
-        if task.evaluate is None:
+        if task.evaluate is None or not here.main:
             return
         model.eval()
         with torch.no_grad():
@@ -304,7 +325,7 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
             events.emit("eval", step=step, **metrics)
 
     def samples() -> None:
-        if task.make_samples is None:
+        if task.make_samples is None or not here.main:
             return
         model.eval()
         with torch.no_grad():
@@ -312,8 +333,12 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
                 events.emit("sample", step=step, **sample)
         model.train()
 
+    global_batch = config.batch_size * config.gradient_accumulation * here.world
     events.emit("started", total_steps=total_steps, steps_per_epoch=per_epoch, unit=task.unit,
-                resumed_from=step, trainable_parameters=sum(p.numel() for p in params.values()))
+                resumed_from=step, trainable_parameters=sum(p.numel() for p in params.values()),
+                processes=here.world, global_batch=global_batch)
+    if rank_status:
+        rank_status.update(force=True, state="training", step=step)
     if task.evaluate_at_start and step == 0:
         evaluate()
     model.train()
@@ -322,21 +347,37 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
     window: list[tuple[float, int]] = []  # (seconds, units) of recent steps, for the throughput figure
 
     while step < total_steps:
-        batches = epoch0 if epoch == 0 else task.batches_for_epoch(epoch)
-        chunks = [batches[i:i + config.gradient_accumulation]
-                  for i in range(0, len(batches), config.gradient_accumulation)]
+        batches = epoch0 if epoch == 0 else epoch_batches(epoch)
+        size = config.gradient_accumulation * here.world
+        chunks = [batches[i:i + size] for i in range(0, len(batches), size)]
         while chunk_start < len(chunks) and step < total_steps:
             t0 = time.perf_counter()
             chunk = chunks[chunk_start]
-            loss_sum, units = 0.0, 0
-            for batch in chunk:
-                loss, n = task.loss_on(batch)
+            mine = range(here.rank, len(chunk), here.world)  # this process's share of the global chunk
+            loss_sum, units, bad_loss = 0.0, 0, None
+            for index in mine:
+                seed_batch(config.seed, step, index)
+                loss, n = task.loss_on(chunk[index])
                 if not torch.isfinite(loss):
-                    raise TrainingFailure(f"The loss became {loss.item()} at step {step + 1}.",
-                                          "Lower the learning rate (try half) or check the data for empty examples.")
-                (loss / len(chunk)).backward()
+                    bad_loss = loss.item()
+                    break
+                (loss / len(mine)).backward()
                 loss_sum += loss.item()
                 units += n
+            stop = here.main and should_stop()
+            batches_done = len(mine)
+            if here.distributed:
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+                loss_sum, units, batches_done, bad_anywhere, stop = distributed.all_reduce_step(
+                    grads, [loss_sum, units, len(mine), bad_loss is not None, stop], here.world)
+                units = int(units)
+                if bad_anywhere and bad_loss is None:
+                    bad_loss = float("nan")  # another process's loss went bad: every process stops here
+                for p, g in zip(params.values(), grads):
+                    p.grad = g
+            if bad_loss is not None:
+                raise TrainingFailure(f"The loss became {bad_loss} at step {step + 1}.",
+                                      "Lower the learning rate (try half) or check the data for empty examples.")
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
@@ -352,16 +393,20 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
             rate = sum(u for _, u in window) / max(1e-9, sum(s for s, _ in window))
             step_time = sum(s for s, _ in window) / len(window)
             events.emit("step", step=step, total_steps=total_steps, epoch=epoch + chunk_start / len(chunks),
-                        loss=loss_sum / len(chunk), lr=lr, units=units, units_per_s=rate,
+                        loss=loss_sum / batches_done, lr=lr, units=units, units_per_s=rate,
                         eta_s=step_time * (total_steps - step), elapsed_s=elapsed)
+            if rank_status:
+                rank_status.update(step=step)
             last = step == total_steps
             if config.eval_every and step % config.eval_every == 0 and not last:
                 evaluate()
             if config.sample_every and step % config.sample_every == 0 and not last:
                 samples()
-            if should_stop() and not last:
+            if stop and not last:
                 save_checkpoint()
                 log(f"Stopped at step {step}; checkpoint saved.")
+                if rank_status:
+                    rank_status.update(force=True, state="stopped")
                 return "stopped"
             if step % config.checkpoint_every == 0 and not last:
                 save_checkpoint()
@@ -371,7 +416,10 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
     evaluate()
     samples()
     save_checkpoint()
-    task.save_adapter(run_dir / "adapter")
+    if here.main:
+        task.save_adapter(run_dir / "adapter")
+    if rank_status:
+        rank_status.update(force=True, state="completed", step=step)
     log(f"Finished {total_steps} steps in {elapsed:.1f} s.")
     return "completed"
 
@@ -388,10 +436,19 @@ def shuffled(items: list, seed: int, epoch: int) -> list:
     return [items[i] for i in order]
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively (fast) here: a GPU with bf16, or a CPU whose oneDNN has
+    bf16 kernels (AMX, AVX512-BF16). Elsewhere bf16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def pick_device(choice: str) -> torch.device:
+    """The device to train on; in a multi-process GPU run, this process's own GPU."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise TrainingFailure("This run asks for a GPU (device: cuda) but none is available.",
                               "Set device to auto or cpu.")
     if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda")
+    return torch.device("cuda", distributed.place().local_rank)

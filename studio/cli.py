@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--resume", action="store_true", help="continue the run whose config.yaml this is")
     train.add_argument("--detach", action="store_true", help="queue the run and return at once")
 
+    join = sub.add_parser("join", help="train a multi-node run's share on this machine (another node)")
+    join.add_argument("run_dir", type=Path, help="the run's folder, on storage every node shares")
+    join.add_argument("--node-rank", type=int, required=True, help="this machine's node number, 1 to nodes-1")
+
     runs = sub.add_parser("runs", help="list runs")
     runs.add_argument("--json", action="store_true")
     runs.add_argument("--rebuild", action="store_true", help="rebuild the index from the run folders first")
@@ -118,6 +122,27 @@ def cmd_train(args) -> int:
         print(f"Training in the background. Follow with: studio runs; log: {run.dir / 'log.txt'}")
         return EXIT_OK
     return follow(run.id, registry)
+
+
+def cmd_join(args) -> int:
+    """Node K of a multi-node run: start this machine's ranks against the shared run folder. Node 0 (the
+    studio that owns the run) keeps the run's status; this only trains and waits."""
+    from pipelines import load_config
+    from pipelines.training import TrainingFailure, latest_checkpoint
+    from studio.worker import launch_ranks
+
+    run_dir = args.run_dir.resolve()
+    config = load_config(run_dir / "config.yaml")
+    if config.nodes < 2 or not 1 <= args.node_rank < config.nodes:
+        raise ValueError(f"--node-rank must be between 1 and {config.nodes - 1}: this run has {config.nodes} node(s).")
+    try:
+        # Node 0 resumes from the latest checkpoint when there is one; the ranks here must do the same.
+        state = launch_ranks(config, run_dir, resume=latest_checkpoint(run_dir) is not None, node_rank=args.node_rank)
+    except TrainingFailure as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"Node {args.node_rank}: {state}.")
+    return EXIT_OK
 
 
 def follow(run_id: str, registry) -> int:
@@ -265,7 +290,8 @@ def _simple(action):
 
 
 COMMANDS = {
-    "serve": cmd_serve, "train": cmd_train, "runs": cmd_runs, "generate": cmd_generate, "export": cmd_export,
+    "serve": cmd_serve, "train": cmd_train, "join": cmd_join, "runs": cmd_runs, "generate": cmd_generate,
+    "export": cmd_export,
     "stop": _simple(lambda jobs, run: jobs.request_stop(run)),
     "cancel": _simple(lambda jobs, run: jobs.cancel(run)),
     "resume": _simple(lambda jobs, run: jobs.resume(run)),

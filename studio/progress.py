@@ -26,6 +26,8 @@ class Progress:
     eta_s: float = 0.0
     elapsed_s: float = 0.0
     lr: float = 0.0
+    processes: int = 1
+    global_batch: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
@@ -41,6 +43,7 @@ class Progress:
                 self.error, self.advice = event.get("error", ""), event.get("advice", "")
             elif kind == "started":
                 self.total_steps, self.unit = event["total_steps"], event.get("unit", self.unit)
+                self.processes, self.global_batch = event.get("processes", 1), event.get("global_batch", 0)
                 self.step = event.get("resumed_from", 0)
                 # A resumed run replays nothing: drop points past the checkpoint it resumed from.
                 self.losses = [(s, v) for s, v in self.losses if s <= self.step]

@@ -3,6 +3,10 @@
 Started by studio.jobs in its own session with output to the run's log.txt. It records its status in
 the run folder and the index, turns failures into one sentence plus advice, and when it ends starts
 the next queued run, so the queue advances even with no server running.
+
+A run with several processes (config `processes` x `nodes` > 1) is trained by its ranks: this process
+starts them with `accelerate launch` (GPUs) or torchrun (CPUs) as `studio.worker RUN_DIR --rank`, waits,
+and reads how they ended from `ranks/` (pipelines.distributed). Other nodes start theirs with `studio join`.
 """
 
 from __future__ import annotations
@@ -11,14 +15,15 @@ import argparse
 import errno
 import os
 import signal
+import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from pipelines import load_config, pipeline_module
-from pipelines.config import ConfigError
-from pipelines.training import STOP_FILE, Events, TrainingFailure, stop_requested
+from pipelines import distributed, load_config, pipeline_module
+from pipelines.config import ConfigError, RunConfig
+from pipelines.training import STOP_FILE, Events, TrainingFailure, pick_device, stop_requested
 from studio import jobs, tracking
 from studio.runs import Registry
 
@@ -40,31 +45,46 @@ def explain(error: BaseException) -> tuple[str, str]:
     return f"Training stopped on an unexpected error: {name}: {text}", "See the log below for details."
 
 
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def cores_each(processes: int = 1) -> int:
+    """Share the CPU cores between the processes training at once, rather than oversubscribing them."""
+    return max(1, (os.cpu_count() or 1) // (jobs.max_concurrent_runs() * processes))
+
+
+def share_cores(processes: int = 1) -> None:
+    import torch
+    torch.set_num_threads(cores_each(processes))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="studio.worker")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--rank", action="store_true", help="one of a multi-process run's ranks (set by its launcher)")
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
+    if args.rank:
+        return train_as_rank(run_dir, args.resume)
     run_id = run_dir.name
     registry = Registry(run_dir.parent.parent)
     # Ctrl-C in a terminal that owns this process means Stop: checkpoint at the next step, then exit.
     signal.signal(signal.SIGINT, lambda *_: (run_dir / STOP_FILE).touch())
-
-    def log(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-    # Share the CPU cores between the runs allowed to train at once, rather than oversubscribing them.
-    import torch
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs.max_concurrent_runs()))
     registry.set_status(run_id, "running", pid=os.getpid(), resume=0)
-    events = Events(run_dir)
+    events = None
     status, error, advice = "failed", "", ""
     try:
         config = load_config(run_dir / "config.yaml")
         log(f"Run {run_id}: {config.modality} LoRA on {config.base_model}" + (" (resuming)" if args.resume else ""))
-        status = pipeline_module(config.modality).train(config, run_dir, events, stop_requested(run_dir),
-                                                        resume=args.resume, log=log)
+        if config.world_size > 1:
+            status = launch_ranks(config, run_dir, args.resume)
+        else:
+            share_cores()
+            events = Events(run_dir)
+            status = pipeline_module(config.modality).train(config, run_dir, events, stop_requested(run_dir),
+                                                            resume=args.resume, log=log)
     except BaseException as err:  # noqa: BLE001 - every failure must end as a status, not a silent exit
         if isinstance(err, KeyboardInterrupt):
             status, error, advice = "stopped", "Stopped before the first checkpoint.", "Start the run again."
@@ -74,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         log(f"{status}: {error} {advice}".strip())
     finally:
-        events.close()
+        if events:
+            events.close()
         (run_dir / STOP_FILE).unlink(missing_ok=True)
         registry.set_status(run_id, status, error=error, advice=advice)
         log(f"Run {run_id} {status}.")
@@ -88,6 +109,86 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # starting the next run must never turn this run's result into a failure
         traceback.print_exc()
     return 0 if status == "completed" else 1
+
+
+# ---- multi-process runs ------------------------------------------------------------------------
+
+def launch_command(config: RunConfig, run_dir: Path, resume: bool, node_rank: int, use_gpu: bool) -> list[str]:
+    """This node's launcher: accelerate launch on GPUs; on CPUs torchrun, which accelerate itself uses
+    underneath (its multi-CPU path wants mpirun)."""
+    address = config.main_address.strip() if config.nodes > 1 else "127.0.0.1"
+    port = str(config.main_port or distributed.free_port())
+    ranks = ["-m", "studio.worker", str(run_dir), "--rank"] + (["--resume"] if resume else [])
+    if use_gpu:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", str(config.world_size), "--num_machines", str(config.nodes),
+                "--machine_rank", str(node_rank), "--main_process_ip", address, "--main_process_port", port,
+                "--mixed_precision", "no", "--dynamo_backend", "no", *ranks]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(config.processes),
+            "--nnodes", str(config.nodes), "--node_rank", str(node_rank),
+            "--master_addr", address, "--master_port", port, *ranks]
+
+
+def launch_ranks(config: RunConfig, run_dir: Path, resume: bool, node_rank: int = 0) -> str:
+    """Start this node's ranks, wait for them, and return how the run ended (raise when it failed)."""
+    import torch
+    use_gpu = pick_device(config.device).type == "cuda"
+    if use_gpu and config.processes > torch.cuda.device_count():
+        raise TrainingFailure(f"This run asks for {config.processes} processes, one per GPU, but this machine "
+                              f"has {torch.cuda.device_count()} GPU(s).", "Lower processes, or set device to cpu.")
+    if node_rank == 0:
+        distributed.clear_ranks(run_dir)
+    command = launch_command(config, run_dir, resume, node_rank, use_gpu)
+    log(f"Starting {config.processes} training process(es) on this node ({'GPU' if use_gpu else 'CPU'}), "
+        f"{config.world_size} in all; global batch {config.global_batch}.")
+    # Its own session: Ctrl-C in a terminal reaches only us (we turn it into Stop); Cancel's SIGTERM
+    # reaches us and we pass it on to the launcher, which ends its ranks.
+    launcher = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL,
+                                env=dict(os.environ, OMP_NUM_THREADS=str(cores_each(config.processes))))
+    def end_ranks(*_) -> None:  # Cancel: end the ranks too, and leave the status to whoever cancelled
+        os.killpg(launcher.pid, signal.SIGTERM)
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, end_ranks)
+    code = launcher.wait()
+    ranks = distributed.read_ranks(run_dir)
+    failed = [r for r in ranks if r.get("state") == "failed"]
+    if failed:
+        first = failed[0]
+        raise TrainingFailure(f"Process {first['rank']} of {config.world_size}: {first.get('error', 'failed')}",
+                              first.get("advice", ""))
+    main_rank = next((r for r in ranks if r["rank"] == 0), None)
+    if node_rank == 0 and code == 0 and main_rank and main_rank.get("state") in ("completed", "stopped"):
+        return main_rank["state"]
+    if node_rank != 0 and code == 0:
+        return "completed"
+    raise TrainingFailure(f"A training process ended unexpectedly (launcher exit code {code}).",
+                          "See the log below; resume the run to continue from its last checkpoint.")
+
+
+def train_as_rank(run_dir: Path, resume: bool) -> int:
+    """One rank of a multi-process run. Only rank 0 writes events; every rank records its state."""
+    config = load_config(run_dir / "config.yaml")
+    share_cores(config.processes)
+    device = pick_device(config.device)
+    here = distributed.join(device.type == "cuda")
+    status = distributed.RankStatus(run_dir, here, device)
+    status.update(force=True)
+    events = Events(run_dir, write=here.main)
+    say = log if here.main else (lambda message: None)  # one copy of each line in log.txt
+    try:
+        state = pipeline_module(config.modality).train(config, run_dir, events, stop_requested(run_dir),
+                                                       resume=resume, log=say)
+        status.finish(state)
+        return 0
+    except BaseException as err:  # noqa: BLE001 - the node's worker reads this rank's state
+        error, advice = explain(err)
+        status.finish("failed", error=error, advice=advice)
+        log(f"rank {here.rank} failed: {error}")
+        traceback.print_exc()
+        return 1
+    finally:
+        events.close()
 
 
 if __name__ == "__main__":

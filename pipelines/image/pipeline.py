@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipelines import distributed
 from pipelines.image.config import ImageConfig
 from pipelines.image.data import ImageExample, load_examples, read_image
 from pipelines.image.model import PRESETS, base_location, load_pipeline
@@ -271,7 +272,7 @@ def _train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop
     task = TrainingTask(model=model, batches_for_epoch=batches_for_epoch, loss_on=loss_on, save_adapter=save_adapter,
                         unit="images", make_samples=make_samples if prompts else None)
     events.emit("data", rows=len(examples), format=report.format, resolution=resolution)
-    if prompts and (not resume or latest_checkpoint(run_dir) is None):
+    if prompts and distributed.place().main and (not resume or latest_checkpoint(run_dir) is None):
         # Step 0: the base model's pictures (the new LoRA adds exactly zero), to compare the samples against.
         unet.eval()
         with torch.no_grad():

@@ -22,7 +22,7 @@ TRAINING = ["lora_rank", "lora_alpha", "learning_rate", "epochs", "max_steps", "
 ADVANCED = ["sample_prompts", "snr_gamma", "mixed_precision", "gradient_checkpointing", "sample_seed", "sample_steps",
             "sample_guidance", "scheduler", "weight_decay", "lora_dropout", "checkpoint_every", "keep_checkpoints",
             "device"]
-FORM = DATA + TRAINING + ADVANCED
+FORM = DATA + TRAINING + ADVANCED + widgets.SCALE_OUT
 FORM_SPEC = widgets.TabForm(ImageConfig, FORM, ["data_files", "data_files"])
 
 
@@ -108,6 +108,7 @@ def build() -> dict:
                 with gr.Row():
                     for key in row:
                         inputs[key].render()
+            widgets.scale_out_settings(inputs)
     section = widgets.run_section("image")
 
     with gr.Group():

@@ -25,7 +25,7 @@ ADVANCED = ["scheduler", "weight_decay", "max_grad_norm", "train_on", "packing",
             "keep_checkpoints", "device", "trust_remote_code"]
 DATA = ["validation_fraction", "data_format", "prompt_column", "input_column", "response_column", "text_column",
         "messages_column"]
-FORM = TRAINING + TOGGLES + ADVANCED + DATA
+FORM = TRAINING + TOGGLES + ADVANCED + DATA + widgets.SCALE_OUT
 COLUMNS = ["prompt_column", "input_column", "response_column", "text_column", "messages_column"]
 
 
@@ -193,6 +193,7 @@ def build() -> None:
             with gr.Row():
                 for key in ADVANCED[5:]:
                     inputs[key].render()
+            widgets.scale_out_settings(inputs)
     preflight = gr.Markdown()
     section = widgets.run_section("llm")
 

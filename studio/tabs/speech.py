@@ -21,7 +21,7 @@ TRAINING = ["target", "decoder_only", "lora_rank", "lora_alpha", "lora_dropout",
             "max_steps", "batch_size", "gradient_accumulation", "warmup_steps", "eval_every", "sample_every", "seed"]
 ADVANCED = ["max_label_tokens", "sample_count", "scheduler", "weight_decay", "checkpoint_every", "keep_checkpoints",
             "device"]
-FORM = DATA + TRAINING + ADVANCED
+FORM = DATA + TRAINING + ADVANCED + widgets.SCALE_OUT
 FORM_SPEC = widgets.TabForm(SpeechConfig, FORM, ["data_files", "validation_path"])
 
 
@@ -111,6 +111,7 @@ def build() -> dict:
             with gr.Row():
                 for key in ADVANCED:
                     inputs[key].render()
+            widgets.scale_out_settings(inputs)
     section = widgets.run_section("speech")
 
     with gr.Group():

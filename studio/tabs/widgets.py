@@ -17,6 +17,7 @@ import gradio as gr
 import pandas as pd
 
 from pipelines.config import ConfigError, RunConfig
+from pipelines.distributed import read_ranks
 from studio import jobs
 from studio.progress import Progress, format_seconds
 from studio.runs import FINAL, RESUMABLE, Registry
@@ -266,7 +267,14 @@ def status_markdown(run, progress: Progress, registry: Registry) -> str:
         parts.append(f"{format_seconds(progress.elapsed_s)} elapsed")
     if progress.last_loss is not None:
         parts.append(f"loss {progress.last_loss:.4f}")
+    if progress.processes > 1:
+        parts.append(f"global batch {progress.global_batch} over {progress.processes} processes")
     text = head + (" — " + " · ".join(parts) if parts else "")
+    ranks = read_ranks(run.dir) if progress.processes > 1 else []
+    if ranks:
+        text += "\n\n**Processes:** " + " · ".join(
+            f"rank {r['rank']} {r.get('state', '?')} at step {r.get('step', 0)} ({r.get('device', '?')} on {r.get('host', '?')})"
+            for r in ranks)
     if status == "failed":
         text += f"\n\n**Why it failed:** {run.error or progress.error}\n\n**What to change:** {run.advice or progress.advice}"
     elif status == "interrupted":
@@ -338,6 +346,31 @@ def latest_run_id(modality: str, registry: Registry | None = None) -> str | None
 
 
 # ---- the part of a tab every modality shares --------------------------------------------------
+
+SCALE_OUT = ["processes", "nodes", "main_address", "main_port"]  # every tab's FORM holds these
+
+
+def global_batch_text(batch_size, accumulation, processes, nodes) -> str:
+    try:
+        per_step = [int(batch_size), int(accumulation), int(processes), int(nodes)]
+    except (TypeError, ValueError):
+        return ""
+    total = per_step[0] * per_step[1] * per_step[2] * per_step[3]
+    return (f"**Global batch: {total}** examples per optimizer step = {per_step[0]} per process x "
+            f"{per_step[1]} accumulated x {per_step[2]} process(es) x {per_step[3]} node(s).")
+
+
+def scale_out_settings(inputs: dict[str, gr.Component]) -> None:
+    """Processes, nodes and where they meet (in a tab's Advanced accordion), with the global batch
+    they make, recomputed as the batch settings change."""
+    gr.Markdown("**Several GPUs or machines** (data parallel; see the README's *Scale out* section)")
+    with gr.Row():
+        for key in SCALE_OUT:
+            inputs[key].render()
+    sources = [inputs[k] for k in ("batch_size", "gradient_accumulation", "processes", "nodes")]
+    shown = gr.Markdown(global_batch_text(*(c.value for c in sources)))
+    for source in sources:
+        source.change(global_batch_text, sources, shown, api_visibility="private", show_progress="hidden")
 
 @dataclasses.dataclass
 class RunSection:

@@ -1,0 +1,101 @@
+"""Data-parallel runs on this CPU machine: 2 processes (torchrun, gloo backend) against 1, through the real
+CLI and worker. The same global batch must give the same loss curve, one set of events, and Stop and
+resume must work across the ranks."""
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError
+from pipelines.distributed import free_port, read_ranks
+from pipelines.llm.config import LLMConfig
+from pipelines.training import read_events
+from studio.runs import Registry
+from tests.test_runs import ROOT, home, run_id_of, steps, studio, wait_for  # noqa: F401 - `home` is a fixture
+
+ASSETS = ROOT / "assets"
+# Short runs inside the first epoch of each preset's sample data, every bit of randomness switched on.
+CASES = {
+    "llm": dict(train_files=[str(ASSETS / "llm" / "sample.csv")], max_steps=6, batch_size=4, lora_dropout=0.1),
+    "image": dict(data_path=str(ASSETS / "image"), max_steps=4, batch_size=2, sample_prompts=[]),
+    "speech": dict(data_path=str(ASSETS / "speech" / "clips"), max_steps=3, batch_size=2, eval_every=0),
+}
+
+
+def config_file(tmp_path, modality, **changes):
+    data = yaml.safe_load((ASSETS / modality / "config.yaml").read_text())
+    data.update(CASES[modality], sample_every=0, checkpoint_every=1000, **changes)
+    path = tmp_path / f"{modality}-{len(list(tmp_path.glob('*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def train(path, *extra):
+    result = studio("train", str(path), *extra)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_id_of(result.stdout)
+
+
+def events_of(home, run_id, kind):
+    return [e for e in read_events(home / "runs" / run_id)[0] if e["type"] == kind]
+
+
+def losses(home, run_id):
+    return [e["loss"] for e in events_of(home, run_id, "step")]
+
+
+@pytest.mark.parametrize("modality", CASES)
+def test_two_processes_follow_the_one_process_curve(home, tmp_path, modality):
+    # Same global batch: 1 process x 2 accumulated batches = 2 processes x 1 batch.
+    one = train(config_file(tmp_path, modality, gradient_accumulation=2))
+    two = train(config_file(tmp_path, modality, processes=2))
+
+    assert losses(home, two) == pytest.approx(losses(home, one), rel=1e-4)
+    steps_run = CASES[modality]["max_steps"]
+    assert steps(home, two) == list(range(1, steps_run + 1))  # one writer: each step once
+    started = events_of(home, two, "started")
+    assert [(s["processes"], s["global_batch"]) for s in started] == [(2, 2 * CASES[modality]["batch_size"])]
+    assert events_of(home, one, "started")[0]["global_batch"] == started[0]["global_batch"]
+    ranks = read_ranks(home / "runs" / two)
+    assert [(r["rank"], r["state"], r["step"]) for r in ranks] == [(0, "completed", steps_run), (1, "completed", steps_run)]
+    assert any((home / "runs" / two / "adapter").iterdir())
+
+
+def test_stop_and_resume_across_two_processes_ends_on_the_uninterrupted_curve(home, tmp_path):
+    reference = train(config_file(tmp_path, "llm", max_steps=12, gradient_accumulation=2))
+    config = config_file(tmp_path, "llm", max_steps=12, processes=2)
+    run_id = run_id_of(studio("train", str(config), "--detach").stdout)
+    # Stop at once (the tiny run would finish before a later Stop): the ranks stop after their first step.
+    assert studio("stop", run_id).stdout.strip() == "stopping"
+    registry = Registry(home)
+    wait_for(lambda: registry.get(run_id).status == "stopped", what="stopped")
+    stopped_at = steps(home, run_id)[-1]
+    assert stopped_at < 12 and (home / "runs" / run_id / "checkpoints" / f"step-{stopped_at}").is_dir()
+    assert {r["state"] for r in read_ranks(home / "runs" / run_id)} == {"stopped"}
+
+    train(home / "runs" / run_id / "config.yaml", "--resume")
+    assert registry.get(run_id).status == "completed"
+    resumed = events_of(home, run_id, "resumed")
+    assert [r["step"] for r in resumed] == [stopped_at]
+    kept = {e["step"]: e["loss"] for e in events_of(home, run_id, "step")}  # resumed steps replace none
+    assert sorted(kept) == list(range(1, 13))
+    assert [kept[s] for s in range(1, 13)] == pytest.approx(losses(home, reference), rel=1e-4)
+
+
+def test_a_second_node_joins_with_studio_join(home, tmp_path):
+    # Two "machines" on this one: node 0 is the studio's worker, node 1 is `studio join`, as the README says.
+    reference = train(config_file(tmp_path, "llm", gradient_accumulation=2))
+    config = config_file(tmp_path, "llm", nodes=2, main_address="127.0.0.1", main_port=free_port())
+    run_id = run_id_of(studio("train", str(config), "--detach").stdout)
+    joined = studio("join", str(home / "runs" / run_id), "--node-rank", "1")
+    assert joined.returncode == 0 and "Node 1: completed" in joined.stdout, joined.stdout + joined.stderr
+    registry = Registry(home)
+    wait_for(lambda: registry.get(run_id).status == "completed", what="node 0 to finish")
+    assert losses(home, run_id) == pytest.approx(losses(home, reference), rel=1e-4)
+    assert [(r["rank"], r["state"]) for r in read_ranks(home / "runs" / run_id)] == [(0, "completed"), (1, "completed")]
+
+
+def test_several_nodes_need_a_port_they_can_meet_on():
+    with pytest.raises(ConfigError) as err:
+        LLMConfig(name="x", base_model="tiny-llama", train_files=["a.csv"], nodes=2,
+                  main_address="bad address!").check()
+    assert {name for name, _ in err.value.problems} == {"main_port", "main_address"}
