@@ -53,6 +53,41 @@ def matmul_peak_flops(device: str = "cpu", size: int = 1024, repeats: int = 5) -
     return best
 
 
+def peak_memory_mb(device: str) -> float:
+    """This process's peak memory so far: torch.cuda.max_memory_allocated on CUDA (what the tensors took
+    on the GPU), the RSS high-water mark on CPU."""
+    if device == "cuda":
+        import torch
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mb()
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work (before reading a clock); nothing on CPU."""
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+
+
+def warm_up(device: str) -> None:
+    """On CUDA, before a worker's timed part: create the context and the cuBLAS/cuDNN handles (fp32 and
+    bf16 matmul, 1-d and 2-d convolution, under autocast too), so neither way's first training step pays
+    those one-off costs. Both ways call it at the same point. Nothing on CPU."""
+    if device != "cuda":
+        return
+    import torch
+    import torch.nn.functional as F
+    for autocast in (False, True):
+        a = torch.randn(256, 256, device="cuda", requires_grad=True)
+        x1 = torch.randn(2, 8, 64, device="cuda", requires_grad=True)
+        x2 = torch.randn(2, 8, 16, 16, device="cuda", requires_grad=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            total = ((a @ a).sum() + F.conv1d(x1, torch.randn(8, 8, 3, device="cuda"), padding=1).sum()
+                     + F.conv2d(x2, torch.randn(8, 8, 3, 3, device="cuda"), padding=1).sum())
+        total.float().backward()
+    torch.cuda.synchronize()
+
+
 def write_result(path: str | Path, result: dict) -> None:
     Path(path).write_text(json.dumps(result, indent=2))
 

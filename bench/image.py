@@ -1,6 +1,6 @@
 """Stable Diffusion LoRA: the studio's training vs a loop in the style of diffusers' train_text_to_image_lora.py.
 
-    python bench/image.py [--quick] [--rounds N] [--steps N]
+    python bench/image.py [--quick] [--device cpu|cuda] [--rounds N] [--steps N]
 
 Same model (the tiny-sd preset), same data (assets/image: 8 captioned 64 px drawings, trained at 32 px,
 centre crop, random flip), same LoRA on the UNet's to_q/to_k/to_v/to_out.0 (rank 16, alpha 16, gaussian
@@ -11,11 +11,15 @@ images in each batch (the studio's per-epoch order).
   baseline  what train_text_to_image_lora.py does every step: open and transform the images (resize,
             crop, flip, normalise), tokenise the captions, encode the images with the VAE
             (latent_dist.sample() * scaling_factor) and the captions with the text encoder, then the
-            same noise / UNet / min-SNR MSE / backward / step.
+            same noise / UNet / min-SNR MSE / backward / step. On CUDA as that script does with
+            --mixed_precision bf16: UNet, VAE and text encoder in bf16, the UNet's forward under bf16
+            autocast; the LoRA weights are kept in float32 (the script does that for fp16 only; here
+            for bf16 too, as the studio does, so the losses compare).
 
-Figures per run (fresh process each): images/s over the training steps, peak RSS, training loss (mean of
-the last 25% of steps) and a post-training loss on fixed latents, noise and timesteps (same function for
-both ways).
+Figures per run (fresh process each): images/s over the training steps, peak memory (RSS high-water on
+CPU, torch.cuda.max_memory_allocated on CUDA, taken right after training), training loss (mean of the
+last 25% of steps) and a post-training loss on fixed latents, noise and timesteps (same function for both
+ways, always in float32 on the CPU: on CUDA the baseline's LoRA is copied onto a fresh float32 pipeline).
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (add_common_arguments, alternate, apply_threads, peak_rss_mb, ratios,  # noqa: E402
-                          result_line, table, write_result)
+from bench.common import (add_common_arguments, alternate, apply_threads, peak_memory_mb, ratios,  # noqa: E402
+                          result_line, synchronize, table, warm_up, write_result)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "assets" / "image"
@@ -43,7 +47,7 @@ def config_for(args):
                        resolution=32, center_crop=True, random_flip=True, lora_rank=16, lora_alpha=16.0,
                        lora_dropout=0.0, learning_rate=1e-3, batch_size=args.batch_size, max_steps=args.steps,
                        warmup_steps=0, scheduler="cosine", snr_gamma=5.0, sample_every=0, sample_steps=1,
-                       checkpoint_every=100_000, seed=1234, device="cpu")
+                       checkpoint_every=100_000, seed=1234, device=args.device)
 
 
 def snr_weighted_mse(predicted, target, timesteps, scheduler, gamma):
@@ -92,13 +96,15 @@ def worker_studio(args, config) -> dict:
     from pipelines.image.pipeline import train
     from pipelines.training import Events, read_events
 
+    warm_up(args.device)
     run_dir = Path(tempfile.mkdtemp(prefix="studio-run-"))
     events = Events(run_dir)
     t0 = time.perf_counter()
     status = train(config, run_dir, events, lambda: False, log=lambda m: None)
+    synchronize(args.device)
     wall = time.perf_counter() - t0
     events.close()
-    peak = peak_rss_mb()
+    peak = peak_memory_mb(args.device)
     assert status == "completed", status
     found, _ = read_events(run_dir)
     steps = [e for e in found if e["type"] == "step"]
@@ -123,6 +129,10 @@ def worker_baseline(args, config) -> dict:
     from pipelines.image.model import load_pipeline
     from pipelines.training import make_scheduler, seed_everything
 
+    device = torch.device(args.device)
+    amp = device.type == "cuda"  # the script's --mixed_precision bf16
+    weight_dtype = torch.bfloat16 if amp else torch.float32
+    warm_up(args.device)
     t0 = time.perf_counter()
     _, examples = load_examples(config, keep_notes=False)
     pipe = load_pipeline(config.base_model)
@@ -130,9 +140,16 @@ def worker_baseline(args, config) -> dict:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
+    if amp:  # as the script: frozen weights to the device in weight_dtype, then the adapter
+        for module in (unet, vae, text_encoder):
+            module.to(device, dtype=weight_dtype)
+    lora_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
+                             target_modules=["to_k", "to_q", "to_v", "to_out.0"])
     seed_everything(config.seed)  # as the studio does right before add_adapter: the same initial LoRA
-    unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    unet.add_adapter(lora_config)
+    if amp:
+        from diffusers.training_utils import cast_training_params
+        cast_training_params(unet, dtype=torch.float32)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     lr_scheduler = make_scheduler(optimizer, config, args.steps)
@@ -157,18 +174,22 @@ def worker_baseline(args, config) -> dict:
 
     seed_everything(config.seed)
     unet.train()
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=amp)
+    synchronize(args.device)
     losses, begin = [], time.perf_counter()
     images = 0
     for batch in order(config, len(examples), args.steps):
         items = [load(i) for i in batch]
-        pixel_values = torch.stack([p for p, _ in items])
-        input_ids = torch.stack([ids for _, ids in items])
+        pixel_values = torch.stack([p for p, _ in items]).to(device, dtype=weight_dtype)
+        input_ids = torch.stack([ids for _, ids in items]).to(device)
         latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),)).long()
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),),
+                                  device=latents.device).long()
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = text_encoder(input_ids, return_dict=False)[0]
-        predicted = unet(noisy, timesteps, hidden, return_dict=False)[0]
+        with autocast:
+            predicted = unet(noisy, timesteps, hidden, return_dict=False)[0]
         snr = compute_snr(noise_scheduler, timesteps)
         weights = torch.clamp(snr, max=config.snr_gamma) / snr
         loss = (F.mse_loss(predicted.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
@@ -179,9 +200,20 @@ def worker_baseline(args, config) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         images += len(batch)
+    synchronize(args.device)
     train_s = time.perf_counter() - begin
     wall = time.perf_counter() - t0
-    peak = peak_rss_mb()
+    peak = peak_memory_mb(args.device)
+    if amp:  # evaluate as the studio's run is evaluated: its LoRA on a fresh float32 pipeline on the CPU
+        trained = {n: p.detach().float().cpu() for n, p in unet.named_parameters() if p.requires_grad}
+        pipe = load_pipeline(config.base_model)
+        unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        unet.add_adapter(lora_config)
+        fresh = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+        assert fresh.keys() == trained.keys(), (len(fresh), len(trained))
+        with torch.no_grad():
+            for n, p in fresh.items():
+                p.copy_(trained[n])
     unet.eval()
     loss = fixed_loss(unet, vae, text_encoder, tokenizer, noise_scheduler, examples, config)
     return {"train_s": train_s, "run_s": wall, "images": images, "peak_mb": peak, "step_losses": losses,
@@ -203,6 +235,7 @@ def worker(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--rounds", type=int, default=None, help="studio+baseline pairs (default 3, quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 150, quick 40)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -219,10 +252,11 @@ def main() -> None:
         os.environ["STUDIO_HOME"] = str(Path(tmp) / "workspace")  # the preset is materialised here once
         from pipelines.image.model import materialise_preset
         materialise_preset("tiny-sd")
-        print(f"Image LoRA benchmark on cpu: tiny-sd preset, assets/image (8 images at 32 px), batch "
+        print(f"Image LoRA benchmark on {args.device}: tiny-sd preset, assets/image (8 images at 32 px), batch "
               f"{args.batch_size}, {args.steps} steps, {args.rounds} round(s), {os.cpu_count()} CPU cores visible.",
               flush=True)
-        runs = alternate(__file__, args.rounds, ["--steps", str(args.steps), "--batch-size", str(args.batch_size)])
+        runs = alternate(__file__, args.rounds, ["--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                                                 "--device", args.device])
     print("\nMedians over the rounds:\n")
     print(table(runs, [("images_s", "images/s"), ("train_s", "training wall time (s)"),
                        ("peak_mb", "peak memory (MB)"), ("train_loss_last", "train loss (last 25% of steps)"),

@@ -1,6 +1,6 @@
 """Whisper LoRA: the studio's training vs a plain openai-whisper + peft loop.
 
-    python bench/speech.py [--quick] [--rounds N] [--steps N]
+    python bench/speech.py [--quick] [--device cpu|cuda] [--rounds N] [--steps N]
 
 Same model (the tiny-whisper preset), same data (assets/speech/clips: 8 short English clips), same LoRA
 (the decoder's attention query/key/value/out, rank 16, alpha 32, same seed so the same initial adapter,
@@ -12,11 +12,13 @@ transcript, end-of-text; the prompt not learnt).
             encoder output computed once per clip, then the decoder trains on them.
   baseline  every step: whisper.load_audio (ffmpeg) each clip, pad_or_trim to 30 s, log_mel_spectrogram,
             tokenise, then the whole model forward (frozen encoder + decoder with LoRA), backward, step.
+            On CUDA: float32 weights, the forward under bf16 autocast (as the studio does).
 
 Figures per run (fresh process each): clips/s over the training steps (the studio's evaluations at start
-and end are not counted), peak RSS, training loss (last 25% of steps), and after training, with the same
-function for both ways: teacher-forced loss over the clips and WER/CER of greedy transcripts (language and
-task pinned).
+and end are not counted), peak memory (RSS high-water on CPU, torch.cuda.max_memory_allocated on CUDA,
+taken right after training), training loss (last 25% of steps), and after training, with the same
+function for both ways (float32, on the run's device): teacher-forced loss over the clips and WER/CER of
+greedy transcripts (language and task pinned).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (add_common_arguments, alternate, apply_threads, peak_rss_mb, ratios,  # noqa: E402
-                          result_line, table, write_result)
+from bench.common import (add_common_arguments, alternate, apply_threads, peak_memory_mb, ratios,  # noqa: E402
+                          result_line, synchronize, table, warm_up, write_result)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "assets" / "speech" / "clips"
@@ -43,7 +45,7 @@ def config_for(args):
                         language="en", task="transcribe", decoder_only=True, target="attention", lora_rank=16,
                         lora_alpha=32.0, lora_dropout=0.0, learning_rate=1e-2, max_steps=args.steps,
                         batch_size=args.batch_size, warmup_steps=0, scheduler="cosine", eval_every=0,
-                        sample_every=0, sample_count=0, checkpoint_every=100_000, seed=1234, device="cpu")
+                        sample_every=0, sample_count=0, checkpoint_every=100_000, seed=1234, device=args.device)
 
 
 def order(config, count: int, steps: int) -> list[list[int]]:
@@ -62,7 +64,7 @@ def plain_mel(samples, n_mels):
     return whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(samples)), n_mels)
 
 
-def after_training(model, config, own_mel=None) -> dict:
+def after_training(model, config, device: str, own_mel=None) -> dict:
     """The same evaluation for both ways: teacher-forced loss and greedy WER over the clips, with the
     encoder input whisper.transcribe uses (the studio's log_mel: the clip's mel, zero-padded in mel space),
     and, for the baseline, also with the input it trained on (silence padded in audio): "_own"."""
@@ -74,6 +76,7 @@ def after_training(model, config, own_mel=None) -> dict:
     torch.set_grad_enabled(False)
     model.eval()
     _, clips, _ = load_clips(config)
+    device = torch.device(device)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     tokenizer = text_tokenizer(base, config.language, config.task)
     sequences = [_labels(tokenizer, c.text) for c in clips]
@@ -82,9 +85,10 @@ def after_training(model, config, own_mel=None) -> dict:
     out = {}
     for suffix, mel_fn in (("", log_mel), ("_own", own_mel or log_mel)):
         mels = [mel_fn(c.samples, base.dims.n_mels) for c in clips]
-        logits = base.decoder(tokens, base.encoder(torch.stack(mels)))
-        out["loss_after" + suffix] = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100).item()
-        texts = decode_features(model, mels, config.language, config.task, torch.device("cpu"),
+        logits = base.decoder(tokens.to(device), base.encoder(torch.stack(mels).to(device)))
+        out["loss_after" + suffix] = F.cross_entropy(logits.float().transpose(1, 2), labels.to(device),
+                                                     ignore_index=-100).item()
+        texts = decode_features(model, mels, config.language, config.task, device,
                                 sample_len=2 * max(len(s) for s in sequences) + 8)
         rates = error_rates([c.text for c in clips], texts, _normalizer(config.language, config.task))
         out["wer" + suffix], out["cer" + suffix] = rates.get("wer"), rates.get("cer")
@@ -95,19 +99,21 @@ def worker_studio(args, config) -> dict:
     from pipelines.speech.pipeline import load_for_transcription, train
     from pipelines.training import Events, read_events
 
+    warm_up(args.device)
     run_dir = Path(tempfile.mkdtemp(prefix="studio-run-"))
     events = Events(run_dir)
     t0 = time.perf_counter()
     status = train(config, run_dir, events, lambda: False, log=lambda m: None)
+    synchronize(args.device)
     wall = time.perf_counter() - t0
     events.close()
-    peak = peak_rss_mb()
+    peak = peak_memory_mb(args.device)
     assert status == "completed", status
     found, _ = read_events(run_dir)
     steps = [e for e in found if e["type"] == "step"]
     model = load_for_transcription(config, run_dir)
     return {"train_s": steps[-1]["elapsed_s"], "run_s": wall, "clips": sum(e["units"] for e in steps),
-            "peak_mb": peak, "step_losses": [e["loss"] for e in steps], **after_training(model, config)}
+            "peak_mb": peak, "step_losses": [e["loss"] for e in steps], **after_training(model, config, args.device)}
 
 
 def worker_baseline(args, config) -> dict:
@@ -119,12 +125,14 @@ def worker_baseline(args, config) -> dict:
     from pipelines.speech.model import base_location, lora_targets, text_tokenizer
     from pipelines.training import make_scheduler, seed_everything
 
+    device = torch.device(args.device)
+    warm_up(args.device)
     t0 = time.perf_counter()
     _, clips, _ = load_clips(config, keep_audio=False)
     paths = [str(DATA / Path(c.audio).name) for c in clips]
     texts = [c.text for c in clips]
     seed_everything(config.seed)  # as the studio does: same base load, then the same initial LoRA
-    base = whisper.load_model(base_location(config.base_model), device="cpu")
+    base = whisper.load_model(base_location(config.base_model), device=device)
     tokenizer = text_tokenizer(base, config.language, config.task)
     seed_everything(config.seed)
     model = get_peft_model(base, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
@@ -137,10 +145,12 @@ def worker_baseline(args, config) -> dict:
 
     seed_everything(config.seed)
     model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    synchronize(args.device)
     losses, count, begin = [], 0, time.perf_counter()
     for batch in order(config, len(clips), args.steps):
         mels = torch.stack([whisper.log_mel_spectrogram(whisper.pad_or_trim(whisper.load_audio(paths[i])),
-                                                        base.dims.n_mels) for i in batch])
+                                                        base.dims.n_mels) for i in batch]).to(device)
         sequences = [prompt + tokenizer.encode(" " + texts[i].strip()) + [tokenizer.eot] for i in batch]
         longest = max(len(s) for s in sequences) - 1
         tokens = torch.full((len(batch), longest), tokenizer.eot, dtype=torch.long)
@@ -150,7 +160,9 @@ def worker_baseline(args, config) -> dict:
             target = torch.tensor(seq[1:])
             target[:len(prompt) - 1] = -100
             labels[row, :len(seq) - 1] = target
-        logits = model(mels, tokens)
+        tokens, labels = tokens.to(device), labels.to(device)
+        with autocast:
+            logits = model(mels, tokens)
         loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -159,11 +171,12 @@ def worker_baseline(args, config) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         count += len(batch)
+    synchronize(args.device)
     train_s = time.perf_counter() - begin
     wall = time.perf_counter() - t0
-    peak = peak_rss_mb()
+    peak = peak_memory_mb(args.device)
     return {"train_s": train_s, "run_s": wall, "clips": count, "peak_mb": peak, "step_losses": losses,
-            **after_training(model, config, own_mel=plain_mel)}
+            **after_training(model, config, args.device, own_mel=plain_mel)}
 
 
 def worker(args) -> None:
@@ -181,6 +194,7 @@ def worker(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--rounds", type=int, default=None, help="studio+baseline pairs (default 3, quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 40, quick 15)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -197,10 +211,11 @@ def main() -> None:
         os.environ["STUDIO_HOME"] = str(Path(tmp) / "workspace")
         from pipelines.speech.model import materialise_preset
         materialise_preset("tiny-whisper")
-        print(f"Speech LoRA benchmark on cpu: tiny-whisper preset, assets/speech (8 clips), decoder only, batch "
+        print(f"Speech LoRA benchmark on {args.device}: tiny-whisper preset, assets/speech (8 clips), decoder only, batch "
               f"{args.batch_size}, {args.steps} steps, {args.rounds} round(s), {os.cpu_count()} CPU cores visible.",
               flush=True)
-        runs = alternate(__file__, args.rounds, ["--steps", str(args.steps), "--batch-size", str(args.batch_size)])
+        runs = alternate(__file__, args.rounds, ["--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                                                 "--device", args.device])
     print("\nMedians over the rounds:\n")
     print(table(runs, [("clips_s", "samples (clips)/s"), ("train_s", "training wall time (s)"),
                        ("peak_mb", "peak memory (MB)"), ("train_loss_last", "train loss (last 25% of steps)"),

@@ -8,8 +8,8 @@ group through accelerate (NCCL on GPUs, gloo on CPUs).
 How the loop uses it (pipelines/training.py): every process builds the same epoch of batches; a step's
 global chunk is `gradient_accumulation x world` batches and process r takes every world-th one from r.
 After the backward passes one all-reduce averages the adapter's gradients (what DDP does; LoRA gradients
-are small, so one flat buffer is enough) together with the step's loss, unit count and the stop and
-NaN flags, so all processes take the same decision at the same step. Only rank 0 writes events,
+are small, so one flat buffer is enough) together with the step's loss (NaN anywhere makes it NaN
+everywhere), unit count and the stop flag, so all processes take the same decision at the same step. Only rank 0 writes events,
 checkpoints, samples and the adapter. Each process records its own state in `ranks/rank-N.json`.
 
 Imports torch only where it needs it: the UI reads rank states through this module.

@@ -354,29 +354,26 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
             t0 = time.perf_counter()
             chunk = chunks[chunk_start]
             mine = range(here.rank, len(chunk), here.world)  # this process's share of the global chunk
-            loss_sum, units, bad_loss = 0.0, 0, None
+            step_loss, units = None, 0
             for index in mine:
                 seed_batch(config.seed, step, index)
                 loss, n = task.loss_on(chunk[index])
-                if not torch.isfinite(loss):
-                    bad_loss = loss.item()
-                    break
                 (loss / len(mine)).backward()
-                loss_sum += loss.item()
+                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
                 units += n
-            stop = here.main and should_stop()
-            batches_done = len(mine)
-            if here.distributed:
+            # The step's one wait for the device (reading a GPU value stalls the queue of kernels, so none is
+            # read per batch). A NaN/inf loss only spoiled gradients: the weights are untouched until step().
+            loss_sum = float(step_loss)
+            stop, batches_done = False, len(mine)
+            if here.distributed:  # rank 0's Stop travels with the gradients: every rank stops at the same step
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-                loss_sum, units, batches_done, bad_anywhere, stop = distributed.all_reduce_step(
-                    grads, [loss_sum, units, len(mine), bad_loss is not None, stop], here.world)
+                loss_sum, units, batches_done, stop = distributed.all_reduce_step(
+                    grads, [loss_sum, units, len(mine), here.main and should_stop()], here.world)
                 units = int(units)
-                if bad_anywhere and bad_loss is None:
-                    bad_loss = float("nan")  # another process's loss went bad: every process stops here
                 for p, g in zip(params.values(), grads):
                     p.grad = g
-            if bad_loss is not None:
-                raise TrainingFailure(f"The loss became {bad_loss} at step {step + 1}.",
+            if not math.isfinite(loss_sum):  # a NaN on any process makes the summed loss NaN on all of them
+                raise TrainingFailure(f"The loss became {loss_sum} at step {step + 1}.",
                                       "Lower the learning rate (try half) or check the data for empty examples.")
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
@@ -402,6 +399,8 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
                 evaluate()
             if config.sample_every and step % config.sample_every == 0 and not last:
                 samples()
+            if not here.distributed:
+                stop = should_stop()
             if stop and not last:
                 save_checkpoint()
                 log(f"Stopped at step {step}; checkpoint saved.")

@@ -15,7 +15,7 @@ from pipelines.llm.data import load_examples
 from pipelines.llm.model import base_location, load_base_model, load_tokenizer, lora_targets
 from pipelines.llm.tokenize import collate, counted_tokens, encode
 from pipelines.training import (Events, TrainingFailure, TrainingTask, adapter_dir, iterate_in_batches, require_data,
-                                pick_device, run_training, seed_everything, shuffled)
+                                native_bf16, pick_device, run_training, seed_everything, shuffled)
 
 
 def attach_lora(model: torch.nn.Module, config: LLMConfig) -> torch.nn.Module:
@@ -63,10 +63,14 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
         return [collate(group, pad_id, config.packing, config.max_length)
                 for group in iterate_in_batches(order, config.batch_size)]
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else None
+    bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and native_bf16(device))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
+    log(f"Training with {'bf16 autocast' if bf16 else 'float32'} matrix products on {device.type}.")
+
+    pinned = device.type == "cuda"  # a copy from page-locked memory does not wait for the GPU's queue
 
     def forward(batch: dict) -> torch.Tensor:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: (v.pin_memory() if pinned else v).to(device, non_blocking=pinned) for k, v in batch.items()}
         if autocast is None:
             return model(**batch, use_cache=False).loss
         with autocast:
