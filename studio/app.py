@@ -105,6 +105,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth_f
     if share and not users:
         print("error: a public share link needs authentication too (--auth-file or STUDIO_AUTH).", file=sys.stderr)
         return 2
+    jobs.yield_cpu_to_training()  # before any server thread starts, so they all inherit the lower priority
     registry = Registry()
     lost = jobs.reconcile(registry)
     if lost:

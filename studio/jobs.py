@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -70,7 +71,43 @@ def dispatch(registry: Registry | None = None) -> list[str]:
     return started
 
 
+_spawner: ThreadPoolExecutor | None = None  # set in the server: starts workers at the normal priority
+
+
+def yield_cpu_to_training() -> None:
+    """For the web server: give the training workers priority over request handling on a busy machine.
+
+    Linux keeps a nice value per thread; a new thread inherits its creator's, a child process that of the
+    thread that started it, and an unprivileged process can never lower it again. So first start one
+    thread at the normal priority that every later worker launch goes through, then raise this thread's
+    nice value (STUDIO_SERVER_NICENESS, default 10): the web server's threads, all started from this
+    one afterwards, inherit it, and the workers do not."""
+    global _spawner
+    try:
+        niceness = int(os.environ.get("STUDIO_SERVER_NICENESS", "10"))
+    except ValueError:
+        niceness = 10
+    if niceness <= 0 or not sys.platform.startswith("linux") or _spawner is not None:
+        return
+    _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-launcher")
+    _spawner.submit(lambda: None).result()  # its thread exists now, at the normal priority
+    os.nice(niceness)
+    # With autogroup scheduling (the default of most desktop and server kernels), the CPU is first shared
+    # fairly between sessions, whatever the threads' nice values: lower this session's group too. Workers
+    # run in sessions of their own, at the normal priority.
+    try:
+        Path("/proc/self/autogroup").write_text(str(niceness))
+    except OSError:
+        pass  # no autogroup here: the nice value alone decides
+
+
 def _spawn_worker(run: Run) -> int:
+    if _spawner is not None:
+        return _spawner.submit(_start_worker_process, run).result()
+    return _start_worker_process(run)
+
+
+def _start_worker_process(run: Run) -> int:
     command = [sys.executable, "-m", "studio.worker", str(run.dir)]
     if run.resume:
         command.append("--resume")
