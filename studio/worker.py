@@ -36,9 +36,12 @@ def explain(error: BaseException) -> tuple[str, str]:
         return f"The run's settings are invalid: {error}.", "Fix the named settings."
     name = type(error).__name__
     text = str(error).strip().splitlines()[0] if str(error).strip() else name
-    if name == "OutOfMemoryError" or isinstance(error, MemoryError) or "out of memory" in text.lower():
+    lowered = text.lower()
+    if (name == "OutOfMemoryError" or isinstance(error, MemoryError) or "out of memory" in lowered
+            or "can't allocate memory" in lowered):  # the last: torch's CPU allocator
         return ("The run ran out of memory.",
-                "Lower the batch size or the max length, raise gradient accumulation instead, or turn on 4-bit.")
+                "Lower the batch size or the max length (raise gradient accumulation to keep the same global batch); "
+                "for a language model on a GPU, 4-bit loading also helps.")
     if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in text:
         return ("The disk is full, so a checkpoint could not be written (earlier checkpoints are intact).",
                 "Free some disk space, then resume the run.")

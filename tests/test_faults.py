@@ -2,15 +2,17 @@
 saved before stays intact and usable."""
 
 import json
+import resource
 import shutil
 import subprocess
+import sys
 
 import pytest
 from safetensors.torch import load_file
 
 from pipelines.training import checkpoint_dirs, read_events
 from studio.runs import Registry
-from tests.test_runs import config_file, home, run_id_of, studio  # noqa: F401
+from tests.test_runs import ROOT, config_file, home, run_id_of, studio  # noqa: F401
 
 
 def final_status(home, run_id):
@@ -36,6 +38,29 @@ def test_nan_loss_fails_with_advice_and_keeps_earlier_checkpoints(home, tmp_path
         assert state["step"] == int(checkpoint.name.split("-")[1])
         assert all(t.isfinite().all() for t in weights.values())
     assert not list((home / "runs" / run_id / "checkpoints").glob(".tmp-*"))
+
+
+def test_out_of_memory_fails_with_advice_and_the_advice_works(home, tmp_path):
+    # A real allocation failure: the training process may use 3 GB of address space (the sample run needs
+    # far less), and the batch asks for more: four examples of ~16k tokens in one forward pass.
+    rows = "instruction,output\n" + "".join(f"Recite {i},{'amber basil cedar delta ' * 1500}\n" for i in range(4))
+    (tmp_path / "long.csv").write_text(rows)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))  # noqa: E731
+
+    def train(**changes):
+        config = config_file(tmp_path, **{"train_files": [str(tmp_path / "long.csv")], "max_length": 32768,
+                                          "max_steps": 2, "sample_every": 0, "validation_fraction": 0.0, **changes})
+        return subprocess.run([sys.executable, "-m", "studio.cli", "train", str(config)], capture_output=True,
+                              text=True, timeout=600, cwd=ROOT, preexec_fn=limit)
+
+    result = train(batch_size=4)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "The run ran out of memory. Lower the batch size or the max length" in result.stdout
+    run_id = run_id_of(result.stdout)
+    assert final_status(home, run_id)["status"] == "failed"
+    assert not list((home / "runs" / run_id / "checkpoints").glob("*"))  # nothing half-made
+    followed = train(batch_size=1, max_length=1024)  # what the advice says
+    assert followed.returncode == 0, followed.stdout + followed.stderr
 
 
 def test_missing_base_model_fails_in_one_sentence(home, tmp_path):
