@@ -114,3 +114,17 @@ def test_out_of_range_settings_are_refused_with_the_field_name(server, page):
     expect(message).to_contain_text("learning_rate")
     expect(message).to_contain_text("must be at most 1.0")
     assert len(list((server.home / "runs").iterdir())) == runs_before
+
+
+def test_two_processes_from_the_advanced_settings_show_each_rank(server, page):
+    page.goto(server.url)
+    expect(page.locator("#llm-train")).to_be_enabled()
+    page.locator("button:visible", has_text="Advanced").first.click()
+    expect(page.get_by_text("Global batch: 8 ")).to_be_visible()  # the sample config: batch 8, 1 process
+    set_number(page, "Processes", 2)
+    expect(page.get_by_text("Global batch: 16 ")).to_be_visible()
+    set_number(page, "Max steps", 12)
+    page.locator("#llm-train").click()
+    done = wait_status(page, "llm", lambda t: "completed" in t, timeout=300)
+    assert "global batch 16 over 2 processes" in done
+    assert "rank 0 completed at step 12" in done and "rank 1 completed at step 12" in done
