@@ -120,9 +120,10 @@ def test_two_processes_from_the_advanced_settings_show_each_rank(server, page):
     page.goto(server.url)
     expect(page.locator("#llm-train")).to_be_enabled()
     page.locator("button:visible", has_text="Advanced").first.click()
-    expect(page.get_by_text("Global batch: 8 ")).to_be_visible()  # the sample config: batch 8, 1 process
+    shown = page.locator("#llm-global-batch")
+    expect(shown).to_contain_text("Global batch: 8 examples")  # the sample config: batch 8, 1 process
     set_number(page, "Processes", 2)
-    expect(page.get_by_text("Global batch: 16 ")).to_be_visible()
+    expect(shown).to_contain_text("Global batch: 16 examples")
     set_number(page, "Max steps", 12)
     page.locator("#llm-train").click()
     done = wait_status(page, "llm", lambda t: "completed" in t, timeout=300)

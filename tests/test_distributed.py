@@ -2,6 +2,9 @@
 CLI and worker. The same global batch must give the same loss curve, one set of events, and Stop and
 resume must work across the ranks."""
 
+import os
+import signal
+
 import pytest
 import yaml
 
@@ -9,8 +12,10 @@ from pipelines.config import ConfigError
 from pipelines.distributed import free_port, read_ranks
 from pipelines.llm.config import LLMConfig
 from pipelines.training import read_events
+from studio import jobs
 from studio.runs import Registry
-from tests.test_runs import ROOT, home, run_id_of, steps, studio, wait_for  # noqa: F401 - `home` is a fixture
+from tests.test_runs import (ROOT, _alive, home, run_id_of, steps, studio,  # noqa: F401 - `home`: a fixture
+                             wait_for)
 
 ASSETS = ROOT / "assets"
 # Short runs inside the first epoch of each preset's sample data, every bit of randomness switched on.
@@ -23,7 +28,7 @@ CASES = {
 
 def config_file(tmp_path, modality, **changes):
     data = yaml.safe_load((ASSETS / modality / "config.yaml").read_text())
-    data.update(CASES[modality], sample_every=0, checkpoint_every=1000, **changes)
+    data.update({**CASES[modality], "sample_every": 0, "checkpoint_every": 1000, **changes})
     path = tmp_path / f"{modality}-{len(list(tmp_path.glob('*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -79,6 +84,20 @@ def test_stop_and_resume_across_two_processes_ends_on_the_uninterrupted_curve(ho
     kept = {e["step"]: e["loss"] for e in events_of(home, run_id, "step")}  # resumed steps replace none
     assert sorted(kept) == list(range(1, 13))
     assert [kept[s] for s in range(1, 13)] == pytest.approx(losses(home, reference), rel=1e-4)
+
+
+def test_killed_worker_takes_its_ranks_along_and_the_run_resumes(home, tmp_path):
+    config = config_file(tmp_path, "llm", max_steps=200, processes=2, checkpoint_every=5)
+    run_id = run_id_of(studio("train", str(config), "--detach").stdout)
+    registry, run_dir = Registry(home), home / "runs" / run_id
+    wait_for(lambda: (run_dir / "checkpoints" / "step-5").is_dir(), what="a checkpoint")
+    ranks = [r["pid"] for r in read_ranks(run_dir)]
+    os.kill(registry.get(run_id).pid, signal.SIGKILL)
+    wait_for(lambda: not any(_alive(pid) for pid in ranks), timeout=60, what="the ranks to end")
+    wait_for(lambda: jobs.reconcile(registry) or registry.get(run_id).status == "interrupted", timeout=15,
+             what="interrupted")
+    train(run_dir / "config.yaml", "--resume")
+    assert registry.get(run_id).status == "completed" and steps(home, run_id)[-1] == 200
 
 
 def test_a_second_node_joins_with_studio_join(home, tmp_path):

@@ -108,7 +108,7 @@ def build() -> dict:
                 with gr.Row():
                     for key in row:
                         inputs[key].render()
-            widgets.scale_out_settings(inputs)
+            widgets.scale_out_settings(inputs, "image")
     section = widgets.run_section("image")
 
     with gr.Group():

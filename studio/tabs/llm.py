@@ -193,7 +193,7 @@ def build() -> None:
             with gr.Row():
                 for key in ADVANCED[5:]:
                     inputs[key].render()
-            widgets.scale_out_settings(inputs)
+            widgets.scale_out_settings(inputs, "llm")
     preflight = gr.Markdown()
     section = widgets.run_section("llm")
 

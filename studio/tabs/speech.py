@@ -111,7 +111,7 @@ def build() -> dict:
             with gr.Row():
                 for key in ADVANCED:
                     inputs[key].render()
-            widgets.scale_out_settings(inputs)
+            widgets.scale_out_settings(inputs, "speech")
     section = widgets.run_section("speech")
 
     with gr.Group():

@@ -360,15 +360,15 @@ def global_batch_text(batch_size, accumulation, processes, nodes) -> str:
             f"{per_step[1]} accumulated x {per_step[2]} process(es) x {per_step[3]} node(s).")
 
 
-def scale_out_settings(inputs: dict[str, gr.Component]) -> None:
+def scale_out_settings(inputs: dict[str, gr.Component], key: str) -> None:
     """Processes, nodes and where they meet (in a tab's Advanced accordion), with the global batch
     they make, recomputed as the batch settings change."""
     gr.Markdown("**Several GPUs or machines** (data parallel; see the README's *Scale out* section)")
     with gr.Row():
-        for key in SCALE_OUT:
-            inputs[key].render()
+        for name in SCALE_OUT:
+            inputs[name].render()
     sources = [inputs[k] for k in ("batch_size", "gradient_accumulation", "processes", "nodes")]
-    shown = gr.Markdown(global_batch_text(*(c.value for c in sources)))
+    shown = gr.Markdown(global_batch_text(*(c.value for c in sources)), elem_id=f"{key}-global-batch")
     for source in sources:
         source.change(global_batch_text, sources, shown, api_visibility="private", show_progress="hidden")
 
