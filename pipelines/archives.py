@@ -14,11 +14,11 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from pipelines.data import DataReport, _limit
+from pipelines.data import DataReport, int_setting
 
-MAX_ENTRIES = _limit("STUDIO_MAX_ARCHIVE_ENTRIES", 20_000)
-MAX_UNPACKED_BYTES = _limit("STUDIO_MAX_ARCHIVE_MB", 4096) * 2**20
-MAX_RATIO = _limit("STUDIO_MAX_COMPRESSION_RATIO", 200)
+MAX_ENTRIES = int_setting("STUDIO_MAX_ARCHIVE_ENTRIES", 20_000)
+MAX_UNPACKED_BYTES = int_setting("STUDIO_MAX_ARCHIVE_MB", 4096) * 2**20
+MAX_RATIO = int_setting("STUDIO_MAX_COMPRESSION_RATIO", 200)
 NESTED = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"}
 JUNK = {".DS_Store", "Thumbs.db", "desktop.ini"}  # operating-system clutter, skipped silently
 

@@ -60,8 +60,9 @@ class DataReport:
         return asdict(self)
 
 
-def _limit(name: str, default: int) -> int:
-    """Upload limits are settings: environment variables with sensible defaults (see README)."""
+def int_setting(name: str, default: int) -> int:
+    """A whole-number setting from the environment (limits, queue size, priority; see README): its
+    default when unset or not a number."""
     try:
         return int(os.environ.get(name, default))
     except ValueError:
@@ -69,5 +70,5 @@ def _limit(name: str, default: int) -> int:
 
 
 # Defaults sized for a workstation; documented in the README's "Limits" section.
-MAX_TABLE_BYTES = _limit("STUDIO_MAX_TABLE_MB", 512) * 2**20
-MAX_CELL_CHARS = _limit("STUDIO_MAX_CELL_CHARS", 1_000_000)
+MAX_TABLE_BYTES = int_setting("STUDIO_MAX_TABLE_MB", 512) * 2**20
+MAX_CELL_CHARS = int_setting("STUDIO_MAX_CELL_CHARS", 1_000_000)

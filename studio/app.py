@@ -17,7 +17,7 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines import MODALITIES
-from pipelines.data import _limit
+from pipelines.data import int_setting
 from pipelines.hub import workspace
 from studio import jobs
 from studio.runs import Registry
@@ -27,7 +27,7 @@ CSS = """
 .run-status { min-height: 3em; }
 .hardware { opacity: 0.8; font-size: 0.9em; }
 """
-MAX_UPLOAD_MB = _limit("STUDIO_MAX_UPLOAD_MB", 2048)
+MAX_UPLOAD_MB = int_setting("STUDIO_MAX_UPLOAD_MB", 2048)
 
 
 def build_app() -> gr.Blocks:

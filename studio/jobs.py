@@ -19,15 +19,13 @@ from pathlib import Path
 import psutil
 
 from pipelines.config import RunConfig
+from pipelines.data import int_setting
 from pipelines.training import STOP_FILE
 from studio.runs import RESUMABLE, Registry, Run
 
 
 def max_concurrent_runs() -> int:
-    try:
-        return max(1, int(os.environ.get("STUDIO_MAX_CONCURRENT_RUNS", "1")))
-    except ValueError:
-        return 1
+    return max(1, int_setting("STUDIO_MAX_CONCURRENT_RUNS", 1))
 
 
 def submit(config: RunConfig, registry: Registry | None = None) -> Run:
@@ -83,10 +81,7 @@ def yield_cpu_to_training() -> None:
     nice value (STUDIO_SERVER_NICENESS, default 10): the web server's threads, all started from this
     one afterwards, inherit it, and the workers do not."""
     global _spawner
-    try:
-        niceness = int(os.environ.get("STUDIO_SERVER_NICENESS", "10"))
-    except ValueError:
-        niceness = 10
+    niceness = int_setting("STUDIO_SERVER_NICENESS", 10)
     if niceness <= 0 or not sys.platform.startswith("linux") or _spawner is not None:
         return
     _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-launcher")

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.archives import extract_zip
-from pipelines.data import DataReport, _limit
+from pipelines.data import DataReport, int_setting
 from pipelines.image.config import ImageConfig, training_resolution
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -37,8 +37,8 @@ IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "config.yaml", "README
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya_ss layout: "10_sks dog" = 10 repeats, class words
 
 # Settings (environment variables, documented in the README's "Limits" section).
-MAX_IMAGE_PIXELS = _limit("STUDIO_MAX_IMAGE_PIXELS", 50_000_000)  # above this, a file is a decompression bomb
-MAX_IMAGES = _limit("STUDIO_MAX_IMAGES", 20_000)
+MAX_IMAGE_PIXELS = int_setting("STUDIO_MAX_IMAGE_PIXELS", 50_000_000)  # above this, a file is a decompression bomb
+MAX_IMAGES = int_setting("STUDIO_MAX_IMAGES", 20_000)
 PREVIEW_COUNT = 24
 
 
