@@ -148,6 +148,7 @@ def launch_ranks(config: RunConfig, run_dir: Path, resume: bool, node_rank: int 
     # reaches us and we pass it on to the launcher, which ends its ranks.
     launcher = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL, preexec_fn=_end_with_parent,
                                 env=dict(os.environ, OMP_NUM_THREADS=str(cores_each(config.processes))))
+
     def end_ranks(*_) -> None:  # Cancel: end the ranks too, and leave the status to whoever cancelled
         os.killpg(launcher.pid, signal.SIGTERM)
         os._exit(143)
@@ -189,10 +190,9 @@ def train_as_rank(run_dir: Path, resume: bool) -> int:
     events = Events(run_dir, write=here.main)
     say = log if here.main else (lambda message: None)  # one copy of each line in log.txt
     try:
-        state = pipeline_module(config.modality).train(config, run_dir, events, stop_requested(run_dir),
-                                                       resume=resume, log=say)
-        status.finish(state)
-        return 0
+        pipeline_module(config.modality).train(config, run_dir, events, stop_requested(run_dir), resume=resume,
+                                               log=say)
+        return 0  # the training loop itself recorded "completed" or "stopped" in this rank's state
     except BaseException as err:  # noqa: BLE001 - the node's worker reads this rank's state
         error, advice = explain(err)
         status.finish("failed", error=error, advice=advice)
