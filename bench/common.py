@@ -101,6 +101,31 @@ def add_common_arguments(parser) -> None:
                              "machine other jobs share, 1 avoids thread oversubscription stalls")
 
 
+def benchmark_parser(doc: str, steps_help: str, batch_size: int):
+    """The options every training benchmark takes (its own extras are added by the caller), including the
+    hidden ones its driver passes to the worker runs."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one round of few steps (a few minutes on CPU)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--rounds", type=int, default=None, help="studio+baseline pairs (default 3, quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help=steps_help)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    add_common_arguments(parser)
+    parser.add_argument("--worker", choices=["studio", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    return parser
+
+
+def add_loss_tail(result: dict) -> list[float]:
+    """Replace a worker result's step_losses by train_loss_last (the mean of the last quarter of the steps);
+    returns the losses."""
+    losses = result.pop("step_losses")
+    tail = max(1, len(losses) // 4)
+    result["train_loss_last"] = sum(losses[-tail:]) / tail
+    return losses
+
+
 def apply_threads(threads: int | None) -> None:
     """In a worker: the thread count both ways use."""
     global THREADS

@@ -24,7 +24,6 @@ ways, always in float32 on the CPU: on CUDA the baseline's LoRA is copied onto a
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (add_common_arguments, alternate, apply_threads, peak_memory_mb, ratios,  # noqa: E402
+from bench.common import (add_loss_tail, alternate, benchmark_parser, apply_threads, peak_memory_mb, ratios,  # noqa: E402
                           result_line, synchronize, table, warm_up, write_result)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,24 +224,13 @@ def worker(args) -> None:
     torch.manual_seed(0)
     config = config_for(args)
     result = (worker_studio if args.worker == "studio" else worker_baseline)(args, config)
-    losses = result.pop("step_losses")
-    tail = max(1, len(losses) // 4)
-    result["train_loss_last"] = sum(losses[-tail:]) / tail
+    add_loss_tail(result)
     result["images_s"] = result["images"] / result["train_s"]
     write_result(args.out, result)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--rounds", type=int, default=None, help="studio+baseline pairs (default 3, quick 1)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 150, quick 40)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    add_common_arguments(parser)
-    parser.add_argument("--worker", choices=["studio", "baseline"], help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = benchmark_parser(__doc__, "optimizer steps per run (default 150, quick 40)", batch_size=4).parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.steps = args.steps or (40 if args.quick else 150)
     apply_threads(args.threads)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (add_common_arguments, alternate, apply_threads, matmul_peak_flops,  # noqa: E402
+from bench.common import (add_loss_tail, alternate, benchmark_parser, apply_threads, matmul_peak_flops,  # noqa: E402
                           peak_rss_mb, ratios, result_line, table, write_result)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,9 +254,7 @@ def worker(args) -> None:
     if result.get("useful_tokens_counted") not in (None, counts["useful_tokens"]):
         result["note"] = f"studio counted {result['useful_tokens_counted']} useful tokens, expected {counts['useful_tokens']}"
     result.update(counts)
-    losses = result.pop("step_losses")
-    tail = max(1, len(losses) // 4)
-    result["train_loss_last"] = sum(losses[-tail:]) / tail
+    losses = add_loss_tail(result)
     result["first_loss"] = losses[0] if losses else None
     result["useful_tok_s"] = counts["useful_tokens"] / result["train_s"]
     processed = counts["real_tokens"] if args.worker == "studio" else counts["padded_tokens"]
@@ -284,18 +282,9 @@ def build_model(folder: Path, device: str) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one round of few steps (a few minutes on CPU)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--rounds", type=int, default=None, help="studio+baseline pairs (default 3, quick 1)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per run (default 24, quick 6; on cuda 60, quick 30: a GPU step is "
-                             "short, and the first ones carry the warm-up)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser = benchmark_parser(__doc__, "optimizer steps per run (default 24, quick 6; on cuda 60, quick 30: a GPU "
+                                       "step is short, and the first ones carry the warm-up)", batch_size=8)
     parser.add_argument("--eval-rows", type=int, default=None)
-    add_common_arguments(parser)
-    parser.add_argument("--worker", choices=["studio", "baseline"], help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
