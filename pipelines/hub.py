@@ -88,7 +88,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def publish_folder(target: Path, build: Callable[[Path], None]) -> Path:
     """Build a folder (a materialised preset) under a temporary name and rename it into place, so a
-    half-written folder never looks complete and two processes building it at once both end up fine."""
+    half-written folder never looks complete and two processes building it at once both end up fine.
+
+    Never inside a multi-process run's process group: there transformers' save_pretrained writes weights on
+    rank 0 only, and another rank would publish a folder without them (the ranks' launcher builds presets)."""
+    import torch.distributed
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise RuntimeError(f"{target.name} must be built before the training processes join their process group")
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     build(tmp)

@@ -142,9 +142,9 @@ def launch_ranks(config: RunConfig, run_dir: Path, resume: bool, node_rank: int 
                               f"has {torch.cuda.device_count()} GPU(s).", "Lower processes, or set device to cpu.")
     if node_rank == 0:
         distributed.clear_ranks(run_dir)
-        # Build a built-in preset here, once, before the ranks start: ranks materialising it at the same moment
-        # in a fresh workspace were seen to leave a preset folder without its model files.
-        importlib.import_module(f"pipelines.{config.modality}.model").base_location(config.base_model)
+    # A built-in preset is built here, before the ranks start: built inside their process group, it would be
+    # saved without its weights (see pipelines.hub.publish_folder).
+    importlib.import_module(f"pipelines.{config.modality}.model").base_location(config.base_model)
     command = launch_command(config, run_dir, resume, node_rank, use_gpu)
     log(f"Starting {config.processes} training process(es) on this node ({'GPU' if use_gpu else 'CPU'}), "
         f"{config.world_size} in all; global batch {config.global_batch}.")
