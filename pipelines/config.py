@@ -83,6 +83,10 @@ class RunConfig:
                                "accumulation x processes x nodes.", min=1, max=64, step=1, advanced=True)
     nodes: int = option(1, "Machines training this run together. Node 0 is this studio; start the others with "
                            "`studio join` on the same run folder (shared storage).", min=1, max=1024, advanced=True)
+    strategy: str = option("ddp", "How several processes share the model. ddp: each holds all of it. fsdp: the "
+                                  "base model's layers are split between them (FSDP), so a base too big for one "
+                                  "GPU fits on several; the adapter stays whole.",
+                           choices=["ddp", "fsdp"], advanced=True)
     main_address: str = option("127.0.0.1", "Address of node 0 that the other nodes can reach (nodes > 1 only).",
                                advanced=True)
     main_port: int = option(0, "Port the processes meet on; 0 = any free port (one machine only).",

@@ -12,6 +12,10 @@ are small, so one flat buffer is enough) together with the step's loss (NaN anyw
 everywhere), unit count and the stop flag, so all processes take the same decision at the same step. Only rank 0 writes events,
 checkpoints, samples and the adapter. Each process records its own state in `ranks/rank-N.json`.
 
+Strategy fsdp (`shard_frozen_weights`) also splits the frozen base model's blocks between the processes with
+torch's FSDP; the adapter's weights stay whole everywhere, so everything above works unchanged, except that
+a forward pass now needs every process: evaluation and samples run on all ranks (rank 0 still writes).
+
 Imports torch only where it needs it: the UI reads rank states through this module.
 """
 
@@ -76,6 +80,42 @@ def all_reduce_step(gradients: list[torch.Tensor], stats: list[float], world: in
         g.copy_(flat[offset:offset + g.numel()].view_as(g) / world)
         offset += g.numel()
     return flat[offset:].tolist()
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The elements of the outermost module lists that hold frozen weights: a transformer's layers, a UNet's
+    down and up blocks, Whisper's encoder and decoder blocks. FSDP gathers one such block at a time."""
+    import torch
+    found = []
+
+    def visit(module: torch.nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, torch.nn.ModuleList):
+                found.extend(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return [block for block in found if any(not p.requires_grad for p in block.parameters())]
+
+
+def shard_frozen_weights(model: torch.nn.Module, device: torch.device) -> int:
+    """FSDP (torch's fully_shard) over the model's repeated blocks: each process keeps 1/world of their frozen
+    weights and gathers a block's whole weights only for its forward and backward. The trainable adapter
+    weights are left out of FSDP, whole on every process. Returns how many blocks were split."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (place().world,))
+    blocks = repeated_blocks(model)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, ignored_params={p for p in block.parameters() if p.requires_grad})
+    return len(blocks)
+
+
+def held_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of model weights this process holds (its own shards only, under fsdp)."""
+    from torch.distributed.tensor import DTensor
+    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
 
 
 def free_port() -> int:

@@ -250,6 +250,12 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
     params = trainable_parameters(model)
     if not params:
         raise TrainingFailure("The model has no trainable parameters.", "Check the LoRA target modules.")
+    # With the base split between the processes (fsdp), every forward pass needs all of them.
+    sharded = here.distributed and config.strategy == "fsdp"
+    if sharded:
+        device = next(iter(params.values())).device
+        log(f"FSDP: {distributed.shard_frozen_weights(model, device)} blocks of the base model are split "
+            f"between {here.world} processes.")
     optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
     def epoch_batches(epoch: int) -> list:
@@ -315,30 +321,32 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
         return final
 
     def evaluate() -> None:
-        if task.evaluate is None or not here.main:
+        if task.evaluate is None or not (here.main or sharded):
             return
         model.eval()
         with torch.no_grad():
             metrics = task.evaluate()
         model.train()
-        if metrics:
+        if metrics:  # (a rank other than 0 writes no events)
             events.emit("eval", step=step, **metrics)
 
     def samples() -> None:
-        if task.make_samples is None or not here.main:
+        if task.make_samples is None or not (here.main or sharded):
             return
         model.eval()
         with torch.no_grad():
-            for sample in task.make_samples():
-                events.emit("sample", step=step, **sample)
+            made = task.make_samples()
         model.train()
+        for sample in made:
+            events.emit("sample", step=step, **sample)
 
     global_batch = config.batch_size * config.gradient_accumulation * here.world
     events.emit("started", total_steps=total_steps, steps_per_epoch=per_epoch, unit=task.unit,
                 resumed_from=step, trainable_parameters=sum(p.numel() for p in params.values()),
                 processes=here.world, global_batch=global_batch)
     if rank_status:
-        rank_status.update(force=True, state="training", step=step)
+        rank_status.update(force=True, state="training", step=step,
+                           weights_mb=round(distributed.held_weight_bytes(model) / 2**20, 1))
     if task.evaluate_at_start and step == 0:
         evaluate()
     model.train()

@@ -66,6 +66,8 @@ class LLMConfig(RunConfig):
             problems.append(("train_files", "no training file given"))
         if self.target_modules == "custom" and not self.custom_target_modules:
             problems.append(("custom_target_modules", "is empty but target modules is 'custom'"))
+        if self.load_in_4bit and self.strategy == "fsdp":
+            problems.append(("strategy", "fsdp cannot split a 4-bit base model: use ddp with 4-bit loading"))
         return problems
 
 

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from pipelines import distributed
 from pipelines.llm.config import LLMConfig
 from pipelines.llm.data import load_examples
 from pipelines.llm.model import base_location, load_base_model, load_tokenizer, lora_targets
@@ -95,8 +96,12 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
     prompts = config.sample_prompts or [e.prompt for e in train_examples[:2] if e.messages]
     answers = {e.prompt: e.answer for e in train_examples}
 
+    # With the base split between processes (fsdp) all of them generate, step for step until the last is done.
+    in_step = config.strategy == "fsdp" and distributed.place().distributed
+
     def make_samples() -> list[dict]:
-        return [{"prompt": p, "output": complete(model, tokenizer, p, max_new_tokens=config.sample_max_new_tokens),
+        return [{"prompt": p, "output": complete(model, tokenizer, p, max_new_tokens=config.sample_max_new_tokens,
+                                                 synced=in_step),
                  "expected": answers.get(p, "")} for p in prompts]
 
     def save_adapter(folder: Path) -> None:
@@ -136,8 +141,9 @@ def load_for_generation(config: LLMConfig, run_dir: str | Path | None, checkpoin
 
 @torch.no_grad()
 def complete(model, tokenizer, prompt: str | list[dict], *, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, chat: bool = True, seed: int = 0) -> str:
-    """Generate a reply. A string prompt is one user turn; a list is a whole conversation."""
+             top_p: float = 1.0, chat: bool = True, seed: int = 0, synced: bool = False) -> str:
+    """Generate a reply. A string prompt is one user turn; a list is a whole conversation. `synced`: every
+    process of a run generates together (transformers' synced_gpus)."""
     if chat:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -150,7 +156,8 @@ def complete(model, tokenizer, prompt: str | list[dict], *, max_new_tokens: int 
     try:
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sampling,
                                 temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-                                top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                synced_gpus=synced)
     finally:
         torch.random.set_rng_state(generator_state)  # sampling must not shift the training run's randomness
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

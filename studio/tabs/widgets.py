@@ -273,7 +273,8 @@ def status_markdown(run, progress: Progress, registry: Registry) -> str:
     ranks = read_ranks(run.dir) if progress.processes > 1 else []
     if ranks:
         text += "\n\n**Processes:** " + " · ".join(
-            f"rank {r['rank']} {r.get('state', '?')} at step {r.get('step', 0)} ({r.get('device', '?')} on {r.get('host', '?')})"
+            f"rank {r['rank']} {r.get('state', '?')} at step {r.get('step', 0)} ({r.get('device', '?')} on {r.get('host', '?')}"
+            + (f", holding {r['weights_mb']:,} MB of model weights)" if "weights_mb" in r else ")")
             for r in ranks)
     if status == "failed":
         text += f"\n\n**Why it failed:** {run.error or progress.error}\n\n**What to change:** {run.advice or progress.advice}"
@@ -347,7 +348,7 @@ def latest_run_id(modality: str, registry: Registry | None = None) -> str | None
 
 # ---- the part of a tab every modality shares --------------------------------------------------
 
-SCALE_OUT = ["processes", "nodes", "main_address", "main_port"]  # every tab's FORM holds these
+SCALE_OUT = ["processes", "strategy", "nodes", "main_address", "main_port"]  # every tab's FORM holds these
 
 
 def global_batch_text(batch_size, accumulation, processes, nodes) -> str:
