@@ -84,9 +84,13 @@ class RunConfig:
     nodes: int = option(1, "Machines training this run together. Node 0 is this studio; start the others with "
                            "`studio join` on the same run folder (shared storage).", min=1, max=1024, advanced=True)
     strategy: str = option("ddp", "How several processes share the model. ddp: each holds all of it. fsdp: the "
-                                  "base model's layers are split between them (FSDP), so a base too big for one "
-                                  "GPU fits on several; the adapter stays whole.",
-                           choices=["ddp", "fsdp"], advanced=True)
+                                  "base model's blocks are split between them (torch FSDP); the adapter stays whole. "
+                                  "zero2 / zero3: DeepSpeed ZeRO stage 2 (gradients and optimizer state split) or 3 "
+                                  "(the weights too), set by assets/scale/<strategy>.json.",
+                           choices=["ddp", "fsdp", "zero2", "zero3"], advanced=True)
+    deepspeed_config: str = option("", "A DeepSpeed JSON file to use instead of the shipped preset "
+                                       "(zero2 / zero3 only; batch, accumulation and clipping come from this run).",
+                                   advanced=True)
     main_address: str = option("127.0.0.1", "Address of node 0 that the other nodes can reach (nodes > 1 only).",
                                advanced=True)
     main_port: int = option(0, "Port the processes meet on; 0 = any free port (one machine only).",
@@ -168,6 +172,8 @@ class RunConfig:
             problems.append(("name", "may hold only letters, digits, spaces, '-', '_' and '.'"))
         if len(name) > 80:
             problems.append(("name", "is longer than 80 characters"))
+        if self.deepspeed_config:
+            problems += _json_file_problems("deepspeed_config", self.deepspeed_config)
         if self.nodes > 1 and not self.main_port:
             problems.append(("main_port", "must be set (not 0) when several nodes train together"))
         address = self.main_address.strip()
@@ -263,3 +269,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError([("config", f"{path} must hold a mapping of settings")])
     return data
+
+
+def _json_file_problems(name: str, path: str) -> list[tuple[str, str]]:
+    import json
+    try:
+        if not isinstance(json.loads(Path(path).read_text()), dict):
+            return [(name, f"{path} does not hold a JSON object")]
+    except OSError:
+        return [(name, f"{path} cannot be read")]
+    except ValueError as err:
+        return [(name, f"{path} is not valid JSON ({err})")]
+    return []

@@ -16,23 +16,31 @@ Strategy fsdp (`shard_frozen_weights`) also splits the frozen base model's block
 torch's FSDP; the adapter's weights stay whole everywhere, so everything above works unchanged, except that
 a forward pass now needs every process: evaluation and samples run on all ranks (rank 0 still writes).
 
+Strategies zero2 and zero3 hand the model and optimizer to DeepSpeed (`ZeroSteps`), configured by a JSON
+preset in assets/scale/ (or the run's own file): ZeRO-2 splits gradients and optimizer state, ZeRO-3 the
+weights too. DeepSpeed then averages the gradients, clips and steps; checkpoints gather the whole adapter
+and optimizer state into the same files as the other strategies, so a run resumes under any of them.
+
 Imports torch only where it needs it: the UI reads rank states through this module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
     import torch
 
 RANKS_DIR = "ranks"
+PRESETS = Path(__file__).resolve().parents[1] / "assets" / "scale"  # DeepSpeed settings for zero2 / zero3
+SHARDED = ("fsdp", "zero3")  # strategies that split the weights: a forward pass needs every process
 
 
 @dataclass(frozen=True)
@@ -68,12 +76,12 @@ def join(use_gpu: bool) -> Place:
     return here
 
 
-def all_reduce_step(gradients: list[torch.Tensor], stats: list[float], world: int) -> list[float]:
+def all_reduce_step(gradients: list[torch.Tensor], stats: list[float], world: int,
+                    device: torch.device) -> list[float]:
     """Average `gradients` in place over all processes and sum `stats`; returns the summed stats."""
     import torch
-    device = gradients[0].device if gradients else torch.device("cpu")
-    flat = torch.cat([g.reshape(-1) for g in gradients] + [torch.tensor(stats, dtype=gradients[0].dtype if gradients
-                                                                       else torch.float32, device=device)])
+    dtype = gradients[0].dtype if gradients else torch.float32
+    flat = torch.cat([g.reshape(-1) for g in gradients] + [torch.tensor(stats, dtype=dtype, device=device)])
     torch.distributed.all_reduce(flat)
     offset = 0
     for g in gradients:
@@ -112,10 +120,105 @@ def shard_frozen_weights(model: torch.nn.Module, device: torch.device) -> int:
     return len(blocks)
 
 
+class ZeroSteps:
+    """DeepSpeed ZeRO driving the loop's backward passes and optimizer steps (strategies zero2, zero3)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: dict, config,
+                 borrowed_weights: list = ()) -> None:
+        try:
+            import deepspeed
+        except ImportError:
+            from pipelines.training import TrainingFailure
+            raise TrainingFailure(f"Strategy {config.strategy} needs the deepspeed package, which is not installed.",
+                                  "Run `.venv/bin/pip install deepspeed`, or choose ddp or fsdp.") from None
+        self.deepspeed, self.params = deepspeed, params
+        self.stage = 3 if config.strategy == "zero3" else 2
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_settings(config))
+        for module, weight in borrowed_weights if self.stage == 3 else ():
+            deepspeed.zero.register_external_parameter(module, weight)
+        # The AdamW that DeepSpeed runs on this process's flat slices of the weights.
+        self.inner = self.engine.optimizer.optimizer
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """One batch's share of the step's loss; `last`: DeepSpeed reduces the gradients after this one."""
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> None:
+        self.engine.step()  # clips (gradient_clipping), steps and zeroes the gradients
+
+    @contextlib.contextmanager
+    def whole(self) -> Iterator[None]:
+        """The adapter's weights whole on every process while inside (ZeRO-3 splits them). All ranks enter."""
+        if self.stage == 3:
+            with self.deepspeed.zero.GatheredParameters(list(self.params.values())):
+                yield
+        else:
+            yield
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every adapter weight, whole (all ranks call this)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+        return {name: safe_get_full_fp32_param(p).detach().cpu().contiguous() for name, p in self.params.items()}
+
+    def optimizer_state(self, step: int) -> dict:
+        """The optimizer state in torch AdamW's own layout (param index -> state), gathered whole."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+        import torch
+        if step == 0:
+            return {"state": {}, "param_groups": self._groups()}
+        state = {i: {"step": torch.tensor(float(step)),
+                     **{key: safe_get_full_optimizer_state(p, key).cpu() for key in ("exp_avg", "exp_avg_sq")}}
+                 for i, p in enumerate(self.params.values())}
+        return {"state": state, "param_groups": self._groups()}
+
+    def load_optimizer_state(self, saved: dict) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+        import torch
+        for group, saved_group in zip(self.inner.param_groups, saved["param_groups"]):
+            group["lr"] = saved_group["lr"]  # the scheduler sets it only at its next step
+        if not saved["state"]:
+            return
+        step = next(iter(saved["state"].values()))["step"]
+        # AdamW creates its state at its first step: make it now for each flat slice of weights DeepSpeed steps
+        # (stage 3 and stage 2 name them differently), then fill in each weight's part.
+        zero_optimizer = self.engine.optimizer
+        flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or \
+            zero_optimizer.single_partition_of_fp32_groups
+        for flat in flats:
+            self.inner.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
+                                      "exp_avg_sq": torch.zeros_like(flat)}
+        for i, p in enumerate(self.params.values()):
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, saved["state"][i][key], key)
+
+    def _groups(self) -> list[dict]:
+        return [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(self.params)))}
+                for g in self.inner.param_groups[:1]]
+
+
+def deepspeed_settings(config) -> dict:
+    """The strategy's preset (or the run's own deepspeed_config file) with the run's batch, accumulation and
+    clipping written over it: those are set in the studio, whatever the file says."""
+    path = Path(config.deepspeed_config) if config.deepspeed_config else PRESETS / f"{config.strategy}.json"
+    settings = json.loads(path.read_text())
+    settings.update(train_micro_batch_size_per_gpu=config.batch_size,
+                    gradient_accumulation_steps=config.gradient_accumulation,
+                    gradient_clipping=config.max_grad_norm, steps_per_print=2**31 - 1)
+    settings.setdefault("zero_optimization", {})["stage"] = 3 if config.strategy == "zero3" else 2
+    return settings
+
+
 def held_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of model weights this process holds (its own shards only, under fsdp)."""
+    """Bytes of model weights this process holds (only its own part, under fsdp and zero3)."""
     from torch.distributed.tensor import DTensor
-    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+
+    def held(p):
+        if isinstance(p, DTensor):
+            return p.to_local().nbytes
+        return p.ds_tensor.nbytes if hasattr(p, "ds_tensor") else p.nbytes  # ZeRO-3 keeps its part in ds_tensor
+
+    return sum(held(p) for p in model.parameters())
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@ temporary folder and renamed into place, so a process killed mid-save leaves the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -134,8 +135,8 @@ def adapter_dir(run_dir: str | Path, checkpoint: str | None = None, marker: str 
     return folder
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
+def _optimizer_to_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state_dict as safetensors tensors plus JSON."""
     tensors, plain = {}, {}
     for index, values in state["state"].items():
         for key, value in values.items():
@@ -146,12 +147,12 @@ def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, tor
     return tensors, {"param_groups": state["param_groups"], "plain": plain}
 
 
-def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
     state: dict[int, dict] = {}
     for flat, value in list(tensors.items()) + list(meta["plain"].items()):
         index, key = flat.split(".", 1)
         state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -197,6 +198,9 @@ class TrainingTask:
     make_samples: Callable[[], list[dict]] | None = None
     evaluate_at_start: bool = False
     extra_state: dict = field(default_factory=dict)  # written to state.json with each checkpoint
+    # (module, weight) pairs where the module's forward reads a weight of another module directly (a tied
+    # output projection): DeepSpeed ZeRO-3 must gather that weight for the module's forward too.
+    borrowed_weights: list = field(default_factory=list)
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -250,13 +254,24 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
     params = trainable_parameters(model)
     if not params:
         raise TrainingFailure("The model has no trainable parameters.", "Check the LoRA target modules.")
-    # With the base split between the processes (fsdp), every forward pass needs all of them.
-    sharded = here.distributed and config.strategy == "fsdp"
-    if sharded:
-        device = next(iter(params.values())).device
+    device = next(iter(params.values())).device
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        log("No checkpoint found: starting from the beginning.")
+    if checkpoint is not None:  # the weights before any strategy takes them over (DeepSpeed copies them)
+        weights = load_file(checkpoint / "trainable.safetensors")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name].to(p.device, p.dtype))
+    # Under the strategies that split the weights (fsdp, zero3) every forward pass needs all the processes.
+    sharded = here.distributed and config.strategy in distributed.SHARDED
+    if here.distributed and config.strategy == "fsdp":
         log(f"FSDP: {distributed.shard_frozen_weights(model, device)} blocks of the base model are split "
             f"between {here.world} processes.")
     optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    zero = distributed.ZeroSteps(model, optimizer, params, config, task.borrowed_weights) if here.distributed and \
+        config.strategy.startswith("zero") else None
+    whole = zero.whole if zero else contextlib.nullcontext
 
     def epoch_batches(epoch: int) -> list:
         batches = task.batches_for_epoch(epoch)
@@ -267,20 +282,14 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
     if not epoch0:
         raise TrainingFailure("The training data has no usable example.", "Fix the problems the data check lists.")
     per_epoch, total_steps = count_steps(config, len(epoch0), here.world)
-    rank_status = distributed.RankStatus(run_dir, here, next(iter(params.values())).device) if here.distributed else None
+    rank_status = distributed.RankStatus(run_dir, here, device) if here.distributed else None
     scheduler = make_scheduler(optimizer, config, total_steps)
 
     step, epoch, chunk_start, units_done, elapsed_before = 0, 0, 0, 0, 0.0
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        log("No checkpoint found: starting from the beginning.")
     if checkpoint is not None:
         state = json.loads((checkpoint / "state.json").read_text())
-        weights = load_file(checkpoint / "trainable.safetensors")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(weights[name].to(p.device, p.dtype))
-        _optimizer_from_files(optimizer, load_file(checkpoint / "optimizer.safetensors"), state["optimizer"])
+        saved = _optimizer_from_files(load_file(checkpoint / "optimizer.safetensors"), state["optimizer"])
+        zero.load_optimizer_state(saved) if zero else optimizer.load_state_dict(saved)
         scheduler.load_state_dict(state["scheduler"])
         _restore_rng(load_file(checkpoint / "rng.safetensors"), state["rng"])
         step, epoch, chunk_start = state["step"], state["epoch"], state["next_chunk"]
@@ -292,16 +301,21 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
 
     def save_checkpoint() -> Path | None:
         final = run_dir / "checkpoints" / f"step-{step}"
-        if not here.main:
-            return None
-        if final.exists():
+        if not (here.main or zero):  # (under DeepSpeed every rank takes part in gathering the state)
             return final
+        weights = zero.weights() if zero else {n: p.detach().cpu().contiguous() for n, p in params.items()}
+        opt_tensors, opt_meta = _optimizer_to_files(zero.optimizer_state(step) if zero else optimizer.state_dict())
+        with whole():
+            if here.main and not final.exists():
+                write_checkpoint(final, weights, opt_tensors, opt_meta)
+        return final
+
+    def write_checkpoint(final: Path, weights: dict, opt_tensors: dict, opt_meta: dict) -> None:
         tmp = run_dir / "checkpoints" / f".tmp-step-{step}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
-            save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "trainable.safetensors")
-            opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+            save_file(weights, tmp / "trainable.safetensors")
             save_file(opt_tensors, tmp / "optimizer.safetensors")
             rng_tensors, rng_plain = _rng_state()
             save_file(rng_tensors, tmp / "rng.safetensors")
@@ -318,7 +332,6 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
         for old in checkpoint_dirs(run_dir)[:-config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         events.emit("checkpoint", step=step, path=str(final.relative_to(run_dir)))
-        return final
 
     def evaluate() -> None:
         if task.evaluate is None or not (here.main or sharded):
@@ -366,7 +379,10 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
             for index in mine:
                 seed_batch(config.seed, step, index)
                 loss, n = task.loss_on(chunk[index])
-                (loss / len(mine)).backward()
+                if zero:
+                    zero.backward(loss / len(mine), last=index == mine[-1])
+                else:
+                    (loss / len(mine)).backward()
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
                 units += n
             # The step's one wait for the device (reading a GPU value stalls the queue of kernels, so none is
@@ -374,21 +390,25 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
             loss_sum = float(step_loss)
             stop, batches_done = False, len(mine)
             if here.distributed:  # rank 0's Stop travels with the gradients: every rank stops at the same step
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+                # (DeepSpeed averages its gradients itself: only the figures travel then.)
+                grads = [] if zero else [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
                 loss_sum, units, batches_done, stop = distributed.all_reduce_step(
-                    grads, [loss_sum, units, len(mine), here.main and should_stop()], here.world)
+                    grads, [loss_sum, units, len(mine), here.main and should_stop()], here.world, device)
                 units = int(units)
                 for p, g in zip(params.values(), grads):
                     p.grad = g
             if not math.isfinite(loss_sum):  # a NaN on any process makes the summed loss NaN on all of them
                 raise TrainingFailure(f"The loss became {loss_sum} at step {step + 1}.",
                                       "Lower the learning rate (try half) or check the data for empty examples.")
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            if zero:
+                zero.step()
+            else:
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             chunk_start += 1
             units_done += units
@@ -423,8 +443,9 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
     evaluate()
     samples()
     save_checkpoint()
-    if here.main:
-        task.save_adapter(run_dir / "adapter")
+    with whole():
+        if here.main:
+            task.save_adapter(run_dir / "adapter")
     if rank_status:
         rank_status.update(force=True, state="completed", step=step)
     log(f"Finished {total_steps} steps in {elapsed:.1f} s.")

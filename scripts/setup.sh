@@ -52,7 +52,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
 fi
 echo "setup: installing the studio and its dependencies"
-"${pip[@]}" -e ".[test]"
+"${pip[@]}" -e ".[test,deepspeed]"
 # openai-whisper without its triton dependency (only its CUDA timing kernels use triton, and CUDA
 # builds of torch bring triton themselves).
 "${pip[@]}" --no-deps "openai-whisper==20250625"

@@ -44,11 +44,12 @@ def hardware_line() -> str:
 
 
 def training_memory_gib(params_billion: float, on_gpu: bool, four_bit: bool = False, batch_tokens: int = 4096,
-                        hidden: int | None = None, layers: int | None = None) -> float:
-    """A deliberately rough LoRA estimate: frozen weights (fp32 on CPU, bf16 on GPU, 4-bit with QLoRA),
-    plus activations kept for the backward pass, plus a fixed overhead."""
+                        hidden: int | None = None, layers: int | None = None, split: int = 1) -> float:
+    """A deliberately rough LoRA estimate for one process: frozen weights (fp32 on CPU, bf16 on GPU, 4-bit with
+    QLoRA; a 1/split share when a strategy splits them), plus activations kept for the backward pass, plus a
+    fixed overhead."""
     bytes_per_weight = 0.55 if four_bit else (2 if on_gpu else 4)
-    weights = params_billion * 1e9 * bytes_per_weight
+    weights = params_billion * 1e9 * bytes_per_weight / split
     hidden = hidden or max(64, int((params_billion * 1e9 / 12 / max(1, layers or 24)) ** 0.5))
     layers = layers or max(2, int(params_billion * 16) or 2)
     activations = batch_tokens * hidden * layers * 34 * (2 if on_gpu else 4) / 2

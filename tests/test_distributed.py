@@ -55,13 +55,15 @@ def losses(home, run_id):
 @pytest.mark.parametrize("modality", CASES)
 def test_two_processes_follow_the_one_process_curve(home, tmp_path, modality):
     # Same global batch: 1 process x 2 accumulated batches = 2 processes x 1 batch, each process holding the
-    # whole model (ddp) or a half of its blocks' weights (fsdp).
+    # whole model (ddp), a half of its blocks' weights (fsdp), or DeepSpeed holding a half of every weight (zero3).
     one = train(config_file(tmp_path, modality, gradient_accumulation=2))
     steps_run = CASES[modality]["max_steps"]
+    strategies = ("ddp", "fsdp", "zero2", "zero3") if modality == "llm" else ("ddp", "fsdp", "zero3")
     held, adapters = {}, {}
-    for strategy in ("ddp", "fsdp"):
+    for strategy in strategies:
         two = train(config_file(tmp_path, modality, processes=2, strategy=strategy))
-        assert losses(home, two) == pytest.approx(losses(home, one), rel=1e-4), strategy
+        # DeepSpeed sums the gradients in its own order: the same curve to rounding.
+        assert losses(home, two) == pytest.approx(losses(home, one), rel=1e-3 if "zero" in strategy else 1e-4), strategy
         assert steps(home, two) == list(range(1, steps_run + 1))  # one writer: each step once
         started = events_of(home, two, "started")
         assert [(s["processes"], s["global_batch"]) for s in started] == [(2, 2 * CASES[modality]["batch_size"])]
@@ -71,11 +73,14 @@ def test_two_processes_follow_the_one_process_curve(home, tmp_path, modality):
                                                                        (1, "completed", steps_run)]
         held[strategy] = [r["weights_mb"] for r in ranks]
         adapters[strategy] = adapter_tensors(home / "runs" / two / "adapter")
-    # (The tiny Whisper's weights are mostly its 51,865-token embedding, which stays whole; real ones are blocks.)
+    # (The tiny Whisper's weights are mostly its 51,865-token embedding, which fsdp leaves whole; real ones are blocks.)
     assert all(f < (d if modality == "speech" else 0.7 * d) for f, d in zip(held["fsdp"], held["ddp"])), held
-    assert adapters["fsdp"].keys() == adapters["ddp"].keys() and adapters["ddp"]
+    assert all(z < 0.7 * d for z, d in zip(held["zero3"], held["ddp"])), held
+    for strategy in strategies:
+        assert adapters[strategy].keys() == adapters["ddp"].keys() and adapters["ddp"]
     for name, tensor in adapters["ddp"].items():
         assert torch.allclose(adapters["fsdp"][name], tensor, rtol=1e-3, atol=1e-6), name
+        assert torch.allclose(adapters["zero3"][name], tensor, rtol=0.1, atol=1e-2), name
 
 
 def adapter_tensors(folder):
@@ -85,10 +90,11 @@ def adapter_tensors(folder):
     return found
 
 
-def test_stop_and_resume_across_two_processes_ends_on_the_uninterrupted_curve(home, tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_stop_and_resume_across_two_processes_ends_on_the_uninterrupted_curve(home, tmp_path, strategy):
     reference = train(config_file(tmp_path, "llm", max_steps=12, gradient_accumulation=2))
-    # fsdp, with samples on the way: generating needs every process while the base is split between them.
-    config = config_file(tmp_path, "llm", max_steps=12, processes=2, strategy="fsdp", sample_every=4)
+    # With samples on the way: generating needs every process while the weights are split between them.
+    config = config_file(tmp_path, "llm", max_steps=12, processes=2, strategy=strategy, sample_every=4)
     run_id = run_id_of(studio("train", str(config), "--detach").stdout)
     # Stop at once (the tiny run would finish before a later Stop): the ranks stop after their first step.
     assert studio("stop", run_id).stdout.strip() == "stopping"
@@ -104,7 +110,8 @@ def test_stop_and_resume_across_two_processes_ends_on_the_uninterrupted_curve(ho
     assert [r["step"] for r in resumed] == [stopped_at]
     kept = {e["step"]: e["loss"] for e in events_of(home, run_id, "step")}  # resumed steps replace none
     assert sorted(kept) == list(range(1, 13))
-    assert [kept[s] for s in range(1, 13)] == pytest.approx(losses(home, reference), rel=1e-4)
+    assert [kept[s] for s in range(1, 13)] == pytest.approx(losses(home, reference), rel=1e-3 if "zero" in strategy
+                                                           else 1e-4)
     assert {e["step"] for e in events_of(home, run_id, "sample")} >= {4, 8, 12}
 
 

@@ -270,7 +270,7 @@ def _train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop
                 image = generate(pipe, prompt, seed=config.sample_seed, steps=config.sample_steps,
                                  guidance=config.sample_guidance, width=resolution, height=resolution)
                 name = f"step-{step}-{i}.png"
-                if distributed.place().main:  # with fsdp every rank draws it; one writes it
+                if distributed.place().main:  # with fsdp or zero3 every rank draws it; one writes it
                     image.save(samples_dir / name)
                 made.append({"prompt": prompt, "image": f"samples/{name}", "seed": config.sample_seed})
         return made

@@ -18,7 +18,7 @@ TARGETS = {
 @dataclass
 class LLMConfig(RunConfig):
     modality: ClassVar[str] = "llm"
-    path_fields: ClassVar[tuple[str, ...]] = ("train_files", "validation_files")
+    path_fields: ClassVar[tuple[str, ...]] = ("train_files", "validation_files", "deepspeed_config")
 
     base_model: str = option("tiny-llama", "Built-in preset, Hugging Face hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) "
                                            "or a local folder in transformers format.")
@@ -66,8 +66,8 @@ class LLMConfig(RunConfig):
             problems.append(("train_files", "no training file given"))
         if self.target_modules == "custom" and not self.custom_target_modules:
             problems.append(("custom_target_modules", "is empty but target modules is 'custom'"))
-        if self.load_in_4bit and self.strategy == "fsdp":
-            problems.append(("strategy", "fsdp cannot split a 4-bit base model: use ddp with 4-bit loading"))
+        if self.load_in_4bit and self.strategy != "ddp":
+            problems.append(("strategy", "cannot split a 4-bit base model: use ddp with 4-bit loading"))
         return problems
 
 

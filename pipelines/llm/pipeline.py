@@ -96,8 +96,8 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
     prompts = config.sample_prompts or [e.prompt for e in train_examples[:2] if e.messages]
     answers = {e.prompt: e.answer for e in train_examples}
 
-    # With the base split between processes (fsdp) all of them generate, step for step until the last is done.
-    in_step = config.strategy == "fsdp" and distributed.place().distributed
+    # With the weights split between processes (fsdp, zero3) all of them generate, step for step until the last is done.
+    in_step = config.strategy in distributed.SHARDED and distributed.place().distributed
 
     def make_samples() -> list[dict]:
         return [{"prompt": p, "output": complete(model, tokenizer, p, max_new_tokens=config.sample_max_new_tokens,

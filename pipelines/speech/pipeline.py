@@ -198,7 +198,9 @@ def train(config: SpeechConfig, run_dir: str | Path, events: Events, should_stop
 
     task = TrainingTask(model=model, batches_for_epoch=batches_for_epoch, loss_on=loss_on, save_adapter=save_adapter,
                         unit="clips", evaluate=evaluate, make_samples=make_samples if sampled else None,
-                        evaluate_at_start=True)
+                        evaluate_at_start=True,
+                        # Whisper's decoder turns its output into logits with the token embedding's weight.
+                        borrowed_weights=[(model.decoder, model.decoder.token_embedding.weight)])
     events.emit("data", rows=len(train_clips), validation_rows=len(validation_clips), format=report.format,
                 seconds=round(sum(c.seconds for c in train_clips), 1), eval_on=eval_on)
     return run_training(task, config, run_dir, events, should_stop, resume=resume, log=log)

@@ -8,6 +8,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from pipelines import distributed
 from pipelines.config import ConfigError
 from pipelines.llm.config import KNOWN_MODELS, LLMConfig
 from studio import hardware
@@ -109,8 +110,14 @@ def preflight_line(config: LLMConfig, stats: dict | None) -> str:
         return "Pre-flight: model size unknown until it loads."
     on_gpu = bool(hardware.gpus()) and config.device != "cpu"
     batch_tokens = config.batch_size * min(config.max_length, int(stats["tokens_p95"]) if stats else config.max_length)
-    memory = hardware.training_memory_gib(size, on_gpu, config.load_in_4bit, batch_tokens)
-    text = f"Pre-flight: about **{memory:.1f} GiB** peak memory on the {'GPU' if on_gpu else 'CPU'}"
+    split = config.world_size if config.strategy in distributed.SHARDED else 1
+    memory = hardware.training_memory_gib(size, on_gpu, config.load_in_4bit, batch_tokens, split=split)
+    if on_gpu:
+        where = "the GPU" if config.processes == 1 else f"each of the {config.processes} GPUs"
+    else:  # the processes of a CPU run share this machine's memory
+        memory *= config.processes
+        where = "the CPU" if config.processes == 1 else f"the CPU ({config.processes} processes)"
+    text = f"Pre-flight: about **{memory:.1f} GiB** peak memory on {where}"
     if stats:
         tokens = stats["tokens_total"]
         flops = 4 * size * 1e9 * tokens  # LoRA: forward plus activation gradients, no frozen-weight gradients
