@@ -124,9 +124,15 @@ def test_two_processes_from_the_advanced_settings_show_each_rank(server, page):
     expect(shown).to_contain_text("Global batch: 8 examples")  # the sample config: batch 8, 1 process
     set_number(page, "Processes", 2)
     expect(shown).to_contain_text("Global batch: 16 examples")
+    page.get_by_label("Strategy", exact=True).click()
+    page.get_by_role("option", name="fsdp", exact=True).click()  # the base model's blocks split between the two
     set_number(page, "Max steps", 12)
     page.locator("#llm-train").click()
     # The run's own status (a rank can read "completed" while rank 0 still saves the adapter).
     done = wait_status(page, "llm", lambda t: "· completed" in t, timeout=300)
     assert "global batch 16 over 2 processes" in done
     assert "rank 0 completed at step 12" in done and "rank 1 completed at step 12" in done
+    assert "MB of model weights" in done
+    run_dir = max((server.home / "runs").iterdir())
+    assert "strategy: fsdp" in (run_dir / "config.yaml").read_text()
+    assert "FSDP: 4 blocks of the base model are split between 2 processes" in (run_dir / "log.txt").read_text()

@@ -30,9 +30,14 @@ CASES = {
 }
 
 
+# gloo between CPU processes everywhere; NCCL between GPUs where there are two.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                                                 reason="NCCL needs two GPUs"))]
+
+
 def config_file(tmp_path, modality, **changes):
     data = yaml.safe_load((ASSETS / modality / "config.yaml").read_text())
-    data.update({**CASES[modality], "sample_every": 0, "checkpoint_every": 1000, **changes})
+    data.update({**CASES[modality], "sample_every": 0, "checkpoint_every": 1000, "device": "cpu", **changes})
     path = tmp_path / f"{modality}-{len(list(tmp_path.glob('*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -52,18 +57,20 @@ def losses(home, run_id):
     return [e["loss"] for e in events_of(home, run_id, "step")]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("modality", CASES)
-def test_two_processes_follow_the_one_process_curve(home, tmp_path, modality):
+def test_two_processes_follow_the_one_process_curve(home, tmp_path, modality, device):
     # Same global batch: 1 process x 2 accumulated batches = 2 processes x 1 batch, each process holding the
     # whole model (ddp), a half of its blocks' weights (fsdp), or DeepSpeed holding a half of every weight (zero3).
-    one = train(config_file(tmp_path, modality, gradient_accumulation=2))
+    one = train(config_file(tmp_path, modality, gradient_accumulation=2, device=device))
     steps_run = CASES[modality]["max_steps"]
     strategies = ("ddp", "fsdp", "zero2", "zero3") if modality == "llm" else ("ddp", "fsdp", "zero3")
     held, adapters = {}, {}
     for strategy in strategies:
-        two = train(config_file(tmp_path, modality, processes=2, strategy=strategy))
-        # DeepSpeed sums the gradients in its own order: the same curve to rounding.
-        assert losses(home, two) == pytest.approx(losses(home, one), rel=1e-3 if "zero" in strategy else 1e-4), strategy
+        two = train(config_file(tmp_path, modality, processes=2, strategy=strategy, device=device))
+        # DeepSpeed sums the gradients in its own order: the same curve to rounding (and GPUs run in bf16).
+        tolerance = 2e-2 if device == "cuda" else 1e-3 if "zero" in strategy else 1e-4
+        assert losses(home, two) == pytest.approx(losses(home, one), rel=tolerance), strategy
         assert steps(home, two) == list(range(1, steps_run + 1))  # one writer: each step once
         started = events_of(home, two, "started")
         assert [(s["processes"], s["global_batch"]) for s in started] == [(2, 2 * CASES[modality]["batch_size"])]
@@ -78,7 +85,7 @@ def test_two_processes_follow_the_one_process_curve(home, tmp_path, modality):
     assert all(z < 0.7 * d for z, d in zip(held["zero3"], held["ddp"])), held
     for strategy in strategies:
         assert adapters[strategy].keys() == adapters["ddp"].keys() and adapters["ddp"]
-    for name, tensor in adapters["ddp"].items():
+    for name, tensor in adapters["ddp"].items() if device == "cpu" else ():
         assert torch.allclose(adapters["fsdp"][name], tensor, rtol=1e-3, atol=1e-6), name
         assert torch.allclose(adapters["zero3"][name], tensor, rtol=0.1, atol=1e-2), name
 
