@@ -88,9 +88,8 @@ class RunConfig:
                                   "zero2 / zero3: DeepSpeed ZeRO stage 2 (gradients and optimizer state split) or 3 "
                                   "(the weights too), set by assets/scale/<strategy>.json.",
                            choices=["ddp", "fsdp", "zero2", "zero3"], advanced=True)
-    deepspeed_config: str = option("", "A DeepSpeed JSON file to use instead of the shipped preset "
-                                       "(zero2 / zero3 only; batch, accumulation and clipping come from this run).",
-                                   advanced=True)
+    strategy_config: str = option("", "A JSON file of the strategy's settings to use instead of the shipped "
+                                      "assets/scale/<strategy>.json (fsdp, zero2, zero3).", advanced=True)
     main_address: str = option("127.0.0.1", "Address of node 0 that the other nodes can reach (nodes > 1 only).",
                                advanced=True)
     main_port: int = option(0, "Port the processes meet on; 0 = any free port (one machine only).",
@@ -172,8 +171,8 @@ class RunConfig:
             problems.append(("name", "may hold only letters, digits, spaces, '-', '_' and '.'"))
         if len(name) > 80:
             problems.append(("name", "is longer than 80 characters"))
-        if self.deepspeed_config:
-            problems += _json_file_problems("deepspeed_config", self.deepspeed_config)
+        if Path(self.strategy_config).is_absolute():  # (a relative path is read once resolved_paths made it absolute)
+            problems += _json_file_problems("strategy_config", self.strategy_config)
         if self.nodes > 1 and not self.main_port:
             problems.append(("main_port", "must be set (not 0) when several nodes train together"))
         address = self.main_address.strip()

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import torch
 
 RANKS_DIR = "ranks"
-PRESETS = Path(__file__).resolve().parents[1] / "assets" / "scale"  # DeepSpeed settings for zero2 / zero3
+PRESETS = Path(__file__).resolve().parents[1] / "assets" / "scale"  # each strategy's settings, <strategy>.json
 SHARDED = ("fsdp", "zero3")  # strategies that split the weights: a forward pass needs every process
 
 
@@ -107,17 +107,25 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [block for block in found if any(not p.requires_grad for p in block.parameters())]
 
 
-def shard_frozen_weights(model: torch.nn.Module, device: torch.device) -> int:
+def shard_frozen_weights(model: torch.nn.Module, device: torch.device, config) -> int:
     """FSDP (torch's fully_shard) over the model's repeated blocks: each process keeps 1/world of their frozen
     weights and gathers a block's whole weights only for its forward and backward. The trainable adapter
     weights are left out of FSDP, whole on every process. Returns how many blocks were split."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    settings = strategy_settings(config)
     mesh = init_device_mesh(device.type, (place().world,))
     blocks = repeated_blocks(model)
     for block in blocks:
-        fully_shard(block, mesh=mesh, ignored_params={p for p in block.parameters() if p.requires_grad})
+        fully_shard(block, mesh=mesh, reshard_after_forward=bool(settings.get("reshard_after_forward", True)),
+                    ignored_params={p for p in block.parameters() if p.requires_grad})
     return len(blocks)
+
+
+def strategy_settings(config) -> dict:
+    """The run's strategy_config file, else the strategy's shipped preset (assets/scale/<strategy>.json)."""
+    path = Path(config.strategy_config) if config.strategy_config else PRESETS / f"{config.strategy}.json"
+    return json.loads(path.read_text())
 
 
 class ZeroSteps:
@@ -198,10 +206,9 @@ class ZeroSteps:
 
 
 def deepspeed_settings(config) -> dict:
-    """The strategy's preset (or the run's own deepspeed_config file) with the run's batch, accumulation and
-    clipping written over it: those are set in the studio, whatever the file says."""
-    path = Path(config.deepspeed_config) if config.deepspeed_config else PRESETS / f"{config.strategy}.json"
-    settings = json.loads(path.read_text())
+    """The strategy's settings with the run's batch, accumulation and clipping written over them: those are set
+    in the studio, whatever the file says."""
+    settings = strategy_settings(config)
     settings.update(train_micro_batch_size_per_gpu=config.batch_size,
                     gradient_accumulation_steps=config.gradient_accumulation,
                     gradient_clipping=config.max_grad_norm, steps_per_print=2**31 - 1)

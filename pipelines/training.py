@@ -266,7 +266,7 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
     # Under the strategies that split the weights (fsdp, zero3) every forward pass needs all the processes.
     sharded = here.distributed and config.strategy in distributed.SHARDED
     if here.distributed and config.strategy == "fsdp":
-        log(f"FSDP: {distributed.shard_frozen_weights(model, device)} blocks of the base model are split "
+        log(f"FSDP: {distributed.shard_frozen_weights(model, device, config)} blocks of the base model are split "
             f"between {here.world} processes.")
     optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
     zero = distributed.ZeroSteps(model, optimizer, params, config, task.borrowed_weights) if here.distributed and \

@@ -2,6 +2,7 @@
 CLI and worker. The same global batch must give the same loss curve, one set of events, and Stop and
 resume must work across the ranks."""
 
+import json
 import os
 import signal
 import subprocess
@@ -101,8 +102,15 @@ def adapter_tensors(folder):
 def test_stop_and_resume_across_two_processes_ends_on_the_uninterrupted_curve(home, tmp_path, strategy):
     reference = train(config_file(tmp_path, "llm", max_steps=12, gradient_accumulation=2))
     # With samples on the way: generating needs every process while the weights are split between them.
-    config = config_file(tmp_path, "llm", max_steps=12, processes=2, strategy=strategy, sample_every=4)
+    # And settings of the user's own instead of the shipped preset (copied into the run like the data).
+    own = tmp_path / "my-strategy.json"
+    own.write_text(json.dumps({"reshard_after_forward": False} if strategy == "fsdp" else
+                              {"zero_optimization": {"stage": 3, "overlap_comm": False}}))
+    config = config_file(tmp_path, "llm", max_steps=12, processes=2, strategy=strategy, sample_every=4,
+                         strategy_config=str(own))
     run_id = run_id_of(studio("train", str(config), "--detach").stdout)
+    saved = yaml.safe_load((home / "runs" / run_id / "config.yaml").read_text())["strategy_config"]
+    assert json.loads((home / "runs" / run_id / saved).read_text()) == json.loads(own.read_text())
     # Stop at once (the tiny run would finish before a later Stop): the ranks stop after their first step.
     assert studio("stop", run_id).stdout.strip() == "stopping"
     registry = Registry(home)
@@ -149,11 +157,18 @@ def test_a_second_node_joins_with_studio_join(home, tmp_path):
     assert [(r["rank"], r["state"]) for r in read_ranks(home / "runs" / run_id)] == [(0, "completed"), (1, "completed")]
 
 
-def test_several_nodes_need_a_port_they_can_meet_on():
+def test_several_nodes_need_a_port_they_can_meet_on(tmp_path):
     with pytest.raises(ConfigError) as err:
         LLMConfig(name="x", base_model="tiny-llama", train_files=["a.csv"], nodes=2,
                   main_address="bad address!").check()
     assert {name for name, _ in err.value.problems} == {"main_port", "main_address"}
+    broken = tmp_path / "zero.json"
+    broken.write_text('{"zero_optimization": ')
+    with pytest.raises(ConfigError) as err:
+        LLMConfig(name="x", base_model="tiny-llama", train_files=["a.csv"], strategy="zero3",
+                  strategy_config=str(broken), load_in_4bit=True).check()
+    problems = dict(err.value.problems)
+    assert "is not valid JSON" in problems["strategy_config"] and "ddp" in problems["strategy"]
 
 
 def test_a_preset_is_never_built_inside_a_process_group(tmp_path):

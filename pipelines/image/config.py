@@ -38,7 +38,7 @@ CAPTION_SOURCES = {
 @dataclass
 class ImageConfig(RunConfig):
     modality: ClassVar[str] = "image"
-    path_fields: ClassVar[tuple[str, ...]] = ("data_path", "data_files", "deepspeed_config")
+    path_fields: ClassVar[tuple[str, ...]] = ("data_path", "data_files", "strategy_config")
 
     base_model: str = option("tiny-sd", "Built-in preset, Hugging Face hub id in diffusers format "
                                         "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), a local diffusers "

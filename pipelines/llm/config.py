@@ -18,7 +18,7 @@ TARGETS = {
 @dataclass
 class LLMConfig(RunConfig):
     modality: ClassVar[str] = "llm"
-    path_fields: ClassVar[tuple[str, ...]] = ("train_files", "validation_files", "deepspeed_config")
+    path_fields: ClassVar[tuple[str, ...]] = ("train_files", "validation_files", "strategy_config")
 
     base_model: str = option("tiny-llama", "Built-in preset, Hugging Face hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) "
                                            "or a local folder in transformers format.")

@@ -41,7 +41,7 @@ TARGETS = {
 @dataclass
 class SpeechConfig(RunConfig):
     modality: ClassVar[str] = "speech"
-    path_fields: ClassVar[tuple[str, ...]] = ("data_path", "data_files", "validation_path", "deepspeed_config")
+    path_fields: ClassVar[tuple[str, ...]] = ("data_path", "data_files", "validation_path", "strategy_config")
 
     base_model: str = option("tiny-whisper", "Built-in preset, an OpenAI Whisper size (tiny, base, small, medium, "
                                              "large-v3, turbo; .en = English only) or a local .pt checkpoint.")
