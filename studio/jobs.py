@@ -84,16 +84,43 @@ def yield_cpu_to_training() -> None:
     niceness = int_setting("STUDIO_SERVER_NICENESS", 10)
     if niceness <= 0 or not sys.platform.startswith("linux") or _spawner is not None:
         return
+    _continue_in_own_session()
     _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-launcher")
     _spawner.submit(lambda: None).result()  # its thread exists now, at the normal priority
     os.nice(niceness)
     # With autogroup scheduling (the default of most desktop and server kernels), the CPU is first shared
-    # fairly between sessions, whatever the threads' nice values: lower this session's group too. Workers
-    # run in sessions of their own, at the normal priority.
+    # fairly between sessions, whatever the threads' nice values: lower this session's group too (the
+    # server's own session, see above). Workers run in sessions of their own, at the normal priority.
     try:
         Path("/proc/self/autogroup").write_text(str(niceness))
     except OSError:
         pass  # no autogroup here: the nice value alone decides
+
+
+def _continue_in_own_session() -> None:
+    """The autogroup nice applies to a whole session: lowered in the session of the terminal, the shell
+    script or the test runner that started the server, it would slow all of those too. So the server goes
+    on in a forked child that leads a session of its own; this process only waits for it, passes on Ctrl-C
+    and termination, and exits as it does. Returns in the child."""
+    if os.getsid(0) == os.getpid():
+        return  # already alone in its session (started with setsid or by a service manager)
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        end_with_parent()
+        return
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, lambda received, _frame: os.kill(child, received))
+    _, status = os.waitpid(child, 0)
+    os._exit(os.waitstatus_to_exitcode(status))
+
+
+def end_with_parent(sent: int = signal.SIGTERM) -> None:
+    """Have the kernel send this process `sent` when its parent dies, even by SIGKILL (Linux only)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sent)
 
 
 def _spawn_worker(run: Run) -> int:

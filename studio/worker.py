@@ -149,8 +149,9 @@ def launch_ranks(config: RunConfig, run_dir: Path, resume: bool, node_rank: int 
     log(f"Starting {config.processes} training process(es) on this node ({'GPU' if use_gpu else 'CPU'}), "
         f"{config.world_size} in all; global batch {config.global_batch}.")
     # Its own session: Ctrl-C in a terminal reaches only us (we turn it into Stop); Cancel's SIGTERM
-    # reaches us and we pass it on to the launcher, which ends its ranks.
-    launcher = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL, preexec_fn=_end_with_parent,
+    # reaches us and we pass it on to the launcher, which ends its ranks. If we die, even by SIGKILL, the
+    # launcher gets SIGTERM (end_with_parent), so a run shown as interrupted has no ranks left training.
+    launcher = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL, preexec_fn=jobs.end_with_parent,
                                 env=dict(os.environ, OMP_NUM_THREADS=str(cores_each(config.processes))))
 
     def end_ranks(*_) -> None:  # Cancel: end the ranks too, and leave the status to whoever cancelled
@@ -172,15 +173,6 @@ def launch_ranks(config: RunConfig, run_dir: Path, resume: bool, node_rank: int 
         return "completed"
     raise TrainingFailure(f"A training process ended unexpectedly (launcher exit code {code}).",
                           "See the log below; resume the run to continue from its last checkpoint.")
-
-
-def _end_with_parent() -> None:
-    """In the launcher, before it starts: if this worker dies (even by SIGKILL), the launcher gets SIGTERM
-    and ends the ranks, so a run shown as interrupted has no processes left training (Linux only)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def train_as_rank(run_dir: Path, resume: bool) -> int:

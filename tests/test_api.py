@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -11,6 +12,7 @@ from studio.runs import Registry
 from tests.browser import ROOT
 
 CONFIG = (ROOT / "assets" / "llm" / "config.yaml").read_text()
+AUTOGROUP_NICE_AT_START = Path("/proc/self/autogroup").read_text().split()[-1]
 
 
 def test_upload_start_poll_and_generate(server):
@@ -23,7 +25,9 @@ def test_upload_start_poll_and_generate(server):
         status = client.predict(run_id, api_name="/run_status")
         worker = Registry(server.home).get(run_id).pid
         if status["status"] == "running" and worker and priorities is None:
-            priorities = (psutil.Process(server.process.pid).nice(), psutil.Process(worker).nice())
+            serving = psutil.Process(server.process.pid).children()[0]  # in a session of its own
+            priorities = (serving.nice(), psutil.Process(worker).nice())
+            autogroups = [Path(f"/proc/{pid}/autogroup").read_text().split()[-1] for pid in (serving.pid, os.getpid())]
         if status["status"] in ("completed", "failed"):
             break
         time.sleep(1)
@@ -31,6 +35,8 @@ def test_upload_start_poll_and_generate(server):
     # On a busy CPU training comes first: the server stepped back, the worker it started did not.
     ours = os.nice(0)
     assert priorities == (min(19, ours + 10), ours)
+    # The server lowered its own session's share, not that of whoever started it (here: the tests).
+    assert autogroups == ["10", AUTOGROUP_NICE_AT_START]
     assert status["step"] == status["total_steps"] == 90
     assert status["losses"][-1][1] < status["losses"][0][1]
     answer = client.predict(run_id, "What is the capital of Zorbia?", False, api_name="/generate")
