@@ -84,7 +84,7 @@ def yield_cpu_to_training() -> None:
     niceness = int_setting("STUDIO_SERVER_NICENESS", 10)
     if niceness <= 0 or not sys.platform.startswith("linux") or _spawner is not None:
         return
-    _continue_in_own_session()
+    continue_in_own_session()
     _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-launcher")
     _spawner.submit(lambda: None).result()  # its thread exists now, at the normal priority
     os.nice(niceness)
@@ -97,7 +97,7 @@ def yield_cpu_to_training() -> None:
         pass  # no autogroup here: the nice value alone decides
 
 
-def _continue_in_own_session() -> None:
+def continue_in_own_session() -> None:
     """The autogroup nice applies to a whole session: lowered in the session of the terminal, the shell
     script or the test runner that started the server, it would slow all of those too. So the server goes
     on in a forked child that leads a session of its own; this process only waits for it, passes on Ctrl-C
