@@ -289,7 +289,10 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
     if checkpoint is not None:
         state = json.loads((checkpoint / "state.json").read_text())
         saved = _optimizer_from_files(load_file(checkpoint / "optimizer.safetensors"), state["optimizer"])
-        zero.load_optimizer_state(saved) if zero else optimizer.load_state_dict(saved)
+        if zero:
+            zero.load_optimizer_state(saved)
+        else:
+            optimizer.load_state_dict(saved)
         scheduler.load_state_dict(state["scheduler"])
         _restore_rng(load_file(checkpoint / "rng.safetensors"), state["rng"])
         step, epoch, chunk_start = state["step"], state["epoch"], state["next_chunk"]
@@ -299,7 +302,7 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
     else:
         seed_everything(config.seed)
 
-    def save_checkpoint() -> Path | None:
+    def save_checkpoint() -> Path:
         final = run_dir / "checkpoints" / f"step-{step}"
         if not (here.main or zero):  # (under DeepSpeed every rank takes part in gathering the state)
             return final
