@@ -156,11 +156,8 @@ def main() -> None:
         # started below inherit this one's; and where the kernel shares the CPU between sessions first, this
         # benchmark's session, of its own since main(), steps back too). The server and the runs keep theirs.
         if args.client_niceness:
-            os.nice(args.client_niceness)
-            try:
-                Path("/proc/self/autogroup").write_text(str(args.client_niceness))
-            except OSError:
-                pass
+            from studio.jobs import lower_priority
+            lower_priority(args.client_niceness)
         print(f"loaded run {loaded_run}: {args.clients} clients for {args.seconds:.0f} s…", flush=True)
         window_start = time.time()
         latencies: list[float] = []

@@ -37,6 +37,10 @@ def pipeline_module(modality: str) -> ModuleType:
     return importlib.import_module(_package(modality) + ".pipeline")
 
 
+def model_module(modality: str) -> ModuleType:
+    return importlib.import_module(_package(modality) + ".model")
+
+
 def config_from_dict(data: dict) -> RunConfig:
     modality = data.get("modality")
     if not modality:

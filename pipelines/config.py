@@ -186,6 +186,12 @@ class RunConfig:
         return self.processes * self.nodes
 
     @property
+    def splits_weights(self) -> bool:
+        """Whether several processes split the weights between them (fsdp, zero3): a forward pass then needs
+        every process."""
+        return self.world_size > 1 and self.strategy in ("fsdp", "zero3")
+
+    @property
     def global_batch(self) -> int:
         return self.batch_size * self.gradient_accumulation * self.world_size
 

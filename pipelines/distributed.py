@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 RANKS_DIR = "ranks"
 PRESETS = Path(__file__).resolve().parents[1] / "assets" / "scale"  # each strategy's settings, <strategy>.json
-SHARDED = ("fsdp", "zero3")  # strategies that split the weights: a forward pass needs every process
 
 
 @dataclass(frozen=True)
@@ -113,11 +112,11 @@ def shard_frozen_weights(model: torch.nn.Module, device: torch.device, config) -
     weights are left out of FSDP, whole on every process. Returns how many blocks were split."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    settings = strategy_settings(config)
+    reshard = bool(strategy_settings(config).get("reshard_after_forward", True))
     mesh = init_device_mesh(device.type, (place().world,))
     blocks = repeated_blocks(model)
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=bool(settings.get("reshard_after_forward", True)),
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard,
                     ignored_params={p for p in block.parameters() if p.requires_grad})
     return len(blocks)
 
@@ -131,6 +130,8 @@ def strategy_settings(config) -> dict:
 class ZeroSteps:
     """DeepSpeed ZeRO driving the loop's backward passes and optimizer steps (strategies zero2, zero3)."""
 
+    ADAM_STATE = ("exp_avg", "exp_avg_sq")  # AdamW's tensors per weight (besides its step count)
+
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: dict, config,
                  borrowed_weights: list = ()) -> None:
         try:
@@ -139,9 +140,9 @@ class ZeroSteps:
             from pipelines.training import TrainingFailure
             raise TrainingFailure(f"Strategy {config.strategy} needs the deepspeed package, which is not installed.",
                                   "Run `.venv/bin/pip install deepspeed`, or choose ddp or fsdp.") from None
-        self.deepspeed, self.params = deepspeed, params
-        self.stage = 3 if config.strategy == "zero3" else 2
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_settings(config))
+        settings = deepspeed_settings(config)
+        self.deepspeed, self.params, self.stage = deepspeed, params, settings["zero_optimization"]["stage"]
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=settings)
         for module, weight in borrowed_weights if self.stage == 3 else ():
             deepspeed.zero.register_external_parameter(module, weight)
         # The AdamW that DeepSpeed runs on this process's flat slices of the weights.
@@ -176,7 +177,7 @@ class ZeroSteps:
         if step == 0:
             return {"state": {}, "param_groups": self._groups()}
         state = {i: {"step": torch.tensor(float(step)),
-                     **{key: safe_get_full_optimizer_state(p, key).cpu() for key in ("exp_avg", "exp_avg_sq")}}
+                     **{key: safe_get_full_optimizer_state(p, key).cpu() for key in self.ADAM_STATE}}
                  for i, p in enumerate(self.params.values())}
         return {"state": state, "param_groups": self._groups()}
 
@@ -197,7 +198,7 @@ class ZeroSteps:
             self.inner.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
                                       "exp_avg_sq": torch.zeros_like(flat)}
         for i, p in enumerate(self.params.values()):
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in self.ADAM_STATE:
                 safe_set_full_optimizer_state(p, saved["state"][i][key], key)
 
     def _groups(self) -> list[dict]:

@@ -263,8 +263,6 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(weights[name].to(p.device, p.dtype))
-    # Under the strategies that split the weights (fsdp, zero3) every forward pass needs all the processes.
-    sharded = here.distributed and config.strategy in distributed.SHARDED
     if here.distributed and config.strategy == "fsdp":
         log(f"FSDP: {distributed.shard_frozen_weights(model, device, config)} blocks of the base model are split "
             f"between {here.world} processes.")
@@ -337,7 +335,7 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
         events.emit("checkpoint", step=step, path=str(final.relative_to(run_dir)))
 
     def evaluate() -> None:
-        if task.evaluate is None or not (here.main or sharded):
+        if task.evaluate is None or not (here.main or config.splits_weights):
             return
         model.eval()
         with torch.no_grad():
@@ -347,7 +345,7 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
             events.emit("eval", step=step, **metrics)
 
     def samples() -> None:
-        if task.make_samples is None or not (here.main or sharded):
+        if task.make_samples is None or not (here.main or config.splits_weights):
             return
         model.eval()
         with torch.no_grad():

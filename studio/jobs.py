@@ -87,10 +87,15 @@ def yield_cpu_to_training() -> None:
     continue_in_own_session()
     _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-launcher")
     _spawner.submit(lambda: None).result()  # its thread exists now, at the normal priority
+    lower_priority(niceness)  # this thread's, and the server's own session's; workers have sessions of their own
+
+
+def lower_priority(niceness: int) -> None:
+    """Raise this thread's nice value (threads started from it afterwards inherit it) and, with autogroup
+    scheduling (the default of most desktop and server kernels), where the CPU is first shared fairly between
+    sessions whatever the threads' nice values, this session's group's too: call it alone in a session
+    (continue_in_own_session)."""
     os.nice(niceness)
-    # With autogroup scheduling (the default of most desktop and server kernels), the CPU is first shared
-    # fairly between sessions, whatever the threads' nice values: lower this session's group too (the
-    # server's own session, see above). Workers run in sessions of their own, at the normal priority.
     try:
         Path("/proc/self/autogroup").write_text(str(niceness))
     except OSError:

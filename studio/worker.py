@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import os
 import signal
 import subprocess
@@ -22,7 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
-from pipelines import distributed, load_config, pipeline_module
+from pipelines import distributed, load_config, model_module, pipeline_module
 from pipelines.config import ConfigError, RunConfig
 from pipelines.training import STOP_FILE, Events, TrainingFailure, pick_device, stop_requested
 from studio import jobs, tracking
@@ -144,7 +143,7 @@ def launch_ranks(config: RunConfig, run_dir: Path, resume: bool, node_rank: int 
         distributed.clear_ranks(run_dir)
     # A built-in preset is built here, before the ranks start: built inside their process group, it would be
     # saved without its weights (see pipelines.hub.publish_folder).
-    importlib.import_module(f"pipelines.{config.modality}.model").base_location(config.base_model)
+    model_module(config.modality).base_location(config.base_model)
     command = launch_command(config, run_dir, resume, node_rank, use_gpu)
     log(f"Starting {config.processes} training process(es) on this node ({'GPU' if use_gpu else 'CPU'}), "
         f"{config.world_size} in all; global batch {config.global_batch}.")

@@ -10,7 +10,6 @@ from typing import Callable
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from pipelines import distributed
 from pipelines.llm.config import LLMConfig
 from pipelines.llm.data import load_examples
 from pipelines.llm.model import base_location, load_base_model, load_tokenizer, lora_targets
@@ -96,12 +95,9 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
     prompts = config.sample_prompts or [e.prompt for e in train_examples[:2] if e.messages]
     answers = {e.prompt: e.answer for e in train_examples}
 
-    # With the weights split between processes (fsdp, zero3) all of them generate, step for step until the last is done.
-    in_step = config.strategy in distributed.SHARDED and distributed.place().distributed
-
     def make_samples() -> list[dict]:
         return [{"prompt": p, "output": complete(model, tokenizer, p, max_new_tokens=config.sample_max_new_tokens,
-                                                 synced=in_step),
+                                                 synced=config.splits_weights),
                  "expected": answers.get(p, "")} for p in prompts]
 
     def save_adapter(folder: Path) -> None:

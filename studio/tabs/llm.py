@@ -8,7 +8,6 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from pipelines import distributed
 from pipelines.config import ConfigError
 from pipelines.llm.config import KNOWN_MODELS, LLMConfig
 from studio import hardware
@@ -110,7 +109,7 @@ def preflight_line(config: LLMConfig, stats: dict | None) -> str:
         return "Pre-flight: model size unknown until it loads."
     on_gpu = bool(hardware.gpus()) and config.device != "cpu"
     batch_tokens = config.batch_size * min(config.max_length, int(stats["tokens_p95"]) if stats else config.max_length)
-    split = config.world_size if config.strategy in distributed.SHARDED else 1
+    split = config.world_size if config.splits_weights else 1
     memory = hardware.training_memory_gib(size, on_gpu, config.load_in_4bit, batch_tokens, split=split)
     if on_gpu:
         where = "the GPU" if config.processes == 1 else f"each of the {config.processes} GPUs"
