@@ -362,9 +362,9 @@ def global_batch_text(batch_size, accumulation, processes, nodes) -> str:
 
 
 def scale_out_settings(inputs: dict[str, gr.Component], key: str) -> None:
-    """Processes, nodes and where they meet (in a tab's Advanced accordion), with the global batch
+    """Processes, strategy, nodes and where they meet (in a tab's Advanced accordion), with the global batch
     they make, recomputed as the batch settings change."""
-    gr.Markdown("**Several GPUs or machines** (data parallel; see the README's *Scale out* section)")
+    gr.Markdown("**Several GPUs or machines** (data parallel, FSDP or DeepSpeed ZeRO: see the README's *Scale out* section)")
     with gr.Row():
         for name in SCALE_OUT:
             inputs[name].render()
