@@ -21,7 +21,7 @@ import psutil
 from pipelines.config import RunConfig
 from pipelines.data import int_setting
 from pipelines.training import STOP_FILE
-from studio.runs import RESUMABLE, Registry, Run
+from studio.runs import ACTIVE, RESUMABLE, Registry, Run
 
 
 def max_concurrent_runs() -> int:
@@ -208,7 +208,7 @@ def cancel(run_id: str, registry: Registry | None = None) -> str:
     run = registry.get(run_id)
     if run is None:
         raise ValueError(f"There is no run {run_id}.")
-    if run.status not in ("queued", "starting", "running"):
+    if run.status not in ACTIVE:
         return run.status
     if run.pid and worker_alive(run):
         try:
@@ -218,6 +218,6 @@ def cancel(run_id: str, registry: Registry | None = None) -> str:
             pass
         except psutil.TimeoutExpired:
             os.killpg(run.pid, signal.SIGKILL)
-    registry.set_status(run_id, "cancelled", expect=("queued", "starting", "running"))
+    registry.set_status(run_id, "cancelled", expect=ACTIVE)
     dispatch(registry)
     return "cancelled"

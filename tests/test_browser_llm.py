@@ -49,6 +49,12 @@ def test_upload_train_watch_reload_stop_resume_try_and_download(server, page, tm
     page.get_by_role("button", name="Resume").click()
     done = wait_status(page, "llm", lambda t: "completed" in t, timeout=300)
     assert step_of(done) == 400
+    # A finished run's panel stops refreshing: the page asks the server for nothing while it sits there
+    # (every refresh costs the browser a re-render, taken from training on a machine of few cores).
+    events = []
+    page.on("request", lambda request: events.append(request.url) if "/queue/join" in request.url else None)
+    page.wait_for_timeout(5000)
+    assert events == []
 
     page.locator("#llm-prompt textarea").fill("Who founded the Lantern Guild?")
     page.locator("#llm-generate").click()
@@ -100,6 +106,12 @@ def test_two_browser_sessions_see_the_same_truth(server, browser):
     for page in pages:
         stopped = wait_status(page, "llm", lambda t: run_id in t and "stopped" in t)
         assert "Resume" in stopped
+    second.get_by_role("button", name="Resume").click()  # the first page, which stopped refreshing fast, sees it too
+    for page in pages:
+        wait_status(page, "llm", lambda t: run_id in t and "running" in t, timeout=60)
+    second.get_by_role("button", name="Cancel").click()
+    for page in pages:
+        wait_status(page, "llm", lambda t: run_id in t and "cancelled" in t, timeout=60)
     for page in pages:
         page.context.close()
 

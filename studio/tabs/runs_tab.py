@@ -423,9 +423,9 @@ def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None) -
     for trigger in (modality.change, status.change, refresh.click):
         trigger(refresh_table, [modality, status, shown], table_outputs, **private).then(
             lambda: gr.update(choices=run_choices()), None, compare_runs, **private)
-    timer = gr.Timer(3)
-    timer.tick(refresh_table, [modality, status, shown], table_outputs, show_progress="hidden", **private)
-    timer.tick(_panel_values, selected, panel.outputs(), show_progress="hidden", **private)
+    # Built into the app, the table refreshes only while this tab is shown (see `poll_while_shown`).
+    table_timer = gr.Timer(3, active=tabs is None)
+    table_timer.tick(refresh_table, [modality, status, shown], table_outputs, show_progress="hidden", **private)
     compare_runs.focus(lambda: gr.update(choices=run_choices()), None, compare_runs, **private)
 
     table.select(select_run, table, [selected, confirm_row, message, *details_outputs], **private)
@@ -445,15 +445,28 @@ def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None) -
     if root is not None:  # a page opened or reloaded shows the table at once, not at the first tick
         root.load(refresh_table, [modality, status, shown], table_outputs, **private).then(
             lambda: gr.update(choices=run_choices()), None, compare_runs, **private)
-    _wire_clone(clone, selected, message, clone_file, tabs, targets)
-    return {"run_state": selected, "table": (refresh_table, [modality, status, shown], table_outputs)}
+    _wire_clone(clone, selected, message, clone_file, tabs, targets, [table_timer, panel.timer])
+    return {"run_state": selected, "table": (refresh_table, [modality, status, shown], table_outputs),
+            "panel": (_panel_values, selected, panel.outputs()), "timers": [table_timer, panel.timer]}
+
+
+def poll_while_shown(parts: dict[str, Any], runs: gr.Tab, others: list[gr.Tab]) -> None:
+    """The Runs tab's timers tick only while it is shown: showing it refreshes the table and the selected
+    run at once and starts them, showing another tab stops them. `parts` is what `build` returned."""
+    private = {"api_visibility": "private"}
+    table_timer, panel_timer = parts["timers"]
+    runs.select(*parts["table"], **private).then(
+        lambda: gr.Timer(active=True), None, table_timer, **private).then(*parts["panel"], **private)
+    for other in others:
+        other.select(lambda: [gr.Timer(active=False)] * 2, None, parts["timers"], **private)
 
 
 def _wire_clone(clone: gr.Button, selected: gr.State, message: gr.Markdown, clone_file: gr.File,
-                tabs: gr.Tabs | None, targets: dict[str, list]) -> None:
-    """Clone opens the run's tab with its settings and data filled in. Where this tab is built without the
-    others, it offers the config.yaml to load there instead."""
-    outputs = [message, clone_file] + ([tabs] if tabs is not None else [])
+                tabs: gr.Tabs | None, targets: dict[str, list], timers: list[gr.Timer]) -> None:
+    """Clone opens the run's tab with its settings and data filled in (and stops this tab's timers, as
+    showing another tab does). Where this tab is built without the others, it offers the config.yaml to
+    load there instead."""
+    outputs = [message, clone_file] + ([tabs, *timers] if tabs is not None else [])
     for components in targets.values():
         outputs += [c for c in components if c not in outputs]
 
@@ -466,6 +479,7 @@ def _wire_clone(clone: gr.Button, selected: gr.State, message: gr.Markdown, clon
         if modality in targets and tabs is not None:
             update = dict(zip(targets[modality], values))
             update[tabs] = gr.Tabs(selected=modality)
+            update.update({timer: gr.Timer(active=False) for timer in timers})
             update[message] = f"Cloned **{run.name}** into the {MODALITIES[modality]} tab."
             update[clone_file] = gr.update(visible=False)
             return update

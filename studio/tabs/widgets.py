@@ -20,9 +20,11 @@ from pipelines.config import ConfigError, RunConfig
 from pipelines.distributed import read_ranks
 from studio import jobs
 from studio.progress import Progress, format_seconds
-from studio.runs import FINAL, RESUMABLE, Registry
+from studio.runs import ACTIVE, FINAL, RESUMABLE, Registry
 
 LOG_LINES = 40
+LIVE_REFRESH_S = 1.5   # the live panel of a queued or training run
+IDLE_REFRESH_S = 10.0  # a stopped, interrupted or failed run: only to notice a resume from elsewhere
 
 
 # ---- the settings form -----------------------------------------------------------------------
@@ -176,10 +178,14 @@ class LivePanel:
     stop: gr.Button
     cancel: gr.Button
     resume: gr.Button
+    # Refreshes the panel while its run is queued or training, rarely while it could be resumed (from another
+    # browser, say), and not at all once it has ended for good: every refresh costs the browser a re-render of
+    # the page's state, and on a machine of few cores that CPU comes out of the training run's share.
+    timer: gr.Timer
 
     def outputs(self) -> list[gr.Component]:
         return [self.status, self.loss_plot, self.metrics_plot, self.samples_table, self.samples_gallery, self.log,
-                self.stop, self.cancel, self.resume]
+                self.stop, self.cancel, self.resume, self.timer]
 
 
 def live_panel(key: str, unit_label: str = "Loss") -> LivePanel:
@@ -203,7 +209,8 @@ def live_panel(key: str, unit_label: str = "Loss") -> LivePanel:
                                  elem_id=f"{key}-samples")
     with gr.Accordion("Log", open=False):
         log = gr.Textbox(lines=12, max_lines=12, show_label=False, autoscroll=True, elem_id=f"{key}-log")
-    return LivePanel(status, loss_plot, metrics_plot, samples_table, samples_gallery, log, stop, cancel, resume)
+    timer = gr.Timer(LIVE_REFRESH_S, active=False)
+    return LivePanel(status, loss_plot, metrics_plot, samples_table, samples_gallery, log, stop, cancel, resume, timer)
 
 
 _progress: dict[str, Progress] = {}  # run id -> incrementally read events
@@ -305,24 +312,33 @@ def live_values(run_id: str | None, registry: Registry | None = None) -> list[An
     if run is None:
         return ["No run yet. Press **Train** to start one.", None, gr.update(visible=False),
                 gr.update(visible=False), gr.update(visible=False), "",
-                gr.update(interactive=False), gr.update(interactive=False), gr.update(interactive=False)]
+                gr.update(interactive=False), gr.update(interactive=False), gr.update(interactive=False),
+                refresh_timer(None)]
     progress = progress_of(run_id, registry)
     metrics = metrics_frame(progress)
     images = [(str(run.dir / s["image"]), f"step {s['step']}: {s.get('prompt', '')}")
               for s in progress.samples if s.get("image")]
     texts = [{k: v for k, v in s.items() if k not in ("type", "time")} for s in progress.samples if not s.get("image")]
-    active = run.status in ("queued", "starting", "running")
+    active = run.status in ACTIVE
     return [status_markdown(run, progress, registry), loss_frame(progress),
             gr.update(value=metrics, visible=metrics is not None),
             gr.update(value=pd.DataFrame(texts[-12:][::-1]) if texts else None, visible=bool(texts)),
             gr.update(value=images[-12:] if images else None, visible=bool(images)),
             read_log_tail(run.dir),
             gr.update(interactive=active), gr.update(interactive=active),
-            gr.update(interactive=run.status in RESUMABLE)]
+            gr.update(interactive=run.status in RESUMABLE), refresh_timer(run.status)]
+
+
+def refresh_timer(status: str | None) -> gr.Timer:
+    if status in ACTIVE:
+        return gr.Timer(LIVE_REFRESH_S, active=True)
+    return gr.Timer(IDLE_REFRESH_S, active=status in RESUMABLE)
 
 
 def wire_controls(panel: LivePanel, run_state: gr.State) -> None:
-    """Stop / Cancel / Resume act on the run shown; the panel refreshes at once."""
+    """Stop / Cancel / Resume act on the run shown; the panel refreshes at once, and on the panel's timer
+    while the run is active."""
+    panel.timer.tick(live_values, run_state, panel.outputs(), show_progress="hidden", api_visibility="private")
     def act(action):
         def handler(run_id):
             if run_id:
@@ -400,11 +416,12 @@ def wire_run_section(section: RunSection, form: TabForm, run_state: gr.State, in
     """The handlers every tab shares: train, save/load config, the live refresh, run controls, the
     checkpoint choice and the export buttons."""
     private = {"api_visibility": "private"}
-    section.train.click(form.start, inputs, [run_state, section.message], **private).then(
-        live_values, run_state, section.panel.outputs(), **private)
+    # A new run in this tab (Train, or the newest one shown when the page opens) fills the panel in and
+    # starts its timer.
+    section.train.click(form.start, inputs, [run_state, section.message], **private)
+    run_state.change(live_values, run_state, section.panel.outputs(), **private)
     section.save.click(form.save, inputs, [section.config_file, section.message], **private)
     section.load.upload(form.load, section.load, load_outputs, **private)
-    gr.Timer(1.5).tick(live_values, run_state, section.panel.outputs(), show_progress="hidden", **private)
     wire_controls(section.panel, run_state)
     run_state.change(lambda r: gr.update(choices=checkpoint_choices(r), value="final"), run_state, checkpoint,
                      **private)
