@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from pipelines import distributed
 from pipelines.config import RunConfig
+from pipelines.threads import ThreadShare
 
 STOP_FILE = "STOP"
 
@@ -248,6 +249,15 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
     """Train until done or stopped. Returns "completed" or "stopped"; raises TrainingFailure.
 
     In a multi-process run (pipelines.distributed) every process calls this; only rank 0 writes."""
+    threads = torch.get_num_threads()
+    try:
+        return _train_until_done(task, config, run_dir, events, should_stop, resume, log)
+    finally:
+        torch.set_num_threads(threads)  # the loop may have trained on fewer (pipelines.threads)
+
+
+def _train_until_done(task: TrainingTask, config: RunConfig, run_dir: str | Path, events: Events,
+                      should_stop: Callable[[], bool], resume: bool, log: Callable[[str], None]) -> str:
     run_dir = Path(run_dir)
     here = distributed.place()
     model = task.model
@@ -364,6 +374,7 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
     if task.evaluate_at_start and step == 0:
         evaluate()
     model.train()
+    share = ThreadShare(log) if device.type == "cpu" else None
     started = time.perf_counter()
     elapsed = elapsed_before
     window: list[tuple[float, int]] = []  # (seconds, units) of recent steps, for the throughput figure
@@ -423,6 +434,8 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
                         eta_s=step_time * (total_steps - step), elapsed_s=elapsed)
             if rank_status:
                 rank_status.update(step=step)
+            if share:
+                share.check()
             last = step == total_steps
             if config.eval_every and step % config.eval_every == 0 and not last:
                 evaluate()

@@ -54,7 +54,19 @@ def log(message: str) -> None:
 
 def cores_each(processes: int = 1) -> int:
     """Share the CPU cores between the processes training at once, rather than oversubscribing them."""
-    return max(1, (os.cpu_count() or 1) // (jobs.max_concurrent_runs() * processes))
+    return max(1, usable_cores() // (jobs.max_concurrent_runs() * processes))
+
+
+def usable_cores() -> int:
+    """Physical cores this process may run on. A core's second hyperthread adds nothing to torch's matrix
+    products and its threads then stall each other (torch's own default is the physical cores); the
+    affinity mask is what a container or `taskset` allows."""
+    import psutil
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    physical, logical = psutil.cpu_count(logical=False), psutil.cpu_count()
+    if physical and logical and physical < logical:
+        allowed = allowed * physical // logical
+    return max(1, allowed)
 
 
 def share_cores(processes: int = 1) -> None:

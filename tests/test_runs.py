@@ -173,3 +173,13 @@ def test_ctrl_c_in_studio_train_stops_with_a_checkpoint(home, tmp_path):
     assert process.returncode == 1 and "Stopping: saving a checkpoint" in out
     assert registry.get(run.id).status == "stopped"
     assert list((home / "runs" / run.id / "checkpoints").glob("step-*"))
+
+
+def test_training_threads_follow_the_cores_this_process_may_use():
+    # A container or `taskset` that allows one CPU gets one torch thread, not one per CPU of the machine.
+    probe = [sys.executable, "-c", "from studio.worker import cores_each; print(cores_each())"]
+    one_cpu = subprocess.run(probe, capture_output=True, text=True, check=True,
+                             preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+    assert one_cpu.stdout.strip() == "1"
+    every_cpu = subprocess.run(probe, capture_output=True, text=True, check=True)
+    assert 1 <= int(every_cpu.stdout) <= len(os.sched_getaffinity(0))  # fewer where cores have hyperthreads
