@@ -1,4 +1,5 @@
-"""Torch's CPU threads step aside while other processes keep the machine's cores busy.
+"""How many CPU threads training uses: the physical cores it may run on, one fewer while other processes
+keep them busy.
 
 Torch's intra-op threads wait for each other at the end of every operation, so one of them pre-empted
 stalls all the others. With 2 threads on 2 cores, a browser watching the run with a third of a core cost
@@ -21,6 +22,23 @@ STEP_ASIDE_ABOVE = 0.2   # cores wanted beyond the machine's, before a thread st
 COME_BACK_BELOW = 0.1    # the others' spare margin needed before it comes back
 
 
+def allowed_cpus() -> list[int] | None:
+    """The logical CPUs this process may run on (what a container or `taskset` allows); None where the
+    platform cannot tell."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
+def usable_cores() -> int:
+    """Physical cores this process may run on. A core's second hyperthread adds nothing to torch's matrix
+    products and its threads then stall each other (torch's own default is the physical cores)."""
+    cpus = allowed_cpus()
+    allowed = len(cpus) if cpus else (os.cpu_count() or 1)
+    physical, logical = psutil.cpu_count(logical=False), psutil.cpu_count()
+    if physical and logical and physical < logical:
+        allowed = allowed * physical // logical
+    return max(1, allowed)
+
+
 class ThreadShare:
     """Call `check()` from the training loop's own thread, once per step: the thread count that torch sets
     belongs to the thread that sets it."""
@@ -28,7 +46,7 @@ class ThreadShare:
     def __init__(self, log: Callable[[str], None] = print):
         self.log = log
         self.full = torch.get_num_threads()
-        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        self.cpus = allowed_cpus()
         self.cores = len(self.cpus) if self.cpus else (os.cpu_count() or 1)
         self.process = psutil.Process()
         self.last = None

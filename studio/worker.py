@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pipelines import distributed, load_config, model_module, pipeline_module
 from pipelines.config import ConfigError, RunConfig
+from pipelines.threads import usable_cores
 from pipelines.training import STOP_FILE, Events, TrainingFailure, pick_device, stop_requested
 from studio import jobs, tracking
 from studio.runs import Registry
@@ -55,18 +56,6 @@ def log(message: str) -> None:
 def cores_each(processes: int = 1) -> int:
     """Share the CPU cores between the processes training at once, rather than oversubscribing them."""
     return max(1, usable_cores() // (jobs.max_concurrent_runs() * processes))
-
-
-def usable_cores() -> int:
-    """Physical cores this process may run on. A core's second hyperthread adds nothing to torch's matrix
-    products and its threads then stall each other (torch's own default is the physical cores); the
-    affinity mask is what a container or `taskset` allows."""
-    import psutil
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    physical, logical = psutil.cpu_count(logical=False), psutil.cpu_count()
-    if physical and logical and physical < logical:
-        allowed = allowed * physical // logical
-    return max(1, allowed)
 
 
 def share_cores(processes: int = 1) -> None:

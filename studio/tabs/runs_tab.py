@@ -454,9 +454,8 @@ def poll_while_shown(parts: dict[str, Any], runs: gr.Tab, others: list[gr.Tab]) 
     """The Runs tab's timers tick only while it is shown: showing it refreshes the table and the selected
     run at once and starts them, showing another tab stops them. `parts` is what `build` returned."""
     private = {"api_visibility": "private"}
-    table_timer, panel_timer = parts["timers"]
     runs.select(*parts["table"], **private).then(
-        lambda: gr.Timer(active=True), None, table_timer, **private).then(*parts["panel"], **private)
+        lambda: gr.Timer(active=True), None, parts["timers"][0], **private).then(*parts["panel"], **private)
     for other in others:
         other.select(lambda: [gr.Timer(active=False)] * 2, None, parts["timers"], **private)
 
