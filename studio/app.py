@@ -19,13 +19,15 @@ import gradio as gr
 from pipelines import MODALITIES
 from pipelines.data import int_setting
 from pipelines.hub import workspace
-from studio import jobs
+from studio import jobs, page
 from studio.runs import Registry
 from studio.tabs import widgets
 
 CSS = """
 .run-status { min-height: 3em; }
 .hardware { opacity: 0.8; font-size: 0.9em; }
+.live-refresh { display: none !important; }
+.live-curve-empty { opacity: 0.7; }
 """
 MAX_UPLOAD_MB = int_setting("STUDIO_MAX_UPLOAD_MB", 2048)
 
@@ -134,7 +136,10 @@ def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth_f
                allowed_paths=[str(root / "runs")],
                blocked_paths=[str(root / "studio.db"), str(Path.home() / ".ssh"), str(Path.home() / ".cache")],
                max_file_size=f"{MAX_UPLOAD_MB}mb", prevent_thread_lock=True, show_error=True, css=CSS,
-               footer_links=["api"], quiet=True, mcp_server=False, ssr_mode=False)
+               footer_links=["api"], quiet=True, mcp_server=False, ssr_mode=False,
+               head=f"<script>{page.LIVE_JS.read_text()}</script>")
+    page.serve_live_updates(app.server_app)
+    page.run_early_script(app.server_app)
     print(f"LoRA Studio is ready on http://{host}:{port} (started in {time.monotonic() - started:.1f} s). "
           f"Workspace: {root}", flush=True)
     if not block:

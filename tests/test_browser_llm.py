@@ -30,8 +30,13 @@ def test_upload_train_watch_reload_stop_resume_try_and_download(server, page, tm
     page.locator("#llm-train").click()
 
     first = wait_status(page, "llm", lambda t: "running" in t and step_of(t) > 0)
+    curve = page.locator("#llm-loss-plot polyline").first  # the raw training loss
+    drawn = curve.get_attribute("points")
     later = wait_status(page, "llm", lambda t: step_of(t) > step_of(first) + 2)
     assert "/400" in later and "tokens/s" in later and "ETA" in later
+    # The curve grows with the status line (both swapped in by the page's own poller, live.js).
+    expect(curve).not_to_have_attribute("points", drawn)
+    assert len(curve.get_attribute("points").split()) > len(drawn.split())
     config = next((server.home / "runs").iterdir()) / "config.yaml"
     assert "lora_rank: 8" in config.read_text()
 
@@ -52,7 +57,8 @@ def test_upload_train_watch_reload_stop_resume_try_and_download(server, page, tm
     # A finished run's panel stops refreshing: the page asks the server for nothing while it sits there
     # (every refresh costs the browser a re-render, taken from training on a machine of few cores).
     events = []
-    page.on("request", lambda request: events.append(request.url) if "/queue/join" in request.url else None)
+    page.on("request", lambda request: events.append(request.url)
+            if "/queue/join" in request.url or "/studio/live" in request.url else None)
     page.wait_for_timeout(5000)
     assert events == []
 
@@ -72,6 +78,25 @@ def test_upload_train_watch_reload_stop_resume_try_and_download(server, page, tm
     path = tmp_path / "adapter.zip"
     download.value.save_as(path)
     assert {"adapter_model.safetensors", "adapter_config.json"} <= set(zipfile.ZipFile(path).namelist())
+
+
+def test_an_idle_page_asks_for_no_animation_frames(server, page):
+    """Every animation frame makes the browser draw the page again: 60 a second were a steady share of a
+    core taken from training (Gradio's loading screen kept counting its seconds; early.js stops that)."""
+    page.add_init_script("window.frames_asked = 0; const ask = window.requestAnimationFrame.bind(window);"
+                         "window.requestAnimationFrame = (f) => { window.frames_asked++; return ask(f); };")
+    page.goto(server.url)
+    expect(page.locator("#llm-train")).to_be_enabled()
+    # The page's load events animate their spinners while they run, and the panels fade in: within 30 s the
+    # page must go quiet (that loop never did).
+    asked = []
+    for _ in range(15):
+        before = page.evaluate("window.frames_asked")
+        page.wait_for_timeout(2000)
+        asked.append(page.evaluate("window.frames_asked") - before)
+        if asked[-1] < 5:
+            break
+    assert asked[-1] < 5, asked
 
 
 def test_broken_csv_gets_a_message_and_no_train_button(server, page, tmp_path):

@@ -11,7 +11,7 @@ import yaml
 
 from studio import jobs, tracking
 from studio.runs import Registry
-from studio.tabs import runs_tab
+from studio.tabs import curve, runs_tab, widgets
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -193,3 +193,26 @@ def test_delete_refuses_a_running_run_and_removes_folder_and_row(runs):
     assert short[0] not in set(runs_tab.runs_table()["id"])
     with pytest.raises(ValueError, match="Select a run"):
         runs_tab.delete_run(short[0], registry)
+
+
+def test_live_update_sends_status_and_curve_only_when_the_run_changed(runs):
+    registry, long_id, short, _, _ = runs
+    first = widgets.live_update(short[1], "")  # (short[0] is deleted above)
+    assert short[1] in first["status"] and "completed" in first["status"]
+    assert 'data-live-poll="0"' in first["status"]  # a completed run is not asked about again
+    assert first["curve"].count("<polyline") == 3  # train, smoothed and validation (eval_every 4)
+    assert widgets.live_update(short[1], first["version"]) == {"version": first["version"]}
+    assert widgets.live_update("no-such-run", "")["version"] == "gone"
+
+
+@pytest.mark.parametrize("count, limit, expected_last", [(10, 400, 9), (1000, 400, 999), (1001, 7, 1000)])
+def test_the_curve_keeps_at_most_its_limit_and_always_the_last_point(count, limit, expected_last):
+    points = [(step, 1.0 / (step + 1)) for step in range(count)]
+    kept = curve.thinned(points, limit)
+    assert len(kept) <= limit + 1 and kept[0] == points[0] and kept[-1] == points[expected_last]
+
+
+def test_the_curve_leaves_out_values_that_are_not_finite():
+    svg = curve.curve_svg({"train": [(1, 2.0), (2, float("nan")), (3, float("inf")), (4, 1.0)]}, "Loss")
+    assert "nan" not in svg and "inf" not in svg and svg.count("<polyline") == 1
+    assert "appears with the first" in curve.curve_svg({"train": []}, "Loss")

@@ -1,5 +1,6 @@
 """The server over HTTP: it binds safely, asks for users off loopback, and serves no file outside its folders."""
 
+import json
 import subprocess
 import sys
 import urllib.error
@@ -55,9 +56,15 @@ def test_users_from_the_environment_are_required_to_log_in(tmp_path):
         login = urllib.request.Request(srv.url + "login", data=b"username=alice&password=wrong-password",
                                        method="POST")
         assert fetch_request(login) == 400
+        status, _ = fetch(srv.url + "studio/live?run=x")  # the live panels' route is behind the same login
+        assert status == 401
         login = urllib.request.Request(srv.url + "login", data=b"username=alice&password=correct-horse",
                                        method="POST")
         assert fetch_request(login) == 200
+        signed_in = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        signed_in.open(login, timeout=10)
+        with signed_in.open(srv.url + "studio/live?run=x", timeout=10) as response:
+            assert response.status == 200 and json.loads(response.read())["version"] == "gone"
     finally:
         srv.stop()
 

@@ -8,6 +8,8 @@ and behaves the same in every tab.
 from __future__ import annotations
 
 import dataclasses
+import html
+import re
 import shutil
 import typing
 from pathlib import Path
@@ -21,10 +23,19 @@ from pipelines.distributed import read_ranks
 from studio import jobs
 from studio.progress import Progress, format_seconds
 from studio.runs import ACTIVE, FINAL, RESUMABLE, Registry
+from studio.tabs.curve import curve_svg
 
 LOG_LINES = 40
-LIVE_REFRESH_S = 1.5   # the live panel of a queued or training run
-IDLE_REFRESH_S = 10.0  # a stopped, interrupted or failed run: only to notice a resume from elsewhere
+# The page's own poller (live.js) refreshes a shown panel's status line and curve every 1.5 s while its run
+# can still change (and the log, when it grew), and asks Gradio for the whole panel only when something else
+# changed (status, samples, evaluations, checkpoints). Every Gradio event costs the browser a pass over the page's state
+# (about 0.2 s of a core), which on a machine of few cores comes out of the training run's share. Where the
+# server could not offer the poller its route (studio/page.py sets FAST_REFRESH), the panel's Gradio timer
+# refreshes it instead: every 1.5 s while the run is queued or training, every 10 s while it could be resumed
+# (from another browser, say).
+FAST_REFRESH = False
+LIVE_REFRESH_S = 1.5
+IDLE_REFRESH_S = 10.0
 
 
 # ---- the settings form -----------------------------------------------------------------------
@@ -169,8 +180,8 @@ def upload_path(file) -> str:
 
 @dataclasses.dataclass
 class LivePanel:
-    status: gr.Markdown
-    loss_plot: gr.LinePlot
+    status: gr.HTML
+    loss_plot: gr.HTML
     metrics_plot: gr.LinePlot
     samples_table: gr.Dataframe
     samples_gallery: gr.Gallery
@@ -178,24 +189,22 @@ class LivePanel:
     stop: gr.Button
     cancel: gr.Button
     resume: gr.Button
-    # Refreshes the panel while its run is queued or training, rarely while it could be resumed (from another
-    # browser, say), and not at all once it has ended for good: every refresh costs the browser a re-render of
-    # the page's state, and on a machine of few cores that CPU comes out of the training run's share.
-    timer: gr.Timer
+    refresh: gr.Button  # hidden: live.js presses it when the whole panel needs refreshing
+    timer: gr.Timer     # only without FAST_REFRESH
 
     def outputs(self) -> list[gr.Component]:
         return [self.status, self.loss_plot, self.metrics_plot, self.samples_table, self.samples_gallery, self.log,
                 self.stop, self.cancel, self.resume, self.timer]
 
 
-def live_panel(key: str, unit_label: str = "Loss") -> LivePanel:
+NO_RUN = "<p>No run yet. Press <b>Train</b> to start one.</p>"
+
+
+def live_panel(key: str) -> LivePanel:
     """`key` prefixes the elements' ids (e.g. llm-run-status), for styling and browser tests."""
-    status = gr.Markdown("No run yet. Press **Train** to start one.", elem_classes=["run-status"],
-                         elem_id=f"{key}-run-status")
+    status = gr.HTML(NO_RUN, elem_classes=["run-status"], elem_id=f"{key}-run-status", js_on_load=None)
     with gr.Row():
-        # Start empty (None): a plot first drawn from an empty frame keeps an empty colour scale.
-        loss_plot = gr.LinePlot(None, x="step", y="value", color="series", title=unit_label,
-                                height=300, scale=2, x_title="step", y_title="loss", elem_id=f"{key}-loss-plot")
+        loss_plot = gr.HTML(loss_curve(None), scale=2, elem_id=f"{key}-loss-plot", js_on_load=None)
         metrics_plot = gr.LinePlot(None, x="step", y="value", color="series", title="Validation metrics",
                                    height=300, scale=1, visible=False, x_title="step", y_title="",
                                    elem_id=f"{key}-metrics-plot")
@@ -209,8 +218,10 @@ def live_panel(key: str, unit_label: str = "Loss") -> LivePanel:
                                  elem_id=f"{key}-samples")
     with gr.Accordion("Log", open=False):
         log = gr.Textbox(lines=12, max_lines=12, show_label=False, autoscroll=True, elem_id=f"{key}-log")
+    refresh = gr.Button("Refresh", elem_id=f"{key}-refresh", elem_classes=["live-refresh"])
     timer = gr.Timer(LIVE_REFRESH_S, active=False)
-    return LivePanel(status, loss_plot, metrics_plot, samples_table, samples_gallery, log, stop, cancel, resume, timer)
+    return LivePanel(status, loss_plot, metrics_plot, samples_table, samples_gallery, log, stop, cancel, resume,
+                     refresh, timer)
 
 
 _progress: dict[str, Progress] = {}  # run id -> incrementally read events
@@ -236,16 +247,12 @@ def smoothed(values: list[float], weight: float = 0.8) -> list[float]:
     return out
 
 
-def loss_frame(progress: Progress) -> pd.DataFrame | None:
-    steps = [s for s, _ in progress.losses]
-    losses = [v for _, v in progress.losses]
-    parts = [pd.DataFrame({"step": steps, "value": losses, "series": "train"}),
-             pd.DataFrame({"step": steps, "value": smoothed(losses), "series": "train (smoothed)"})]
-    evals = [(e["step"], e["eval_loss"]) for e in progress.evals if "eval_loss" in e]
-    if evals:
-        parts.append(pd.DataFrame({"step": [s for s, _ in evals], "value": [v for _, v in evals],
-                                   "series": "validation"}))
-    return pd.concat(parts, ignore_index=True) if steps or evals else None
+def loss_curve(progress: Progress | None) -> str:
+    losses = progress.losses if progress else []
+    steps = [s for s, _ in losses]
+    return curve_svg({"train": losses, "train (smoothed)": list(zip(steps, smoothed([v for _, v in losses]))),
+                      "validation": [(e["step"], e["eval_loss"]) for e in (progress.evals if progress else [])
+                                     if "eval_loss" in e]}, title="Loss")
 
 
 def metrics_frame(progress: Progress) -> pd.DataFrame | None:
@@ -254,13 +261,38 @@ def metrics_frame(progress: Progress) -> pd.DataFrame | None:
     return pd.DataFrame(rows, columns=["step", "value", "series"]) if rows else None
 
 
+def status_html(run, progress: Progress, registry: Registry) -> str:
+    """The status line, with what live.js needs to keep it fresh: the run, whether it can still change
+    (data-live-poll), how far its events were read (data-live-version) and what only a whole-panel refresh
+    shows (data-live-panel)."""
+    text = html.escape(status_markdown(run, progress, registry), quote=False)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text))
+    body = "".join(f"<p>{paragraph}</p>" for paragraph in text.split("\n\n"))
+    polls = run.status in ACTIVE or run.status in RESUMABLE
+    whole = f"{run.status}:{len(progress.samples)}:{len(progress.evals)}:{len(progress.checkpoints)}"
+    return (f'<div class="live-status" data-live-run="{html.escape(run.id)}" data-live-poll="{int(polls)}" '
+            f'data-live-version="{live_version(run, progress, registry)}" data-live-panel="{whole}">{body}</div>')
+
+
+def live_version(run, progress: Progress, registry: Registry) -> str:
+    """Changes whenever the status line, the curve or the log would: the run's status, its events, its place
+    in the queue, the log's length."""
+    log = run.dir / "log.txt"
+    return (f"{run.status}:{progress.offset}:{queue_position(run, registry) if run.status == 'queued' else ''}:"
+            f"{log.stat().st_size if log.exists() else 0}")
+
+
+def queue_position(run, registry: Registry) -> int:
+    ids = [r.id for r in registry.queue()]
+    return ids.index(run.id) + 1 if run.id in ids else 0
+
+
 def status_markdown(run, progress: Progress, registry: Registry) -> str:
     status = run.status
     head = f"**{run.name}** · `{run.id}` · **{status}**"
     if status == "queued":
-        ids = [r.id for r in registry.queue()]
-        position = ids.index(run.id) + 1 if run.id in ids else 0
-        return f"{head} — waiting in the queue (position {position}); it starts by itself when a slot is free."
+        return (f"{head} — waiting in the queue (position {queue_position(run, registry)}); it starts by itself "
+                "when a slot is free.")
     parts = []
     if progress.total_steps:
         parts.append(f"step {progress.step}/{progress.total_steps} ({100 * progress.fraction():.0f}%)")
@@ -310,7 +342,7 @@ def live_values(run_id: str | None, registry: Registry | None = None) -> list[An
     registry = registry or Registry()
     run = registry.get(run_id) if run_id else None
     if run is None:
-        return ["No run yet. Press **Train** to start one.", None, gr.update(visible=False),
+        return [NO_RUN, loss_curve(None), gr.update(visible=False),
                 gr.update(visible=False), gr.update(visible=False), "",
                 gr.update(interactive=False), gr.update(interactive=False), gr.update(interactive=False),
                 refresh_timer(None)]
@@ -320,7 +352,7 @@ def live_values(run_id: str | None, registry: Registry | None = None) -> list[An
               for s in progress.samples if s.get("image")]
     texts = [{k: v for k, v in s.items() if k not in ("type", "time")} for s in progress.samples if not s.get("image")]
     active = run.status in ACTIVE
-    return [status_markdown(run, progress, registry), loss_frame(progress),
+    return [status_html(run, progress, registry), loss_curve(progress),
             gr.update(value=metrics, visible=metrics is not None),
             gr.update(value=pd.DataFrame(texts[-12:][::-1]) if texts else None, visible=bool(texts)),
             gr.update(value=images[-12:] if images else None, visible=bool(images)),
@@ -330,15 +362,31 @@ def live_values(run_id: str | None, registry: Registry | None = None) -> list[An
 
 
 def refresh_timer(status: str | None) -> gr.Timer:
-    if status in ACTIVE:
-        return gr.Timer(LIVE_REFRESH_S, active=True)
-    return gr.Timer(IDLE_REFRESH_S, active=status in RESUMABLE)
+    if FAST_REFRESH or status not in ACTIVE + RESUMABLE:
+        return gr.Timer(active=False)
+    return gr.Timer(LIVE_REFRESH_S if status in ACTIVE else IDLE_REFRESH_S, active=True)
+
+
+def live_update(run_id: str, version: str) -> dict[str, Any]:
+    """What live.js asks for a shown panel every 1.5 s: {"version"} alone when nothing was written since
+    `version`, else the status line, the curve and the log's tail as the whole panel shows them."""
+    registry = Registry()
+    run = registry.get(run_id) if run_id else None
+    if run is None:
+        return {"version": "gone", "status": NO_RUN, "curve": loss_curve(None), "log": ""}
+    progress = progress_of(run_id, registry)
+    now = live_version(run, progress, registry)
+    if now == version:
+        return {"version": now}
+    return {"version": now, "status": status_html(run, progress, registry), "curve": loss_curve(progress),
+            "log": read_log_tail(run.dir)}
 
 
 def wire_controls(panel: LivePanel, run_state: gr.State) -> None:
     """Stop / Cancel / Resume act on the run shown; the panel refreshes at once, and on the panel's timer
     while the run is active."""
     panel.timer.tick(live_values, run_state, panel.outputs(), show_progress="hidden", api_visibility="private")
+    panel.refresh.click(live_values, run_state, panel.outputs(), show_progress="hidden", api_visibility="private")
     def act(action):
         def handler(run_id):
             if run_id:

@@ -1,0 +1,48 @@
+// The live panels' fast refresh, outside Gradio's event system (see FALLBACK_REFRESH_S in widgets.py).
+// Every 1.5 s, for each panel that is on screen and whose run can still change, ask the server what was
+// written since the version the page shows, and swap in the status line, the curve and the log's tail it
+// sends. When the change needs the whole panel (the run's status, new samples, evaluations or checkpoints),
+// press the panel's hidden Refresh button, which asks Gradio for all of it.
+(() => {
+  const POLL_MS = 1500;
+  const root = () => (window.gradio_config && window.gradio_config.root) || window.location.origin;
+
+  async function update(line) {
+    const panel = line.closest("[id$='-run-status']");
+    if (!panel) return;
+    const key = panel.id.slice(0, -"-run-status".length);
+    const query = new URLSearchParams({ run: line.dataset.liveRun, version: line.dataset.liveVersion });
+    const response = await fetch(`${root()}/studio/live?${query}`, { credentials: "same-origin", cache: "no-store" });
+    if (!response.ok) return;
+    const answer = await response.json();
+    // Unchanged, or Gradio redrew the panel while we waited (its version is the newer one then).
+    if (answer.version === line.dataset.liveVersion || !line.isConnected) return;
+    const whole = line.dataset.livePanel;
+    const curve = document.querySelector(`#${key}-loss-plot .live-curve`);
+    if (curve) curve.outerHTML = answer.curve;
+    const log = document.querySelector(`#${key}-log textarea`);
+    if (log && log.value !== answer.log) {
+      log.value = answer.log;
+      log.scrollTop = log.scrollHeight;
+    }
+    line.outerHTML = answer.status;
+    const fresh = panel.querySelector(".live-status");
+    if (!fresh || fresh.dataset.livePanel !== whole) document.getElementById(`${key}-refresh`)?.click();
+  }
+
+  async function poll() {
+    if (!document.hidden) {
+      const shown = [...document.querySelectorAll(".live-status[data-live-poll='1']")]
+        .filter((line) => line.offsetParent !== null);
+      for (const line of shown) {
+        try {
+          await update(line);
+        } catch (err) {
+          // The server restarting, say: the next round asks again.
+        }
+      }
+    }
+    setTimeout(poll, POLL_MS);
+  }
+  setTimeout(poll, POLL_MS);
+})();
