@@ -91,10 +91,11 @@ def read_credentials(auth_file: str | None) -> list[tuple[str, str]]:
     return users
 
 
-def _poll_queue_gently(app: gr.Blocks, seconds: float = 0.02) -> None:
+def _poll_queue_gently(app: gr.Blocks, seconds: float = 0.1) -> None:
     """Gradio's queue looks for new events every 1 ms while idle (and for progress every 10 ms): about 8%
-    of a core spent waiting, which on a machine of few cores comes out of the training run's share. Every
-    20 ms adds at most 20 ms to an event's start, which nobody sees."""
+    of a core spent waiting, which on a machine of few cores comes out of the training run's share (every
+    20 ms still cost 1%, every 100 ms 0.5%). Since the live panels refresh outside the queue (studio/page.py),
+    its events are the user's own clicks, and 100 ms at most before one starts is hardly seen."""
     queue = getattr(app, "_queue", None)
     for attribute in ("sleep_when_free", "progress_update_sleep_when_free"):
         if hasattr(queue, attribute):

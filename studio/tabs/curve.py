@@ -76,7 +76,7 @@ def curve_svg(series: dict[str, list[tuple[float, float]]], title: str, y_title:
     legend_x = WIDTH - RIGHT
     for name in reversed(series):  # right-aligned, in the same order
         colour = STYLE[name][0]
-        legend_x -= 8 + 7.5 * len(name)
+        legend_x -= 8 + 7 * len(name)
         parts.append(f'<rect x="{legend_x:.0f}" y="8" width="11" height="11" fill="{colour}"/>'
                      f'<text x="{legend_x + 15:.0f}" y="18">{escape(name)}</text>')
         legend_x -= 14

@@ -26,9 +26,9 @@ from studio.runs import ACTIVE, FINAL, RESUMABLE, Registry
 from studio.tabs.curve import curve_svg
 
 LOG_LINES = 40
-# The page's own poller (live.js) refreshes a shown panel's status line and curve every 1.5 s while its run
-# can still change (and the log, when it grew), and asks Gradio for the whole panel only when something else
-# changed (status, samples, evaluations, checkpoints). Every Gradio event costs the browser a pass over the page's state
+# The page's own poller (live.js) refreshes a shown panel's status line, curve and log every 1.5 s while its
+# run can still change, and asks Gradio for the whole panel only when something else changed (status,
+# samples, evaluations, checkpoints). Every Gradio event costs the browser a pass over the page's state
 # (about 0.2 s of a core), which on a machine of few cores comes out of the training run's share. Where the
 # server could not offer the poller its route (studio/page.py sets FAST_REFRESH), the panel's Gradio timer
 # refreshes it instead: every 1.5 s while the run is queued or training, every 10 s while it could be resumed
@@ -36,6 +36,7 @@ LOG_LINES = 40
 FAST_REFRESH = False
 LIVE_REFRESH_S = 1.5
 IDLE_REFRESH_S = 10.0
+CAN_CHANGE = ACTIVE + RESUMABLE
 
 
 # ---- the settings form -----------------------------------------------------------------------
@@ -268,7 +269,7 @@ def status_html(run, progress: Progress, registry: Registry) -> str:
     text = html.escape(status_markdown(run, progress, registry), quote=False)
     text = re.sub(r"`([^`]+)`", r"<code>\1</code>", re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text))
     body = "".join(f"<p>{paragraph}</p>" for paragraph in text.split("\n\n"))
-    polls = run.status in ACTIVE or run.status in RESUMABLE
+    polls = run.status in CAN_CHANGE
     whole = f"{run.status}:{len(progress.samples)}:{len(progress.evals)}:{len(progress.checkpoints)}"
     return (f'<div class="live-status" data-live-run="{html.escape(run.id)}" data-live-poll="{int(polls)}" '
             f'data-live-version="{live_version(run, progress, registry)}" data-live-panel="{whole}">{body}</div>')
@@ -362,7 +363,7 @@ def live_values(run_id: str | None, registry: Registry | None = None) -> list[An
 
 
 def refresh_timer(status: str | None) -> gr.Timer:
-    if FAST_REFRESH or status not in ACTIVE + RESUMABLE:
+    if FAST_REFRESH or status not in CAN_CHANGE:
         return gr.Timer(active=False)
     return gr.Timer(LIVE_REFRESH_S if status in ACTIVE else IDLE_REFRESH_S, active=True)
 
