@@ -205,11 +205,11 @@ def test_live_update_sends_status_and_curve_only_when_the_run_changed(runs):
     assert widgets.live_update("no-such-run", "")["version"] == "gone"
 
 
-@pytest.mark.parametrize("count, limit, expected_last", [(10, 400, 9), (1000, 400, 999), (1001, 7, 1000)])
+@pytest.mark.parametrize("count, limit, expected_last", [(10, 400, 9), (401, 400, 400), (1000, 400, 999), (1001, 7, 1000)])
 def test_the_curve_keeps_at_most_its_limit_and_always_the_last_point(count, limit, expected_last):
     points = [(step, 1.0 / (step + 1)) for step in range(count)]
     kept = curve.thinned(points, limit)
-    assert len(kept) <= limit + 1 and kept[0] == points[0] and kept[-1] == points[expected_last]
+    assert len(kept) <= limit and kept[0] == points[0] and kept[-1] == points[expected_last]
 
 
 def test_the_curve_leaves_out_values_that_are_not_finite():

@@ -22,7 +22,7 @@ def thinned(points: list[tuple[float, float]], limit: int = MAX_POINTS) -> list[
     """Every k-th point and always the last, so the curve keeps its shape and ends where the run is."""
     if len(points) <= limit:
         return points
-    stride = math.ceil(len(points) / limit)
+    stride = math.ceil(len(points) / (limit - 1))  # room for the last point
     return points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
 
 
