@@ -2,7 +2,7 @@
 # The one set-up behind `make run` and `make test`: system packages, the .venv, Python packages.
 # Safe to re-run: it only installs what is missing, and skips pip when nothing it depends on changed.
 #
-#   WITH_BROWSER=1   also install Chromium for the browser tests (make test sets it)
+#   WITH_BROWSER=1   also install Chromium for the browser tests and sox for the speech tests (make test sets it)
 #   TORCH_SPEC       which torch to install (default torch==2.13.0; on a GPU machine that is the CUDA build)
 #   TORCH_INDEX      a package index for torch, e.g. https://download.pytorch.org/whl/cpu for a small CPU-only
 #                    install on a laptop, or https://download.pytorch.org/whl/cu128 for a specific CUDA version
@@ -12,12 +12,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 
-# ---- system packages: ffmpeg (audio decoding), espeak-ng (speech samples), chromium (browser tests)
+# ---- system packages: ffmpeg (audio decoding), espeak-ng (speech samples), chromium and sox (tests)
 missing=()
 command -v ffmpeg >/dev/null || missing+=(ffmpeg)
 command -v espeak-ng >/dev/null || missing+=(espeak-ng)
 if [ "${WITH_BROWSER:-0}" = 1 ]; then
   command -v chromium >/dev/null || missing+=(chromium chromium-driver)
+  command -v sox >/dev/null || missing+=(sox)  # the speech tests make odd audio files (8-bit, 48 kHz stereo) with it
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo"; else sudo="none"; fi
