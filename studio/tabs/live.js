@@ -1,10 +1,13 @@
-// The live panels' fast refresh, outside Gradio's event system (see FALLBACK_REFRESH_S in widgets.py).
+// The live panels' fast refresh, outside Gradio's event system (see FAST_REFRESH in widgets.py).
 // Every 1.5 s, for each panel that is on screen and whose run can still change, ask the server what was
 // written since the version the page shows, and swap in the status line, the curve and the log's tail it
-// sends. When the change needs the whole panel (the run's status, new samples, evaluations or checkpoints),
-// press the panel's hidden Refresh button, which asks Gradio for all of it.
+// sends. When the change needs the whole panel (the run's status at once; new samples or evaluations at most
+// every 10 s), press the panel's hidden Refresh button, which asks Gradio for all of it.
 (() => {
   const POLL_MS = 1500;
+  // New samples or evaluations are fetched with the whole panel at most this often; a new status at once.
+  const EXTRAS_EVERY_MS = 10000;
+  const wholeShown = {}; // panel key -> {run, panel, at}: what the last whole-panel refresh showed, and when
   const root = () => (window.gradio_config && window.gradio_config.root) || window.location.origin;
 
   async function update(line) {
@@ -17,7 +20,8 @@
     const answer = await response.json();
     // Unchanged, or Gradio redrew the panel while we waited (its version is the newer one then).
     if (answer.version === line.dataset.liveVersion || !line.isConnected) return;
-    const whole = line.dataset.livePanel;
+    const run = line.dataset.liveRun;
+    if (!(wholeShown[key] && wholeShown[key].run === run)) wholeShown[key] = { run, panel: line.dataset.livePanel, at: 0 };
     const curve = document.querySelector(`#${key}-loss-plot .live-curve`);
     if (curve) curve.outerHTML = answer.curve;
     const log = document.querySelector(`#${key}-log textarea`);
@@ -27,7 +31,13 @@
     }
     line.outerHTML = answer.status;
     const fresh = panel.querySelector(".live-status");
-    if (!fresh || fresh.dataset.livePanel !== whole) document.getElementById(`${key}-refresh`)?.click();
+    const now = fresh ? fresh.dataset.livePanel : "gone";
+    const shown = wholeShown[key];
+    const statusChanged = now.split(":")[0] !== shown.panel.split(":")[0];
+    if (now !== shown.panel && (statusChanged || Date.now() - shown.at > EXTRAS_EVERY_MS)) {
+      wholeShown[key] = { run, panel: now, at: Date.now() };
+      document.getElementById(`${key}-refresh`)?.click();
+    }
   }
 
   async function poll() {

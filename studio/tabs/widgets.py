@@ -27,8 +27,8 @@ from studio.tabs.curve import curve_svg
 
 LOG_LINES = 40
 # The page's own poller (live.js) refreshes a shown panel's status line, curve and log every 1.5 s while its
-# run can still change, and asks Gradio for the whole panel only when something else changed (status,
-# samples, evaluations, checkpoints). Every Gradio event costs the browser a pass over the page's state
+# run can still change, and asks Gradio for the whole panel only when something else changed (the run's
+# status at once; samples and evaluations at most every 10 s). Every Gradio event costs the browser a pass over the page's state
 # (about 0.2 s of a core), which on a machine of few cores comes out of the training run's share. Where the
 # server could not offer the poller its route (studio/page.py sets FAST_REFRESH), the panel's Gradio timer
 # refreshes it instead: every 1.5 s while the run is queued or training, every 10 s while it could be resumed
@@ -270,7 +270,7 @@ def status_html(run, progress: Progress, registry: Registry) -> str:
     text = re.sub(r"`([^`]+)`", r"<code>\1</code>", re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text))
     body = "".join(f"<p>{paragraph}</p>" for paragraph in text.split("\n\n"))
     polls = run.status in CAN_CHANGE
-    whole = f"{run.status}:{len(progress.samples)}:{len(progress.evals)}:{len(progress.checkpoints)}"
+    whole = f"{run.status}:{len(progress.samples)}:{len(progress.evals)}"  # live.js reads the status first
     return (f'<div class="live-status" data-live-run="{html.escape(run.id)}" data-live-poll="{int(polls)}" '
             f'data-live-version="{live_version(run, progress, registry)}" data-live-panel="{whole}">{body}</div>')
 
