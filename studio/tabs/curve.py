@@ -60,7 +60,8 @@ def curve_svg(series: dict[str, list[tuple[float, float]]], title: str, y_title:
              'font-size="13" font-family="sans-serif" fill="currentColor">',
              f'<text x="{LEFT}" y="18" font-size="15" font-weight="bold">{escape(title)}</text>']
     for value in _ticks(y0 + pad, y1 - pad):
-        parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y(value):.1f}" y2="{y(value):.1f}" stroke="#e5e7eb"/>'
+        parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y(value):.1f}" y2="{y(value):.1f}" '
+                     'stroke="#e5e7eb"/>'
                      f'<text x="{LEFT - 6}" y="{y(value) + 4:.1f}" text-anchor="end">{_label(value)}</text>')
     for step in _ticks(x0, x1):
         parts.append(f'<text x="{x(step):.1f}" y="{HEIGHT - 14}" text-anchor="middle">{step:.0f}</text>')

@@ -28,8 +28,9 @@ from studio.tabs.curve import curve_svg
 LOG_LINES = 40
 # The page's own poller (live.js) refreshes a shown panel's status line, curve and log every 1.5 s while its
 # run can still change, and asks Gradio for the whole panel only when something else changed (the run's
-# status at once; samples and evaluations at most every 10 s). Every Gradio event costs the browser a pass over the page's state
-# (about 0.2 s of a core), which on a machine of few cores comes out of the training run's share. Where the
+# status at once; samples and evaluations at most every 10 s). Every Gradio event costs the browser a pass
+# over the page's state (about 0.2 s of a core), which on a machine of few cores comes out of the training
+# run's share. Where the
 # server could not offer the poller its route (studio/page.py sets FAST_REFRESH), the panel's Gradio timer
 # refreshes it instead: every 1.5 s while the run is queued or training, every 10 s while it could be resumed
 # (from another browser, say).
@@ -262,17 +263,18 @@ def metrics_frame(progress: Progress) -> pd.DataFrame | None:
     return pd.DataFrame(rows, columns=["step", "value", "series"]) if rows else None
 
 
-def status_html(run, progress: Progress, registry: Registry) -> str:
+def status_html(run, progress: Progress, registry: Registry, version: str | None = None) -> str:
     """The status line, with what live.js needs to keep it fresh: the run, whether it can still change
-    (data-live-poll), how far its events were read (data-live-version) and what only a whole-panel refresh
-    shows (data-live-panel)."""
+    (data-live-poll), how far its events were read (data-live-version; `version` when the caller has it
+    already) and what only a whole-panel refresh shows (data-live-panel)."""
     text = html.escape(status_markdown(run, progress, registry), quote=False)
     text = re.sub(r"`([^`]+)`", r"<code>\1</code>", re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text))
     body = "".join(f"<p>{paragraph}</p>" for paragraph in text.split("\n\n"))
     polls = run.status in CAN_CHANGE
     whole = f"{run.status}:{len(progress.samples)}:{len(progress.evals)}"  # live.js reads the status first
     return (f'<div class="live-status" data-live-run="{html.escape(run.id)}" data-live-poll="{int(polls)}" '
-            f'data-live-version="{live_version(run, progress, registry)}" data-live-panel="{whole}">{body}</div>')
+            f'data-live-version="{version or live_version(run, progress, registry)}" data-live-panel="{whole}">'
+            f'{body}</div>')
 
 
 def live_version(run, progress: Progress, registry: Registry) -> str:
@@ -379,13 +381,13 @@ def live_update(run_id: str, version: str) -> dict[str, Any]:
     now = live_version(run, progress, registry)
     if now == version:
         return {"version": now}
-    return {"version": now, "status": status_html(run, progress, registry), "curve": loss_curve(progress),
+    return {"version": now, "status": status_html(run, progress, registry, now), "curve": loss_curve(progress),
             "log": read_log_tail(run.dir)}
 
 
 def wire_controls(panel: LivePanel, run_state: gr.State) -> None:
-    """Stop / Cancel / Resume act on the run shown; the panel refreshes at once, and on the panel's timer
-    while the run is active."""
+    """Stop / Cancel / Resume act on the run shown and the panel refreshes at once; later, when live.js presses
+    the hidden Refresh button (or, without FAST_REFRESH, on the panel's timer)."""
     panel.timer.tick(live_values, run_state, panel.outputs(), show_progress="hidden", api_visibility="private")
     panel.refresh.click(live_values, run_state, panel.outputs(), show_progress="hidden", api_visibility="private")
     def act(action):
