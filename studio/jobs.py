@@ -208,8 +208,10 @@ def cancel(run_id: str, registry: Registry | None = None) -> str:
     run = registry.get(run_id)
     if run is None:
         raise ValueError(f"There is no run {run_id}.")
-    if run.status not in ACTIVE:
-        return run.status
+    # Marked cancelled before the process is ended: a server that meanwhile sees the process gone
+    # (reconcile) would otherwise call the run interrupted, "ended unexpectedly", and keep it so.
+    if not registry.set_status(run_id, "cancelled", expect=ACTIVE):
+        return registry.get(run_id).status  # it ended (or was cancelled) just now
     if run.pid and worker_alive(run):
         try:
             os.killpg(run.pid, signal.SIGTERM)
@@ -218,6 +220,5 @@ def cancel(run_id: str, registry: Registry | None = None) -> str:
             pass
         except psutil.TimeoutExpired:
             os.killpg(run.pid, signal.SIGKILL)
-    registry.set_status(run_id, "cancelled", expect=ACTIVE)
     dispatch(registry)
     return "cancelled"
