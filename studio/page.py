@@ -1,6 +1,6 @@
 """What the studio adds to Gradio's web server so that a page watching a run costs the machine little: the
-live panels' fast refresh (studio/tabs/live.js and the /studio/live route it asks) and a script that runs
-before Gradio's own (studio/tabs/early.js).
+fast refresh of the live panels and the Runs table (studio/tabs/live.js and the routes it asks) and a
+script that runs before Gradio's own (studio/tabs/early.js).
 
 On a machine of few cores the browser and the server share the CPU with the training run: each per cent of
 a core a watching page takes is taken from training (bench/ui_vs_cli.py, BENCHMARKS.md).
@@ -27,11 +27,14 @@ def _routes(routes):
 
 
 def serve_live_updates(server_app) -> None:
-    """GET /studio/live?run=ID&version=V answers live.js, beside Gradio's routes and behind the same login
-    (Gradio's own login check guards it). A plain handler costs the server about 3 ms a call; the same
-    function as a Gradio API endpoint cost about 50 ms."""
+    """The routes live.js asks, beside Gradio's and behind the same login (Gradio's own login check guards
+    them): GET /studio/live?run=ID&version=V for a live panel, GET /studio/runs for the Runs table's version.
+    A plain handler costs the server about 3 ms a call; the same function as a Gradio API endpoint cost
+    about 50 ms."""
     from fastapi import Depends
     from fastapi.routing import APIRoute
+
+    from studio.tabs import runs_tab
 
     login = next((route.endpoint for route in _routes(server_app.router.routes)
                   if getattr(getattr(route, "endpoint", None), "__name__", "") == "login_check"), None)
@@ -43,8 +46,12 @@ def serve_live_updates(server_app) -> None:
     def live(run: str, version: str = "") -> dict:
         return widgets.live_update(run, version)
 
-    # First, so that no route of Gradio's can shadow it.
-    server_app.router.routes.insert(0, APIRoute("/studio/live", live, methods=["GET"], dependencies=[Depends(login)]))
+    def runs() -> dict:
+        return {"version": runs_tab.table_version()}
+
+    for path, answer in (("/studio/live", live), ("/studio/runs", runs)):
+        # First, so that no route of Gradio's can shadow them.
+        server_app.router.routes.insert(0, APIRoute(path, answer, methods=["GET"], dependencies=[Depends(login)]))
     widgets.FAST_REFRESH = True
 
 

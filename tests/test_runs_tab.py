@@ -37,6 +37,9 @@ def wait_for(predicate, timeout=240, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+TABLE_VERSIONS: dict[str, str] = {}  # runs_tab.table_version() as the `runs` fixture saw it on its way
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A long run that trains while two short ones wait in the queue; then the long one is cancelled and the
@@ -52,6 +55,9 @@ def runs(tmp_path_factory):
         short = [train_detached(folder, name="short-a", max_steps=8, lora_rank=8),
                  train_detached(folder, name="short-b", max_steps=8, lora_rank=4, learning_rate=0.002)]
         queued_table = runs_tab.runs_table()
+        TABLE_VERSIONS["queued"] = runs_tab.table_version()
+        wait_for(lambda: runs_tab.table_version() != TABLE_VERSIONS["queued"], what="the long run to move on")
+        TABLE_VERSIONS["queued, a step later"] = runs_tab.table_version()
         refused = None
         try:
             runs_tab.delete_run(long_id, registry)
@@ -203,6 +209,17 @@ def test_live_update_sends_status_and_curve_only_when_the_run_changed(runs):
     assert first["curve"].count("<polyline") == 3  # train, smoothed and validation (eval_every 4)
     assert widgets.live_update(short[1], first["version"]) == {"version": first["version"]}
     assert widgets.live_update("no-such-run", "")["version"] == "gone"
+
+
+def test_the_table_version_tells_progress_from_changes_to_the_list(runs):
+    registry, long_id, short, _, _ = runs
+    listed, moving = zip(*(v.split(":") for v in TABLE_VERSIONS.values()))
+    assert listed[0] == listed[1] and moving[0] != moving[1]  # the long run trained, the queue stayed
+    now = runs_tab.table_version(registry)
+    assert now.split(":")[0] != listed[0]  # cancelled, completed: statuses changed since
+    assert runs_tab.table_version(registry) == now  # nothing trains: the page sees no reason to refresh
+    runs_tab.rename_run(short[1], "short-b renamed", registry)
+    assert runs_tab.table_version(registry).split(":")[0] != now.split(":")[0]
 
 
 @pytest.mark.parametrize("count, limit, expected_last", [(10, 400, 9), (401, 400, 400), (1000, 400, 999), (1001, 7, 1000)])

@@ -1,6 +1,6 @@
 """The live panel's loss curve as a small inline SVG, drawn here from the run's points.
 
-The page swaps it in as it is (studio/tabs/live.js, every 1.5 s while the run trains). A charting component
+The page swaps it in as it is (studio/tabs/live.js, every 3 s while the run trains). A charting component
 re-lays out its whole chart from the data on every update; on a machine of few cores that CPU comes out of the
 training run's share, and it grows with the run's length. This drawing costs the browser one small DOM swap,
 whatever the run's length: each series is thinned to at most MAX_POINTS points.

@@ -1,12 +1,19 @@
-// The live panels' fast refresh, outside Gradio's event system (see FAST_REFRESH in widgets.py).
-// Every 1.5 s, for each panel that is on screen and whose run can still change, ask the server what was
-// written since the version the page shows, and swap in the status line, the curve and the log's tail it
-// sends. When the change needs the whole panel (the run's status at once; new samples or evaluations at most
-// every 10 s), press the panel's hidden Refresh button, which asks Gradio for all of it.
+// The live panels' and the Runs table's fast refresh, outside Gradio's event system (see FAST_REFRESH in
+// widgets.py). Every 3 s, for each panel that is on screen and whose run can still change, ask the server
+// what was written since the version the page shows, and swap in the status line, the curve and the log's
+// tail it sends. When the change needs the whole panel (the run's status at once; new samples or evaluations
+// at most every 10 s), press the panel's hidden Refresh button, which asks Gradio for all of it. The Runs
+// table, while on screen, is refreshed the same way (runs_tab.table_version says when).
 (() => {
-  const POLL_MS = 1500;
+  // A poll with its swaps costs the browser and the server about 50 ms of CPU (software-rendered Chromium),
+  // taken from a run training on all the cores (BENCHMARKS.md, "UI versus CLI"); every 3 s is still live.
+  const POLL_MS = 3000;
   // New samples or evaluations are fetched with the whole panel at most this often; a new status at once.
   const EXTRAS_EVERY_MS = 10000;
+  // The Runs table: runs that come, go or change status at once; only their progress at most this often.
+  const TABLE_PROGRESS_EVERY_MS = 15000;
+  let tableRefreshedAt = 0; // when the table last changed its version (runs_tab.version_mark)
+  let tableAskedFor = null; // the server's version the last refresh was asked for
   const wholeShown = {}; // panel key -> {run, panel, at}: what the last whole-panel refresh showed, and when
   const root = () => (window.gradio_config && window.gradio_config.root) || window.location.origin;
 
@@ -40,13 +47,34 @@
     }
   }
 
+  async function updateTable() {
+    const table = document.getElementById("runs-table");
+    const mark = document.querySelector("#runs-table-version [data-version]");
+    if (!table || !mark || table.offsetParent === null) return;
+    if (mark.dataset.version !== table.dataset.madeAt) { // Gradio refreshed it, for whatever reason
+      table.dataset.madeAt = mark.dataset.version;
+      tableRefreshedAt = Date.now();
+    }
+    const response = await fetch(`${root()}/studio/runs`, { credentials: "same-origin", cache: "no-store" });
+    if (!response.ok) return;
+    const { version } = await response.json();
+    const [runs, progress] = version.split(":");
+    const [shownRuns, shownProgress] = mark.dataset.version.split(":");
+    const due = runs !== shownRuns || (progress !== shownProgress && Date.now() - tableRefreshedAt > TABLE_PROGRESS_EVERY_MS);
+    if (due && version !== tableAskedFor) {
+      tableAskedFor = version; // once per version, even if Gradio is slow to answer
+      tableRefreshedAt = Date.now();
+      document.getElementById("runs-table-refresh")?.click();
+    }
+  }
+
   async function poll() {
     if (!document.hidden) {
       const shown = [...document.querySelectorAll(".live-status[data-live-poll='1']")]
         .filter((line) => line.offsetParent !== null);
-      for (const line of shown) {
+      for (const step of [...shown.map((line) => () => update(line)), updateTable]) {
         try {
-          await update(line);
+          await step();
         } catch (err) {
           // The server restarting, say: the next round asks again.
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pandas as pd
 from pipelines import MODALITIES
 from studio import jobs, tracking
 from studio.progress import Progress, format_seconds
-from studio.runs import FINAL, Registry, Run
+from studio.runs import ACTIVE, FINAL, Registry, Run
 from studio.tabs import widgets
 
 COLUMNS = ["id", "name", "modality", "base model", "status", "progress", "best validation", "created", "duration"]
@@ -61,6 +62,26 @@ def runs_table(modality: str = "", status: str = "", registry: Registry | None =
                      "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(run.created)),
                      "duration": format_seconds(end - run.started) if run.started else ""})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def table_version(registry: Registry | None = None) -> str:
+    """What the page's poller (studio/tabs/live.js) compares to know when the shown Runs table is out of
+    date, and how: "<runs>:<progress>". The first part changes when a run comes, goes, is renamed or changes
+    status or place in the queue (the page refreshes the table at once), the second when a run that can
+    is training moves on (at most every TABLE_PROGRESS_EVERY_MS there): a Gradio event costs the browser
+    far more than this answer costs the server. Filters aside: a change the filtered table does not show
+    costs one refresh that sends nothing."""
+    registry = registry or Registry()
+    queue = [r.id for r in registry.queue()]
+    runs = registry.list()
+    listed = "|".join(f"{run.id}/{run.name}/{status_label(run, queue)}" for run in runs)
+    moving = "|".join(f"{run.id}/{progress.step}/{len(progress.evals)}" for run in runs
+                      if run.status in ACTIVE and (progress := widgets.progress_of(run.id, registry)))
+    return f"{zlib.crc32(listed.encode()):08x}:{zlib.crc32(moving.encode()):08x}"
+
+
+def version_mark(version: str) -> str:
+    return f'<span data-version="{version}"></span>'
 
 
 def run_label(run: Run) -> str:
@@ -301,6 +322,9 @@ def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None) -
         status = gr.Dropdown([("all", "")] + [(s, s) for s in STATUSES], value="", label="Status", scale=1,
                              elem_id="runs-filter-status")
         refresh = gr.Button("Refresh", scale=0)
+        # live.js compares the version the table was made at with the server's and presses the hidden button.
+        refresh_quietly = gr.Button("Refresh table", elem_id="runs-table-refresh", elem_classes=["live-refresh"])
+        table_made_at = gr.HTML(version_mark(""), elem_id="runs-table-version", elem_classes=["live-refresh"])
         track = gr.Checkbox(tracking.enabled(), label="Log runs to TensorBoard"
                             + (" and MLflow" if tracking.mlflow_available() else ""), scale=1,
                             info="Writes runs/<id>/tensorboard/ for each finished run. Off by default.",
@@ -345,10 +369,11 @@ def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None) -
 
     # -- handlers --
     def refresh_table(modality_value, status_value, last):
+        made_at = version_mark(table_version())  # first: a change while the table is made shows as newer
         sync_tracking()
         frame = runs_table(modality_value, status_value)
         signature = frame.to_json()
-        return (gr.skip(), last) if signature == last else (frame, signature)
+        return (gr.skip(), last, made_at) if signature == last else (frame, signature, made_at)
 
     def show_run(run_id):
         text, yaml_text, file_rows, name = run_details(run_id)
@@ -419,13 +444,15 @@ def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None) -
         gr.Info("Finished runs will be written to TensorBoard." if on else "TensorBoard logging is off.")
 
     private = {"api_visibility": "private"}
-    table_outputs = [table, shown]
+    table_outputs = [table, shown, table_made_at]
     for trigger in (modality.change, status.change, refresh.click):
         trigger(refresh_table, [modality, status, shown], table_outputs, **private).then(
             lambda: gr.update(choices=run_choices()), None, compare_runs, **private)
-    # Built into the app, the table refreshes only while this tab is shown (see `poll_while_shown`).
+    # Built into the app, the table refreshes only while this tab is shown (see `poll_while_shown`): through
+    # live.js and the hidden button, or where the server has no route for live.js, on this timer.
     table_timer = gr.Timer(3, active=tabs is None)
-    table_timer.tick(refresh_table, [modality, status, shown], table_outputs, show_progress="hidden", **private)
+    for trigger in (table_timer.tick, refresh_quietly.click):
+        trigger(refresh_table, [modality, status, shown], table_outputs, show_progress="hidden", **private)
     compare_runs.focus(lambda: gr.update(choices=run_choices()), None, compare_runs, **private)
 
     table.select(select_run, table, [selected, confirm_row, message, *details_outputs], **private)
@@ -451,11 +478,13 @@ def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None) -
 
 
 def poll_while_shown(parts: dict[str, Any], runs: gr.Tab, others: list[gr.Tab]) -> None:
-    """The Runs tab's timers tick only while it is shown: showing it refreshes the table and the selected
-    run at once and starts them, showing another tab stops them. `parts` is what `build` returned."""
+    """The Runs tab's table refreshes only while it is shown: showing it refreshes the table and the selected
+    run at once and (without live.js's route, see widgets.FAST_REFRESH) starts the table's timer; showing
+    another tab stops the timers. `parts` is what `build` returned."""
     private = {"api_visibility": "private"}
     runs.select(*parts["table"], **private).then(
-        lambda: gr.Timer(active=True), None, parts["timers"][0], **private).then(*parts["panel"], **private)
+        lambda: gr.Timer(active=not widgets.FAST_REFRESH), None, parts["timers"][0], **private).then(
+        *parts["panel"], **private)
     for other in others:
         other.select(lambda: [gr.Timer(active=False)] * 2, None, parts["timers"], **private)
 

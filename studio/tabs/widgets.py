@@ -26,16 +26,15 @@ from studio.runs import ACTIVE, FINAL, RESUMABLE, Registry
 from studio.tabs.curve import curve_svg
 
 LOG_LINES = 40
-# The page's own poller (live.js) refreshes a shown panel's status line, curve and log every 1.5 s while its
+# The page's own poller (live.js) refreshes a shown panel's status line, curve and log every 3 s while its
 # run can still change, and asks Gradio for the whole panel only when something else changed (the run's
 # status at once; samples and evaluations at most every 10 s). Every Gradio event costs the browser a pass
 # over the page's state (about 0.2 s of a core), which on a machine of few cores comes out of the training
-# run's share. Where the
-# server could not offer the poller its route (studio/page.py sets FAST_REFRESH), the panel's Gradio timer
-# refreshes it instead: every 1.5 s while the run is queued or training, every 10 s while it could be resumed
-# (from another browser, say).
+# run's share. Where the server could not offer the poller its route (studio/page.py sets FAST_REFRESH),
+# the panel's Gradio timer refreshes it instead: every 3 s while the run is queued or training, every 10 s
+# while it could be resumed (from another browser, say).
 FAST_REFRESH = False
-LIVE_REFRESH_S = 1.5
+LIVE_REFRESH_S = 3.0
 IDLE_REFRESH_S = 10.0
 CAN_CHANGE = ACTIVE + RESUMABLE
 
@@ -341,7 +340,7 @@ def read_log_tail(run_dir: Path, lines: int = LOG_LINES) -> str:
 
 
 def live_values(run_id: str | None, registry: Registry | None = None) -> list[Any]:
-    """Values for LivePanel.outputs(): called by the tab's timer every ~1.5 s and after each action."""
+    """Values for LivePanel.outputs(): called on each whole-panel refresh and after each action."""
     registry = registry or Registry()
     run = registry.get(run_id) if run_id else None
     if run is None:
@@ -371,7 +370,7 @@ def refresh_timer(status: str | None) -> gr.Timer:
 
 
 def live_update(run_id: str, version: str) -> dict[str, Any]:
-    """What live.js asks for a shown panel every 1.5 s: {"version"} alone when nothing was written since
+    """What live.js asks for a shown panel every 3 s: {"version"} alone when nothing was written since
     `version`, else the status line, the curve and the log's tail as the whole panel shows them."""
     registry = Registry()
     run = registry.get(run_id) if run_id else None
