@@ -56,8 +56,8 @@ def test_users_from_the_environment_are_required_to_log_in(tmp_path):
         login = urllib.request.Request(srv.url + "login", data=b"username=alice&password=wrong-password",
                                        method="POST")
         assert fetch_request(login) == 400
-        status, _ = fetch(srv.url + "studio/live?run=x")  # the live panels' route is behind the same login
-        assert status == 401
+        for route in ("studio/live?run=x", "studio/runs"):  # live.js's routes are behind the same login
+            assert fetch(srv.url + route)[0] == 401
         login = urllib.request.Request(srv.url + "login", data=b"username=alice&password=correct-horse",
                                        method="POST")
         assert fetch_request(login) == 200
@@ -65,6 +65,8 @@ def test_users_from_the_environment_are_required_to_log_in(tmp_path):
         signed_in.open(login, timeout=10)
         with signed_in.open(srv.url + "studio/live?run=x", timeout=10) as response:
             assert response.status == 200 and json.loads(response.read())["version"] == "gone"
+        with signed_in.open(srv.url + "studio/runs", timeout=10) as response:
+            assert response.status == 200 and ":" in json.loads(response.read())["version"]
     finally:
         srv.stop()
 
