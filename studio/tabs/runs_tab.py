@@ -67,8 +67,8 @@ def runs_table(modality: str = "", status: str = "", registry: Registry | None =
 def table_version(registry: Registry | None = None) -> str:
     """What the page's poller (studio/tabs/live.js) compares to know when the shown Runs table is out of
     date, and how: "<runs>:<progress>". The first part changes when a run comes, goes, is renamed or changes
-    status or place in the queue (the page refreshes the table at once), the second when a run that can
-    is training moves on (at most every TABLE_PROGRESS_EVERY_MS there): a Gradio event costs the browser
+    status or place in the queue (the page refreshes the table at once), the second when a run in training
+    moves on (the page refreshes at most every TABLE_PROGRESS_EVERY_MS): a Gradio event costs the browser
     far more than this answer costs the server. Filters aside: a change the filtered table does not show
     costs one refresh that sends nothing."""
     registry = registry or Registry()
