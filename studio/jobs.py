@@ -63,7 +63,9 @@ def dispatch(registry: Registry | None = None) -> list[str]:
         if not registry.set_status(run.id, "starting", expect=("queued",), started=time.time(), pid=None):
             continue  # another process claimed it first
         pid = _spawn_worker(run)
-        registry.set_status(run.id, "starting", pid=pid)
+        # Only while it is still "starting": a run cancelled meanwhile stays cancelled (its worker finds it so
+        # and exits without training), and a worker already running has recorded its pid itself.
+        registry.set_status(run.id, "starting", expect=("starting",), pid=pid)
         started.append(run.id)
         busy += 1
     return started

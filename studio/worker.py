@@ -76,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     registry = Registry(run_dir.parent.parent)
     # Ctrl-C in a terminal that owns this process means Stop: checkpoint at the next step, then exit.
     signal.signal(signal.SIGINT, lambda *_: (run_dir / STOP_FILE).touch())
-    registry.set_status(run_id, "running", pid=os.getpid(), resume=0)
+    # The claim: a run cancelled (or found lost) between its dispatch and this moment is not trained.
+    if not registry.set_status(run_id, "running", expect=("starting",), pid=os.getpid(), resume=0):
+        run = registry.get(run_id)
+        log(f"Run {run_id} is {run.status if run else 'gone'}; not training it.")
+        return 1
     events = None
     status, error, advice = "failed", "", ""
     try:

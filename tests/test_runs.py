@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines import load_config
 from pipelines.training import read_events
 from studio import jobs
 from studio.runs import Registry
@@ -99,6 +100,25 @@ def test_cancel_ends_the_process_at_once(home, tmp_path):
     assert studio("cancel", run_id).stdout.strip() == "cancelled"
     assert registry.get(run_id).status == "cancelled"
     wait_for(lambda: not _alive(pid), timeout=15, what="the worker to exit")
+
+
+def test_a_run_cancelled_while_its_worker_starts_is_not_trained(home, tmp_path, monkeypatch):
+    # Cancel lands between the dispatcher's claim ("starting", no pid yet: nothing to kill) and its recording
+    # of the new worker's pid, as a click in the UI can while the CLI starts the run.
+    registry = Registry(home)
+    spawned = []
+
+    def cancel_then_spawn(run, spawn=jobs._spawn_worker):
+        assert jobs.cancel(run.id, registry) == "cancelled"
+        spawned.append(spawn(run))
+        return spawned[-1]
+
+    monkeypatch.setattr(jobs, "_spawn_worker", cancel_then_spawn)
+    run = jobs.submit(load_config(config_file(tmp_path, max_steps=100000, sample_every=0)), registry)
+    wait_for(lambda: not _alive(spawned[0]), timeout=120, what="the worker to exit")
+    assert registry.get(run.id).status == "cancelled"
+    assert steps(home, run.id) == []
+    assert "not training it" in (home / "runs" / run.id / "log.txt").read_text()
 
 
 def _alive(pid):
