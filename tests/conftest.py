@@ -4,9 +4,11 @@ The tiny presets are materialised once per session inside it and reused by every
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,3 +29,22 @@ def studio_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def assets() -> Path:
     return ROOT / "assets"
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test(tmp_path):
+    """After each test, end what is still running on that test's own files: a worker of a run in its
+    workspace, a `studio train` following it. A test that failed or timed out would otherwise leave its
+    worker training, taking a core from the tests after it until they miss their own timeouts."""
+    yield
+    mine = str(tmp_path)
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if process.pid != os.getpid() and any(mine in part for part in process.info["cmdline"] or ()):
+            try:
+                if os.getpgid(process.pid) == process.pid:  # a worker leads its group, with any ranks it started
+                    os.killpg(process.pid, signal.SIGKILL)
+                else:
+                    process.kill()
+                print(f"ended a leftover process of this test: {' '.join(process.info['cmdline'])}", file=sys.stderr)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
