@@ -1,6 +1,6 @@
 """Language-model LoRA: the studio's training vs a plain transformers Trainer + peft recipe.
 
-    python bench/llm.py [--quick] [--device cpu|cuda] [--rounds N] [--steps N]
+    python bench/llm.py [--quick] [--device cpu|cuda] [--rounds N] [--steps N] [--vocab N]
 
 Same model (a random-init LLaMA built here from a LlamaConfig with the tiny preset's tokenizer: ~25 M
 parameters on CPU, ~0.6 B with --device cuda), same data (deterministic synthetic prompt/completion pairs
@@ -267,11 +267,11 @@ def worker(args) -> None:
 
 # ---- the driver ---------------------------------------------------------------------------------
 
-def build_model(folder: Path, device: str) -> int:
+def build_model(folder: Path, device: str, vocab: int = 0) -> int:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    config = LlamaConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=None,
+    config = LlamaConfig(vocab_size=max(vocab, len(tokenizer)), eos_token_id=tokenizer.eos_token_id, pad_token_id=None,
                          bos_token_id=None, max_position_embeddings=1024, rms_norm_eps=1e-5,
                          tie_word_embeddings=True, initializer_range=0.02, **MODELS[device])
     torch.manual_seed(0)
@@ -285,6 +285,10 @@ def main() -> None:
     parser = benchmark_parser(__doc__, "optimizer steps per run (default 24, quick 6; on cuda 60, quick 30: a GPU "
                                        "step is short, and the first ones carry the warm-up)", batch_size=8)
     parser.add_argument("--eval-rows", type=int, default=None)
+    parser.add_argument("--vocab", type=int, default=0,
+                        help="the model's vocabulary size (default the tiny tokenizer's 756; Llama 3 has 128256, "
+                             "Qwen2.5 151936): ids past the tokenizer's never occur, but the output layer costs "
+                             "what a real vocabulary's does")
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -304,11 +308,12 @@ def main() -> None:
         os.environ["STUDIO_HOME"] = str(tmp / "workspace")
         model_dir, data_dir = tmp / "model", tmp / "data"
         data_dir.mkdir()
-        n_params = build_model(model_dir, args.device)
+        n_params = build_model(model_dir, args.device, args.vocab)
         train_rows = args.batch_size * max(8, args.steps)  # whole batches: epochs never end on a partial one
         for name, rows in (("train", make_rows(train_rows, 1)), ("validation", make_rows(args.eval_rows, 2))):
             (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        print(f"LLM LoRA benchmark on {args.device}: LLaMA {n_params / 1e6:.1f} M parameters (random init), "
+        print(f"LLM LoRA benchmark on {args.device}: LLaMA {n_params / 1e6:.1f} M parameters (random init, "
+              f"{f'vocabulary {args.vocab:,}' if args.vocab else 'the tokenizer vocabulary'}), "
               f"{train_rows} training rows of 16-512 tokens, batch {args.batch_size}, {args.steps} steps, "
               f"LoRA r={HYPER['lora_rank']} on {','.join(TARGETS)}, {args.rounds} round(s), "
               f"{os.cpu_count()} CPU cores visible.", flush=True)

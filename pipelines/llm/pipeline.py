@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from pipelines.llm.config import LLMConfig
 from pipelines.llm.data import load_examples
+from pipelines.llm.loss import output_layer, reply_loss
 from pipelines.llm.model import base_location, load_base_model, load_tokenizer, lora_targets
 from pipelines.llm.tokenize import collate, counted_tokens, encode
 from pipelines.training import (Events, TrainingFailure, TrainingTask, adapter_dir, iterate_in_batches, require_data,
@@ -68,13 +70,16 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
     log(f"Training with {'bf16 autocast' if bf16 else 'float32'} matrix products on {device.type}.")
 
     pinned = device.type == "cuda"  # a copy from page-locked memory does not wait for the GPU's queue
+    # The loss from the replies' hidden states without the [tokens, vocabulary] logits (pipelines/llm/loss.py),
+    # for the architectures where that is exact; not under ZeRO-3, whose processes hold slices of lm_head.
+    fused = None if config.world_size > 1 and config.strategy == "zero3" else output_layer(model)
+    if fused:
+        log("Computing the loss over the reply tokens only, in chunks, without the full logits.")
 
     def forward(batch: dict) -> torch.Tensor:
         batch = {k: (v.pin_memory() if pinned else v).to(device, non_blocking=pinned) for k, v in batch.items()}
-        if autocast is None:
-            return model(**batch, use_cache=False).loss
-        with autocast:
-            return model(**batch, use_cache=False).loss
+        with autocast or contextlib.nullcontext():
+            return reply_loss(*fused, batch) if fused else model(**batch, use_cache=False).loss
 
     def loss_on(batch: dict) -> tuple[torch.Tensor, int]:
         return forward(batch), counted_tokens(batch)
