@@ -1,6 +1,6 @@
 """Stable Diffusion LoRA: the studio's training vs a loop in the style of diffusers' train_text_to_image_lora.py.
 
-    python bench/image.py [--quick] [--device cpu|cuda] [--rounds N] [--steps N]
+    python bench/image.py [--quick] [--device cpu|cuda] [--rounds N] [--steps N] [--photos WxH] [--seed N]
 
 Same model (the tiny-sd preset), same data (assets/image: 8 captioned 64 px drawings, trained at 32 px,
 centre crop, random flip), same LoRA on the UNet's to_q/to_k/to_v/to_out.0 (rank 16, alpha 16, gaussian
@@ -24,6 +24,7 @@ ways, always in float32 on the CPU: on CUDA the baseline's LoRA is copied onto a
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import sys
@@ -42,11 +43,25 @@ DATA = ROOT / "assets" / "image"
 
 def config_for(args):
     from pipelines.image.config import ImageConfig
-    return ImageConfig(name="bench", base_model="tiny-sd", data_path=str(DATA), caption_source="files",
+    return ImageConfig(name="bench", base_model="tiny-sd", data_path=args.data or str(DATA), caption_source="files",
                        resolution=32, center_crop=True, random_flip=True, lora_rank=16, lora_alpha=16.0,
                        lora_dropout=0.0, learning_rate=1e-3, batch_size=args.batch_size, max_steps=args.steps,
                        warmup_steps=0, scheduler="cosine", snr_gamma=5.0, sample_every=0, sample_steps=1,
-                       checkpoint_every=100_000, seed=1234, device=args.device)
+                       checkpoint_every=100_000, seed=args.seed, device=args.device)
+
+
+def make_photos(folder: Path, width: int, height: int) -> None:
+    """The sample drawings as photo-sized JPEGs (what users upload from a phone or camera), captions alike:
+    upscaled, with a deterministic grain so they compress (and decode) like photographs, not flat colour."""
+    import numpy as np
+    from PIL import Image
+    folder.mkdir(parents=True)
+    grain = np.random.default_rng(0)
+    for drawing in sorted(DATA.glob("*.png")):
+        pixels = np.asarray(Image.open(drawing).convert("RGB").resize((width, height), Image.Resampling.BICUBIC),
+                            dtype=np.int16) + grain.normal(0, 6, (height, width, 3)).astype(np.int16)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{drawing.stem}.jpg", quality=90)
+        (folder / f"{drawing.stem}.txt").write_text(drawing.with_suffix(".txt").read_text())
 
 
 def snr_weighted_mse(predicted, target, timesteps, scheduler, gamma):
@@ -230,7 +245,13 @@ def worker(args) -> None:
 
 
 def main() -> None:
-    args = benchmark_parser(__doc__, "optimizer steps per run (default 150, quick 40)", batch_size=4).parse_args()
+    parser = benchmark_parser(__doc__, "optimizer steps per run (default 150, quick 40)", batch_size=4)
+    parser.add_argument("--photos", metavar="WxH", help="train both ways on the sample drawings made into WxH "
+                                                         "JPEG photos (e.g. 4032x3024, a phone's 12 MP) instead")
+    parser.add_argument("--seed", type=int, default=1234, help="both ways' seed (LoRA init, noise, timesteps, "
+                                                                "batch order): how far the losses move with it")
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.steps = args.steps or (40 if args.quick else 150)
     apply_threads(args.threads)
@@ -240,11 +261,15 @@ def main() -> None:
         os.environ["STUDIO_HOME"] = str(Path(tmp) / "workspace")  # the preset is materialised here once
         from pipelines.image.model import materialise_preset
         materialise_preset("tiny-sd")
-        print(f"Image LoRA benchmark on {args.device}: tiny-sd preset, assets/image (8 images at 32 px), batch "
+        data = ["--data", str(Path(tmp) / "photos")] if args.photos else []
+        if args.photos:
+            make_photos(Path(tmp) / "photos", *map(int, args.photos.lower().split("x")))
+        print(f"Image LoRA benchmark on {args.device}: tiny-sd preset, assets/image (8 images"
+              f"{f' as {args.photos} JPEG photos' if args.photos else ''}, trained at 32 px), batch "
               f"{args.batch_size}, {args.steps} steps, {args.rounds} round(s), {os.cpu_count()} CPU cores visible.",
               flush=True)
         runs = alternate(__file__, args.rounds, ["--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                                                 "--device", args.device])
+                                                 "--device", args.device, "--seed", str(args.seed), *data])
     print("\nMedians over the rounds:\n")
     print(table(runs, [("images_s", "images/s"), ("train_s", "training wall time (s)"),
                        ("peak_mb", "peak memory (MB)"), ("train_loss_last", "train loss (last 25% of steps)"),
