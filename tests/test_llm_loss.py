@@ -35,7 +35,8 @@ def examples(count: int = 6) -> list[tuple[list[int], list[int]]]:
 def loss_and_grads(model, batch, fused: bool, autocast: bool):
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = reply.reply_loss(*reply.output_layer(model), batch) if fused else model(**batch, use_cache=False).loss
+        loss = (reply.reply_loss(*reply.output_layer(model), reply.with_reply_positions(batch)) if fused
+                else model(**batch, use_cache=False).loss)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -62,7 +63,7 @@ def test_without_gradients_it_only_measures():
     model = tiny_llama(target_modules=["q_proj"])
     batch = collate(examples(), pad_id=0, packing=True, row_length=64)
     with torch.no_grad():
-        assert reply.reply_loss(*reply.output_layer(model), batch) == pytest.approx(
+        assert reply.reply_loss(*reply.output_layer(model), reply.with_reply_positions(batch)) == pytest.approx(
             model(**batch, use_cache=False).loss.item(), rel=1e-5)
 
 

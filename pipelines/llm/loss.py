@@ -27,22 +27,32 @@ CHUNK_ELEMENTS = 2 ** 25  # logits per chunk (128 MB of float32): about 260 posi
 
 def output_layer(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     """(the model's body, its output layer) when reply_loss computes this model's loss exactly, else None:
-    another architecture, an output layer that trains (LoRA or modules_to_save on lm_head) or is split
-    between processes (DeepSpeed ZeRO-3 leaves each process an empty slice)."""
+    another architecture, or an output layer that trains (LoRA or modules_to_save on lm_head). (Under
+    DeepSpeed ZeRO-3, which splits lm_head between the processes, the pipeline does not ask.)"""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body, head = getattr(base, "model", None), getattr(base, "lm_head", None)
     if (base.config.model_type not in PLAIN_OUTPUT_LAYER or body is None or type(head) is not torch.nn.Linear
-            or head.weight.requires_grad or head.weight.numel() == 0):
+            or head.weight.requires_grad
+            or not type(base).__module__.startswith("transformers.models.")):  # remote code may name any type
         return None
     return body, head
 
 
+def with_reply_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch plus where its counted tokens are, found on the CPU before the batch goes to the device
+    (finding them there would make the CPU wait for the GPU's queue at every batch)."""
+    counted = (batch["labels"][:, 1:] != IGNORE).flatten()
+    return {**batch, "reply_positions": counted.nonzero().squeeze(1)}
+
+
 def reply_loss(body: torch.nn.Module, head: torch.nn.Linear, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The mean cross-entropy of the tokens whose label counts (labels shift by one, as in the model)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    """The mean cross-entropy of the tokens whose label counts (labels shift by one, as in the model), for a
+    batch that went through with_reply_positions."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "reply_positions")}
     hidden = body(**inputs, use_cache=False).last_hidden_state
-    counted = batch["labels"][:, 1:] != IGNORE
-    return LinearCrossEntropy.apply(hidden[:, :-1][counted], head.weight, head.bias, batch["labels"][:, 1:][counted])
+    where = batch["reply_positions"]
+    predicting = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, where)
+    return LinearCrossEntropy.apply(predicting, head.weight, head.bias, batch["labels"][:, 1:].flatten()[where])
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -53,6 +63,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         count = max(1, hidden.shape[0])
         chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
         wants_grad = ctx.needs_input_grad[0]
+        if torch.is_autocast_enabled(hidden.device.type):  # cast the [vocabulary, hidden] weight once, not per chunk
+            weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
+            bias = None if bias is None else bias.to(weight.dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if wants_grad else None
         for start in range(0, hidden.shape[0], chunk):

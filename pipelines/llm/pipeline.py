@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from pipelines.llm.config import LLMConfig
 from pipelines.llm.data import load_examples
-from pipelines.llm.loss import output_layer, reply_loss
+from pipelines.llm.loss import output_layer, reply_loss, with_reply_positions
 from pipelines.llm.model import base_location, load_base_model, load_tokenizer, lora_targets
 from pipelines.llm.tokenize import collate, counted_tokens, encode
 from pipelines.training import (Events, TrainingFailure, TrainingTask, adapter_dir, iterate_in_batches, require_data,
@@ -77,6 +77,7 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
         log("Computing the loss over the reply tokens only, in chunks, without the full logits.")
 
     def forward(batch: dict) -> torch.Tensor:
+        batch = with_reply_positions(batch) if fused else batch
         batch = {k: (v.pin_memory() if pinned else v).to(device, non_blocking=pinned) for k, v in batch.items()}
         with autocast or contextlib.nullcontext():
             return reply_loss(*fused, batch) if fused else model(**batch, use_cache=False).loss
