@@ -214,6 +214,7 @@ def cancel(run_id: str, registry: Registry | None = None) -> str:
     # (reconcile) would otherwise call the run interrupted, "ended unexpectedly", and keep it so.
     if not registry.set_status(run_id, "cancelled", expect=ACTIVE):
         return registry.get(run_id).status  # it ended (or was cancelled) just now
+    run = registry.get(run_id)  # its pid as of the claim: a worker may have recorded it since the read above
     if run.pid and worker_alive(run):
         try:
             os.killpg(run.pid, signal.SIGTERM)

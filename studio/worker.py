@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         if events:
             events.close()
         (run_dir / STOP_FILE).unlink(missing_ok=True)
-        registry.set_status(run_id, status, error=error, advice=advice)
+        # Not over a Cancel that came too late to end this process ("interrupted": a server that could not see
+        # this process, and took it for gone, is corrected).
+        registry.set_status(run_id, status, expect=("running", "interrupted"), error=error, advice=advice)
         log(f"Run {run_id} {status}.")
         try:
             tracking.sync(run_dir)  # TensorBoard / MLflow copies of the run, when switched on
