@@ -37,7 +37,7 @@ def no_process_outlives_its_test(tmp_path):
     workspace, a `studio train` following it. A test that failed or timed out would otherwise leave its
     worker training, taking a core from the tests after it until they miss their own timeouts."""
     yield
-    mine = str(tmp_path)
+    mine, ended = str(tmp_path), []
     for process in psutil.process_iter(["pid", "cmdline"]):
         if process.pid != os.getpid() and any(mine in part for part in process.info["cmdline"] or ()):
             try:
@@ -45,6 +45,8 @@ def no_process_outlives_its_test(tmp_path):
                     os.killpg(process.pid, signal.SIGKILL)
                 else:
                     process.kill()
+                ended.append(process)
                 print(f"ended a leftover process of this test: {' '.join(process.info['cmdline'])}", file=sys.stderr)
-            except (ProcessLookupError, psutil.NoSuchProcess):
+            except (ProcessLookupError, PermissionError, psutil.Error):
                 pass
+    psutil.wait_procs(ended, timeout=10)  # reaps those this process started
