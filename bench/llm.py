@@ -267,7 +267,8 @@ def worker(args) -> None:
 
 # ---- the driver ---------------------------------------------------------------------------------
 
-def build_model(folder: Path, device: str, vocab: int = 0) -> int:
+def build_model(folder: Path, device: str, vocab: int = 0) -> tuple[int, int]:
+    """Save the benchmark's model; returns its parameter count and vocabulary size."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
@@ -278,7 +279,7 @@ def build_model(folder: Path, device: str, vocab: int = 0) -> int:
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters()), config.vocab_size
 
 
 def main() -> None:
@@ -308,12 +309,12 @@ def main() -> None:
         os.environ["STUDIO_HOME"] = str(tmp / "workspace")
         model_dir, data_dir = tmp / "model", tmp / "data"
         data_dir.mkdir()
-        n_params = build_model(model_dir, args.device, args.vocab)
+        n_params, vocab = build_model(model_dir, args.device, args.vocab)
         train_rows = args.batch_size * max(8, args.steps)  # whole batches: epochs never end on a partial one
         for name, rows in (("train", make_rows(train_rows, 1)), ("validation", make_rows(args.eval_rows, 2))):
             (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"LLM LoRA benchmark on {args.device}: LLaMA {n_params / 1e6:.1f} M parameters (random init, "
-              f"{f'vocabulary {args.vocab:,}' if args.vocab else 'the tokenizer vocabulary'}), "
+              f"vocabulary {vocab:,}), "
               f"{train_rows} training rows of 16-512 tokens, batch {args.batch_size}, {args.steps} steps, "
               f"LoRA r={HYPER['lora_rank']} on {','.join(TARGETS)}, {args.rounds} round(s), "
               f"{os.cpu_count()} CPU cores visible.", flush=True)
