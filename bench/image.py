@@ -261,9 +261,10 @@ def main() -> None:
         os.environ["STUDIO_HOME"] = str(Path(tmp) / "workspace")  # the preset is materialised here once
         from pipelines.image.model import materialise_preset
         materialise_preset("tiny-sd")
-        data = ["--data", str(Path(tmp) / "photos")] if args.photos else []
+        data = []
         if args.photos:
             make_photos(Path(tmp) / "photos", *map(int, args.photos.lower().split("x")))
+            data = ["--data", str(Path(tmp) / "photos")]
         print(f"Image LoRA benchmark on {args.device}: tiny-sd preset, assets/image (8 images"
               f"{f' as {args.photos} JPEG photos' if args.photos else ''}, trained at 32 px), batch "
               f"{args.batch_size}, {args.steps} steps, {args.rounds} round(s), {os.cpu_count()} CPU cores visible.",
