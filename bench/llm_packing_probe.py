@@ -1,6 +1,7 @@
-"""Where the LLM step's time goes: one batch of 8 examples (16-512 tokens) as the studio packs it today
-(one row), padded to the longest (the baseline), and packed into rows of at most 512 tokens (first-fit
-decreasing, rows padded to the longest row). Same tokens, same loss; forward+backward seconds per step.
+"""Where the LLM step's time goes: one batch of 8 examples (16-512 tokens) packed into one row with the
+model's block-diagonal mask, padded to the longest (the baseline), packed into rows of at most 512 tokens
+(first-fit decreasing, rows padded to the longest row), and in one row with attention example by example
+(what the studio does, pipelines/llm/attention.py). Same tokens, same loss; forward+backward s per step.
 
     python bench/llm_packing_probe.py [--threads N]
 
@@ -8,6 +9,7 @@ Why: with sdpa or eager attention (no flash-attention varlen kernel, e.g. on the
 the restarting position ids of a packed row into a dense block-diagonal L x L mask, so attention costs
 O(L^2) over the whole packed row instead of the sum of each example's own square.
 """
+import contextlib
 import os
 import sys
 import tempfile
@@ -33,33 +35,20 @@ for r in rows:
     enc.append((ids, list(ids)))
 model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp / "m"), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
 print("attn impl", model.config._attn_implementation, "lengths", sorted(len(i) for i, _ in enc))
-def bins(items, cap=512):
-    out = []
-    for it in sorted(items, key=lambda p: -len(p[0])):
-        for b in out:
-            if sum(len(x[0]) for x in b) + len(it[0]) <= cap:
-                b.append(it); break
-        else:
-            out.append([it])
-    return out
-def packed_bins(items):
-    rows_ = [collate(b, tok.pad_token_id, True) for b in bins(items)]
-    L = max(r["input_ids"].shape[1] for r in rows_)
-    pad = lambda t, v: torch.nn.functional.pad(t, (0, L - t.shape[1]), value=v)
-    ids = torch.cat([pad(r["input_ids"], tok.pad_token_id) for r in rows_])
-    lab = torch.cat([pad(r["labels"], -100) for r in rows_])
-    # padding gets its own position run (a segment of its own) and label -100: it never meets real tokens
-    pos = torch.cat([torch.cat([r["position_ids"], torch.arange(L - r["position_ids"].shape[1]).unsqueeze(0)], 1) for r in rows_])
-    return {"input_ids": ids, "labels": lab, "position_ids": pos}
-cases = {"packed one row (studio)": collate(enc, tok.pad_token_id, True),
-         "padded to longest (baseline)": collate(enc, tok.pad_token_id, False),
-         "packed into bins of <=512": packed_bins(enc)}
-def step(batch):
-    loss = model(**batch, use_cache=False).loss; loss.backward(); model.zero_grad(); return loss.item()
+from pipelines.llm import attention
+one_row = collate(enc, tok.pad_token_id, True, sys.maxsize)
+cases = {"packed one row, masked": (one_row, False),
+         "padded to longest (baseline)": (collate(enc, tok.pad_token_id, False), False),
+         "packed into rows of <=512": (collate(enc, tok.pad_token_id, True, 512), False),
+         "one row, attention by example": (attention.with_example_lengths(one_row), True)}
+def step(batch, by_example):
+    with attention.each_example(model) if by_example else contextlib.nullcontext():
+        loss = model(**batch, use_cache=False).loss
+    loss.backward(); model.zero_grad(); return loss.item()
 times = {n: [] for n in cases}; losses = {}
-for n, b in cases.items(): losses[n] = step(b)
+for n, c in cases.items(): losses[n] = step(*c)
 for _ in range(3):
-    for n, b in cases.items():
-        t0 = time.perf_counter(); step(b); times[n].append(time.perf_counter() - t0)
-for n, b in cases.items():
+    for n, c in cases.items():
+        t0 = time.perf_counter(); step(*c); times[n].append(time.perf_counter() - t0)
+for n, (b, _) in cases.items():
     print(f"{n:32s} shape {tuple(b['input_ids'].shape)}  best {min(times[n]):.2f} s/step (all {[round(t,2) for t in times[n]]})  loss {losses[n]:.4f}")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from pipelines.llm import attention
 from pipelines.llm.config import LLMConfig
 from pipelines.llm.data import load_examples
 from pipelines.llm.loss import output_layer, reply_loss, with_reply_positions
@@ -59,10 +61,16 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
                               "Raise the max length.")
     validation = [encode(e, tokenizer, config, truncate=True) for e in validation_examples]
     pad_id = tokenizer.pad_token_id
+    # Packed examples attend example by example where that is exact (pipelines/llm/attention.py); then the
+    # whole batch is one row. Otherwise rows are bounded, as the model's masked attention costs the square.
+    by_example = config.packing and attention.supports(model)
+    row_length = sys.maxsize if by_example else config.max_length
+    if by_example:
+        log("Packing each batch into one row; attention runs example by example.")
 
     def batches_for_epoch(epoch: int) -> list[dict]:
         order = shuffled(encoded, config.seed, epoch)
-        return [collate(group, pad_id, config.packing, config.max_length)
+        return [collate(group, pad_id, config.packing, row_length)
                 for group in iterate_in_batches(order, config.batch_size)]
 
     bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and native_bf16(device))
@@ -78,8 +86,11 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
 
     def forward(batch: dict) -> torch.Tensor:
         batch = with_reply_positions(batch) if fused else batch
-        batch = {k: (v.pin_memory() if pinned else v).to(device, non_blocking=pinned) for k, v in batch.items()}
-        with autocast or contextlib.nullcontext():
+        batch = attention.with_example_lengths(batch) if by_example else batch
+        batch = {k: (v.pin_memory() if pinned else v).to(device, non_blocking=pinned)
+                 if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with autocast or contextlib.nullcontext(), \
+                attention.each_example(model) if by_example else contextlib.nullcontext():
             return reply_loss(*fused, batch) if fused else model(**batch, use_cache=False).loss
 
     def loss_on(batch: dict) -> tuple[torch.Tensor, int]:
@@ -90,7 +101,7 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
             return {}
         total_loss, total_tokens = 0.0, 0
         for group in iterate_in_batches(validation, config.batch_size):
-            batch = collate(group, pad_id, config.packing, config.max_length)
+            batch = collate(group, pad_id, config.packing, row_length)
             n = counted_tokens(batch)
             if n:
                 total_loss += forward(batch).item() * n

@@ -59,7 +59,8 @@ def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, packing: bo
     packing: the examples are packed into rows of at most `row_length` tokens (first fit, longest first),
     with position ids restarting at each example. The model builds a block-diagonal causal mask from the
     position ids, so examples never attend to each other, and almost no compute goes to padding. Rows are
-    bounded because without a flash-attention kernel attention costs grow with the square of the row.
+    bounded because with that mask attention costs grow with the square of the row; where attention runs
+    example by example instead (attention.py), the pipeline packs the whole batch into one row.
     Otherwise: one row per example, right-padded to the longest.
     """
     if packing:

@@ -1,0 +1,92 @@
+"""Attention over packed examples, one example at a time.
+
+A packed row holds several examples whose position ids restart at each one. Without a flash-attention
+varlen kernel (any CPU; a GPU without the flash-attn package), transformers turns the restarting
+positions into a dense [row, row] block-diagonal mask, and attention is computed over the whole row: the
+square of the row's length, where each example's own causal triangle would do, and no kernel can skip the
+masked-out blocks. So the studio bounds its rows (tokenize.collate) and still pays for the full squares.
+
+`each_example` instead runs causal attention on each example's slice of the row (the examples' lengths
+come with the batch, found on the CPU by `with_example_lengths`), with no mask at all: torch's fused
+kernels then skip the future, on the CPU and on a GPU. Same result as the mask; the whole batch can be one
+row, and the matrix products around attention see one long row instead of several padded ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from transformers import AttentionInterface
+
+NAME = "studio_each_example"
+# Decoder-only models whose attention layers call the attention interface with plain causal attention (a
+# sliding window, where configured, is honoured below); others keep their own attention.
+CAUSAL_ATTENTION = {"llama", "mistral", "qwen2", "qwen3", "stablelm", "phi3", "gemma", "olmo", "olmo2",
+                    "smollm3"}
+
+
+def supports(model: torch.nn.Module) -> bool:
+    """Whether `each_example` computes this model's attention exactly: a known architecture from
+    transformers itself, using sdpa or eager (flash-attention kernels handle packed rows themselves)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    return (config.model_type in CAUSAL_ATTENTION and config._attn_implementation in ("sdpa", "eager")
+            and type(base).__module__.startswith("transformers.models.")  # remote code may do anything
+            and not getattr(config, "attn_logit_softcapping", None))
+
+
+def with_example_lengths(batch: dict[str, torch.Tensor]) -> dict:
+    """The batch plus the lengths of the examples in each of its packed rows (each run of position ids that
+    starts at 0, the row's padding included), worked out on the CPU before the batch goes to the device."""
+    starts = batch["position_ids"] == 0
+    lengths = []
+    for row in starts:
+        begin = row.nonzero().squeeze(1).tolist() + [row.shape[0]]
+        lengths.append([end - start for start, end in zip(begin, begin[1:])])
+    return {**batch, "example_lengths": lengths}
+
+
+@contextlib.contextmanager
+def each_example(model: torch.nn.Module) -> Iterator[None]:
+    """Run the forward passes inside with attention example by example; the batches must come from
+    with_example_lengths. Only the forward reads the setting (the LLM pipeline recomputes nothing in the
+    backward pass), so generation and anything else outside the block keep the model's own attention."""
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = NAME  # transformers then builds no mask: this function needs none
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+               example_lengths: list[list[int]] | None = None, sliding_window: int | None = None, **_):
+    """query [rows, heads, length, dim], key and value [rows, kv heads, length, dim] -> [rows, length, heads,
+    dim], as transformers' sdpa_attention_forward returns it."""
+    rows, _, length, _ = query.shape
+    if attention_mask is not None or key.shape[2] != length:
+        raise RuntimeError("attention example by example is for training forwards: no mask, no cache")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    lengths = example_lengths or [[length]] * rows
+    out = []
+    # split, not slicing: the backward of a split is one concatenation, that of each slice a zero-filled
+    # tensor the size of the whole row.
+    for q_row, k_row, v_row, row_lengths in zip(query.split(1), key.split(1), value.split(1), lengths):
+        parts = []
+        for q, k, v in zip(q_row.split(row_lengths, 2), k_row.split(row_lengths, 2), v_row.split(row_lengths, 2)):
+            n, mask = q.shape[2], None
+            if sliding_window and n > sliding_window:  # as transformers: a query sees the last `window` keys
+                i = torch.arange(n, device=query.device)
+                mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < sliding_window)
+            parts.append(torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling))
+        out.append(torch.cat(parts, dim=2))
+    return torch.cat(out, dim=0).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, _attention)

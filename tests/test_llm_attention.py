@@ -1,0 +1,96 @@
+"""Attention example by example (pipelines/llm/attention.py) against the model's own masked attention: the
+same loss and adapter gradients for packed batches, in one row or several padded ones, with grouped-query
+attention and with a sliding window shorter than the examples; and the model's own attention outside."""
+
+import random
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from pipelines.llm import attention
+from pipelines.llm.tokenize import IGNORE, collate
+
+VOCAB = 500
+
+
+def tiny(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = (MistralForCausalLM(MistralConfig(sliding_window=8, **shape)) if kind == "mistral, window 8"
+             else LlamaForCausalLM(LlamaConfig(**shape)))
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+
+
+def examples() -> list[tuple[list[int], list[int]]]:
+    rng = random.Random(0)
+    pairs = []
+    for _ in range(6):
+        prompt, answer = rng.randint(2, 20), rng.randint(3, 20)
+        ids = [rng.randrange(1, VOCAB) for _ in range(prompt + answer)]
+        pairs.append((ids, [IGNORE] * prompt + ids[prompt:]))
+    return pairs
+
+
+def loss_and_grads(model, batch, by_example: bool):
+    model.zero_grad()
+    if by_example:
+        with attention.each_example(model):
+            loss = model(**attention.with_example_lengths(batch), use_cache=False).loss
+    else:
+        loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral, window 8"])
+@pytest.mark.parametrize("row_length", [10_000, 48])
+def test_attention_by_example_matches_the_masked_attention(kind, row_length):
+    model = tiny(kind)
+    assert attention.supports(model)
+    batch = collate(examples(), pad_id=0, packing=True, row_length=row_length)
+    assert (batch["input_ids"].shape[0] == 1) == (row_length == 10_000)  # one row, or several padded ones
+    own_loss, own_grads = loss_and_grads(model, batch, by_example=False)
+    loss, grads = loss_and_grads(model, batch, by_example=True)
+    assert own_loss > 1.0
+    assert loss == pytest.approx(own_loss.item(), rel=1e-5)
+    assert grads.keys() == own_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, own_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_examples_in_one_row_do_not_see_each_other():
+    """Without the mask a packed row would be one long causal sequence: the second example's loss would
+    depend on the first. Changing the first example must leave the second's logits as they are."""
+    model = tiny("llama")
+    first, second = examples()[:2]
+    changed = ([t % (VOCAB - 1) + 1 for t in first[0]], first[1])
+    logits = []
+    for pair in (first, changed):
+        batch = attention.with_example_lengths(collate([pair, second], pad_id=0, packing=True, row_length=10_000))
+        with torch.no_grad(), attention.each_example(model):
+            out = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        start = next(i for i, lengths in enumerate(batch["example_lengths"][0]) if lengths == len(second[0]))
+        offset = sum(batch["example_lengths"][0][:start])
+        logits.append(out[0, offset:offset + len(second[0])])
+    assert len(first[0]) != len(second[0])  # (so the lookup above found the second example)
+    torch.testing.assert_close(logits[0], logits[1])
+
+
+def test_the_model_keeps_its_own_attention_outside_the_block():
+    model = tiny("llama")
+    with attention.each_example(model):
+        assert model.config._attn_implementation == attention.NAME
+    assert model.config._attn_implementation == "sdpa"
+    prompt = torch.tensor([[5, 6, 7]])
+    reply = model.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)  # a cache: the own attention
+    assert reply.shape == (1, 6)
+
+
+def test_models_it_does_not_cover_keep_their_attention():
+    model = tiny("llama")
+    model.config._attn_implementation = "flash_attention_2"  # handles packed rows itself
+    assert not attention.supports(model)
