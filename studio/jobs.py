@@ -168,7 +168,7 @@ def worker_alive(run: Run) -> bool:
     try:
         process = psutil.Process(run.pid)
         return process.status() != psutil.STATUS_ZOMBIE and any(run.id in part for part in process.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # one we may not inspect is another user's: not ours
         return False
 
 

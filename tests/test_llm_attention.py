@@ -1,13 +1,14 @@
 """Attention example by example (pipelines/llm/attention.py) against the model's own masked attention: the
-same loss and adapter gradients for packed batches, in one row or several padded ones, with grouped-query
-attention and with a sliding window shorter than the examples; and the model's own attention outside."""
+same loss and adapter gradients for packed batches of each architecture it covers, in one row or several
+padded ones, with grouped-query attention and with a sliding window shorter than the examples; and the
+model's own attention outside."""
 
 import random
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipelines.llm import attention
 from pipelines.llm.tokenize import IGNORE, collate
@@ -15,12 +16,13 @@ from pipelines.llm.tokenize import IGNORE, collate
 VOCAB = 500
 
 
-def tiny(kind: str) -> torch.nn.Module:
+def tiny(model_type: str, **extra) -> torch.nn.Module:
     torch.manual_seed(0)
-    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
-    model = (MistralForCausalLM(MistralConfig(sliding_window=8, **shape)) if kind == "mistral, window 8"
-             else LlamaForCausalLM(LlamaConfig(**shape)))
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  **extra)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
 
@@ -46,10 +48,21 @@ def loss_and_grads(model, batch, by_example: bool):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral, window 8"])
+@pytest.mark.parametrize("model_type", sorted(attention.CAUSAL_ATTENTION))
+def test_attention_by_example_matches_the_masked_attention_of_each_architecture(model_type):
+    check_against_the_mask(tiny(model_type), row_length=10_000)
+
+
 @pytest.mark.parametrize("row_length", [10_000, 48])
-def test_attention_by_example_matches_the_masked_attention(kind, row_length):
-    model = tiny(kind)
+def test_attention_by_example_honours_a_sliding_window(row_length):
+    check_against_the_mask(tiny("mistral", sliding_window=8), row_length)  # examples of 5 to 40 tokens
+
+
+def test_attention_by_example_on_several_padded_rows():
+    check_against_the_mask(tiny("llama"), row_length=48)
+
+
+def check_against_the_mask(model, row_length: int) -> None:
     assert attention.supports(model)
     batch = collate(examples(), pad_id=0, packing=True, row_length=row_length)
     assert (batch["input_ids"].shape[0] == 1) == (row_length == 10_000)  # one row, or several padded ones
@@ -94,3 +107,11 @@ def test_models_it_does_not_cover_keep_their_attention():
     model = tiny("llama")
     model.config._attn_implementation = "flash_attention_2"  # handles packed rows itself
     assert not attention.supports(model)
+    assert not attention.supports(tiny("stablelm"))  # its decoder layers drop the examples' lengths
+
+
+def test_a_layer_that_drops_the_lengths_fails_loudly_rather_than_mixing_examples():
+    model = tiny("stablelm")
+    batch = attention.with_example_lengths(collate(examples(), pad_id=0, packing=True, row_length=10_000))
+    with attention.each_example(model), pytest.raises(RuntimeError, match="lengths"):
+        model(**batch, use_cache=False)

@@ -22,9 +22,10 @@ from transformers import AttentionInterface
 
 NAME = "studio_each_example"
 # Decoder-only models whose attention layers call the attention interface with plain causal attention (a
-# sliding window, where configured, is honoured below); others keep their own attention.
-CAUSAL_ATTENTION = {"llama", "mistral", "qwen2", "qwen3", "stablelm", "phi3", "gemma", "olmo", "olmo2",
-                    "smollm3"}
+# sliding window, where configured, is honoured below) and whose decoder layers pass the batch's extra
+# arguments on to it (StableLM's do not); others keep their own attention. tests/test_llm_attention.py
+# checks each against the model's own masked attention.
+CAUSAL_ATTENTION = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "smollm3"}
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -66,17 +67,17 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
                example_lengths: list[list[int]] | None = None, sliding_window: int | None = None, **_):
     """query [rows, heads, length, dim], key and value [rows, kv heads, length, dim] -> [rows, length, heads,
     dim], as transformers' sdpa_attention_forward returns it."""
-    rows, _, length, _ = query.shape
-    if attention_mask is not None or key.shape[2] != length:
+    if attention_mask is not None or key.shape[2] != query.shape[2]:
         raise RuntimeError("attention example by example is for training forwards: no mask, no cache")
+    if example_lengths is None:  # treating the row as one sequence would let its examples see each other
+        raise RuntimeError(f"{type(module).__name__} did not pass on the packed examples' lengths")
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    lengths = example_lengths or [[length]] * rows
     out = []
     # split, not slicing: the backward of a split is one concatenation, that of each slice a zero-filled
     # tensor the size of the whole row.
-    for q_row, k_row, v_row, row_lengths in zip(query.split(1), key.split(1), value.split(1), lengths):
+    for q_row, k_row, v_row, row_lengths in zip(query.split(1), key.split(1), value.split(1), example_lengths):
         parts = []
         for q, k, v in zip(q_row.split(row_lengths, 2), k_row.split(row_lengths, 2), v_row.split(row_lengths, 2)):
             n, mask = q.shape[2], None
