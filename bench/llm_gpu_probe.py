@@ -1,4 +1,5 @@
-"""Where does a language-model step's time go: packed vs padded batches, with and without bf16 autocast.
+"""Where does a language-model step's time go: packed (rows of at most max length, the model's mask; one
+row, attention example by example as the studio does) vs padded batches, with and without bf16 autocast.
 
     python bench/llm_gpu_probe.py [--device cuda] [--steps 12]
 
@@ -12,6 +13,7 @@ studio's training loop.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -33,6 +35,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pipelines.llm import attention
     from pipelines.llm.config import LLMConfig
     from pipelines.llm.data import Example
     from pipelines.llm.tokenize import collate, encode
@@ -60,16 +63,20 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    print(f"{'layout':<8} {'autocast':<9} {'s/step':>8} {'tokens/step':>12} {'real tok/s':>11}  shape of step 1")
-    for packing in (True, False):
-        batches = [collate(g, pad, packing, HYPER["max_length"]) for g in groups]
+    print(f"{'layout':<10} {'autocast':<9} {'s/step':>8} {'tokens/step':>12} {'real tok/s':>11}  shape of step 1")
+    layouts = {"packed": [collate(g, pad, True, HYPER["max_length"]) for g in groups],
+               "by example": [attention.with_example_lengths(collate(g, pad, True, sys.maxsize)) for g in groups],
+               "padded": [collate(g, pad, False) for g in groups]}
+    for layout, batches in layouts.items():
+        by_example = layout == "by example"
         for autocast in (True, False):
             times = []
             for i, batch in enumerate(batches):
                 sync()
                 t0 = time.perf_counter()
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), \
+                        attention.each_example(model) if by_example else contextlib.nullcontext():
                     loss = model(**batch, use_cache=False).loss
                 loss.backward()
                 optimizer.step()
@@ -80,7 +87,7 @@ def main() -> None:
             real = sum(len(ids) for g in groups[3:] for ids, _ in g) / len(times)
             shape = tuple(batches[3]["input_ids"].shape)
             step = sum(times) / len(times)
-            print(f"{'packed' if packing else 'padded':<8} {str(autocast):<9} {step:>8.4f} "
+            print(f"{layout:<10} {str(autocast):<9} {step:>8.4f} "
                   f"{sum(b['input_ids'].numel() for b in batches[3:]) / len(times):>12.0f} {real / step:>11.0f}  {shape}",
                   flush=True)
 
