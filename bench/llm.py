@@ -4,7 +4,7 @@
 
 Same model (a random-init LLaMA built here from a LlamaConfig with the tiny preset's tokenizer: ~25 M
 parameters on CPU, ~0.6 B with --device cuda), same data (deterministic synthetic prompt/completion pairs
-of 16 to 512 tokens, tokenised once by the studio's own encode() so both see identical ids and labels),
+of about 30 to 505 tokens, tokenised once by the studio's own encode() so both see identical ids and labels),
 same LoRA (q/k/v/o, rank 16, alpha 32, no dropout, same seed so the same initial adapter), same optimizer
 (AdamW, lr, cosine, no warm-up, clip 1.0), same batch size, same steps, and the same batches in the same
 order (the Trainer's sampler is made sequential over the studio's per-epoch order, so the losses are
@@ -58,14 +58,20 @@ WORDS = ("amber basil cedar delta ember fable garnet harbor iris juniper kestrel
 
 # ---- the data ----------------------------------------------------------------------------------
 
+# About 4.2 tokens a word with the tiny tokenizer, plus ~25 of chat template and prompt: rendered lengths
+# spread evenly over about 30 to 505 tokens, none truncated. (Until 2026-12-01 it was 4 to 200 words,
+# 39 to 832 tokens, so 39% of the examples were cut to exactly 512.)
+MAX_WORDS = 120
+
+
 def make_rows(count: int, seed: int) -> list[dict]:
-    """Prompt/completion pairs whose rendered length spreads over 16..512 tokens. The completion follows
-    a mostly predictable walk through the word list (next word 80% of the time), so there is something
-    to learn and the loss falls."""
+    """Prompt/completion pairs whose rendered length spreads evenly over about 30..505 tokens. The
+    completion follows a mostly predictable walk through the word list (next word 80% of the time), so
+    there is something to learn and the loss falls."""
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
-        total_words = int(rng.uniform(4, 200))
+        total_words = int(rng.uniform(2, MAX_WORDS))
         prompt_words = max(2, min(30, total_words // 4))
         prompt = [rng.choice(WORDS) for _ in range(prompt_words)]
         answer, index = [], WORDS.index(prompt[-1])
@@ -315,7 +321,7 @@ def main() -> None:
             (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"LLM LoRA benchmark on {args.device}: LLaMA {n_params / 1e6:.1f} M parameters (random init, "
               f"vocabulary {vocab:,}), "
-              f"{train_rows} training rows of 16-512 tokens, batch {args.batch_size}, {args.steps} steps, "
+              f"{train_rows} training rows of about 30-505 tokens, batch {args.batch_size}, {args.steps} steps, "
               f"LoRA r={HYPER['lora_rank']} on {','.join(TARGETS)}, {args.rounds} round(s), "
               f"{os.cpu_count()} CPU cores visible.", flush=True)
         extra = ["--model", str(model_dir), "--data", str(data_dir), "--device", args.device,

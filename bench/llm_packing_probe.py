@@ -1,4 +1,4 @@
-"""Where the LLM step's time goes: one batch of 8 examples (16-512 tokens) packed into one row with the
+"""Where the LLM step's time goes: one batch of 8 examples (30-505 tokens) packed into one row with the
 model's block-diagonal mask, padded to the longest (the baseline), packed into rows of at most 512 tokens
 (first-fit decreasing, rows padded to the longest row), and in one row with attention example by example
 (what the studio does, pipelines/llm/attention.py). Same tokens, same loss; forward+backward s per step.
