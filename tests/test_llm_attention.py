@@ -53,9 +53,18 @@ def test_attention_by_example_matches_the_masked_attention_of_each_architecture(
     check_against_the_mask(tiny(model_type), row_length=10_000)
 
 
+@pytest.mark.parametrize("model_type, window", [
+    ("mistral", {"sliding_window": 8}),
+    ("phi3", {"sliding_window": 8}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),  # layer 2 slides
+    ("smollm3", {"use_sliding_window": True, "sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]})])
 @pytest.mark.parametrize("row_length", [10_000, 48])
-def test_attention_by_example_honours_a_sliding_window(row_length):
-    check_against_the_mask(tiny("mistral", sliding_window=8), row_length)  # examples of 5 to 40 tokens
+def test_attention_by_example_honours_a_sliding_window(model_type, window, row_length):
+    model = tiny(model_type, **window)
+    check_against_the_mask(model, row_length)
+    # (the window matters: examples of 5 to 40 tokens, the same model without it has another loss)
+    batch = collate(examples(), pad_id=0, packing=True, row_length=row_length)
+    assert loss_and_grads(model, batch, False)[0] != loss_and_grads(tiny(model_type), batch, False)[0]
 
 
 def test_attention_by_example_on_several_padded_rows():
