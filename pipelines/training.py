@@ -398,20 +398,27 @@ def _train_until_done(task: TrainingTask, config: RunConfig, run_dir: str | Path
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
                 units += n
             # The step's one wait for the device (reading a GPU value stalls the queue of kernels, so none is
-            # read per batch). A NaN/inf loss only spoiled gradients: the weights are untouched until step().
-            loss_sum = float(step_loss)
+            # read per batch): the loss and the gradients' norm together. A NaN/inf loss, or a finite loss whose
+            # gradients overflowed, only spoiled gradients: the weights are untouched until step().
+            held = [p.grad for p in params.values() if p.grad is not None]  # (DeepSpeed keeps its own)
+            norm = torch.nn.utils.get_total_norm(held).to(step_loss.device) if held else step_loss.new_zeros(())
+            loss_sum, grad_norm = torch.stack([step_loss.float(), norm.float()]).tolist()
             stop, batches_done = False, len(mine)
             if here.distributed:  # rank 0's Stop travels with the gradients: every rank stops at the same step
                 # (DeepSpeed averages its gradients itself: only the figures travel then.)
                 grads = [] if zero else [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-                loss_sum, units, batches_done, stop = distributed.all_reduce_step(
-                    grads, [loss_sum, units, len(mine), here.main and should_stop()], here.world, device)
+                loss_sum, units, batches_done, stop, grad_norm = distributed.all_reduce_step(
+                    grads, [loss_sum, units, len(mine), here.main and should_stop(), grad_norm], here.world, device)
                 units = int(units)
                 for p, g in zip(params.values(), grads):
                     p.grad = g
-            if not math.isfinite(loss_sum):  # a NaN on any process makes the summed loss NaN on all of them
-                raise TrainingFailure(f"The loss became {loss_sum} at step {step + 1}.",
-                                      "Lower the learning rate (try half) or check the data for empty examples.")
+            # (a NaN or inf on any process makes the summed figure so on all of them)
+            advice = "Lower the learning rate (try half) or check the data for empty examples."
+            if not math.isfinite(loss_sum):
+                raise TrainingFailure(f"The loss became {loss_sum} at step {step + 1}.", advice)
+            if not math.isfinite(grad_norm):
+                raise TrainingFailure(f"The gradients became {grad_norm} at step {step + 1} (the loss was "
+                                      f"{loss_sum / batches_done:.4g}).", advice)
             lr = scheduler.get_last_lr()[0]
             if zero:
                 zero.step()

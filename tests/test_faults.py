@@ -2,6 +2,7 @@
 saved before stays intact and usable."""
 
 import json
+import re
 import resource
 import shutil
 import subprocess
@@ -25,7 +26,9 @@ def test_nan_loss_fails_with_advice_and_keeps_earlier_checkpoints(home, tmp_path
                          max_steps=200, checkpoint_every=3, sample_every=0, mixed_precision="no")
     result = studio("train", str(config))
     assert result.returncode == 1
-    assert "The loss became nan" in result.stdout and "Lower the learning rate" in result.stdout
+    # (the loss, or before it the gradients of a still finite loss: either stops the run before the weights)
+    assert re.search(r"The (loss|gradients) became (nan|inf)", result.stdout), result.stdout[-2000:]
+    assert "Lower the learning rate" in result.stdout
     run_id = run_id_of(result.stdout)
     status = final_status(home, run_id)
     assert status["status"] == "failed" and status["advice"].startswith("Lower the learning rate")
