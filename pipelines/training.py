@@ -401,7 +401,8 @@ def _train_until_done(task: TrainingTask, config: RunConfig, run_dir: str | Path
             # read per batch): the loss and the gradients' norm together. A NaN/inf loss, or a finite loss whose
             # gradients overflowed, only spoiled gradients: the weights are untouched until step().
             held = [p.grad for p in params.values() if p.grad is not None]  # (DeepSpeed keeps its own)
-            norm = torch.nn.utils.get_total_norm(held).to(step_loss.device) if held else step_loss.new_zeros(())
+            norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).to(step_loss.device) for g in held]))
+                    if held else step_loss.new_zeros(()))
             loss_sum, grad_norm = torch.stack([step_loss.float(), norm.float()]).tolist()
             stop, batches_done = False, len(mine)
             if here.distributed:  # rank 0's Stop travels with the gradients: every rank stops at the same step
