@@ -20,6 +20,8 @@ from typing import Iterator
 import torch
 from transformers import AttentionInterface
 
+from pipelines.llm.model import builtin_base
+
 NAME = "studio_each_example"
 # Decoder-only models whose attention layers call the attention interface with plain causal attention (a
 # sliding window, where configured, is honoured below) and whose decoder layers pass the batch's extra
@@ -31,11 +33,9 @@ CAUSAL_ATTENTION = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo
 def supports(model: torch.nn.Module) -> bool:
     """Whether `each_example` computes this model's attention exactly: a known architecture from
     transformers itself, using sdpa or eager (flash-attention kernels handle packed rows themselves)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
-    return (config.model_type in CAUSAL_ATTENTION and config._attn_implementation in ("sdpa", "eager")
-            and type(base).__module__.startswith("transformers.models.")  # remote code may do anything
-            and not getattr(config, "attn_logit_softcapping", None))
+    base = builtin_base(model)
+    return (base is not None and base.config.model_type in CAUSAL_ATTENTION
+            and base.config._attn_implementation in ("sdpa", "eager"))
 
 
 def with_example_lengths(batch: dict[str, torch.Tensor]) -> dict:

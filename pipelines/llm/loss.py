@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from pipelines.llm.model import builtin_base
 from pipelines.llm.tokenize import IGNORE
 
 # Model types whose logits are exactly lm_head(body(...).last_hidden_state): no soft-capping or scaling
@@ -29,11 +30,12 @@ def output_layer(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Line
     """(the model's body, its output layer) when reply_loss computes this model's loss exactly, else None:
     another architecture, or an output layer that trains (LoRA or modules_to_save on lm_head). (Under
     DeepSpeed ZeRO-3, which splits lm_head between the processes, the pipeline does not ask.)"""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = builtin_base(model)
+    if base is None:
+        return None
     body, head = getattr(base, "model", None), getattr(base, "lm_head", None)
     if (base.config.model_type not in PLAIN_OUTPUT_LAYER or body is None or type(head) is not torch.nn.Linear
-            or head.weight.requires_grad
-            or not type(base).__module__.startswith("transformers.models.")):  # remote code may name any type
+            or head.weight.requires_grad):
         return None
     return body, head
 

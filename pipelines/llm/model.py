@@ -125,6 +125,13 @@ def _four_bit_config(device: torch.device):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+def builtin_base(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The transformers model under a peft wrapper, or None when its class is remote code, which may use any
+    model type's name and compute anything (what is known of transformers' own classes does not hold)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base if type(base).__module__.startswith("transformers.models.") else None
+
+
 def lora_targets(model: torch.nn.Module, choice: str, custom: list[str]) -> list[str] | str:
     if choice == "all-linear":
         return "all-linear"
