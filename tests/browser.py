@@ -36,18 +36,22 @@ class Server:
         self.home, self.port = home, port
         self.url = f"http://127.0.0.1:{port}/"
         env = dict(os.environ, STUDIO_HOME=str(home), **(extra_env or {}))
-        self.log = open(home.parent / f"server-{port}.log", "ab")
+        log_path = home.parent / f"server-{port}.log"
+        self.log = open(log_path, "ab")
+        start = self.log.tell()
         self.process = subprocess.Popen([sys.executable, "-m", "studio.cli", "serve", "--port", str(port), *(args or [])],
                                         cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        # Ready once the server says so: Gradio answers pages a moment before the studio's own routes
+        # (/studio/live, /studio/runs) are in place, and a loaded CI machine stretches that moment.
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
+            printed = log_path.read_bytes()[start:]
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {(home.parent / f'server-{port}.log').read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(self.url, timeout=2)
+                raise RuntimeError(f"server exited: {printed.decode(errors='replace')[-2000:]}")
+            if b"LoRA Studio is ready on" in printed:
+                urllib.request.urlopen(self.url, timeout=10)
                 return
-            except OSError:
-                time.sleep(0.5)
+            time.sleep(0.5)
         raise RuntimeError("server did not start")
 
     def stop(self) -> None:
