@@ -6,6 +6,7 @@ events. A background thread keeps the queue moving and notices runs whose proces
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -91,6 +92,15 @@ def read_credentials(auth_file: str | None) -> list[tuple[str, str]]:
     return users
 
 
+@contextlib.asynccontextmanager
+async def _studio_routes(server_app):
+    """The studio's own routes and early script, added as the server starts up: uvicorn finishes the app's
+    start-up before it takes a connection, so no page or poll ever meets the server without them."""
+    page.serve_live_updates(server_app)
+    page.run_early_script(server_app)
+    yield
+
+
 def _poll_queue_gently(app: gr.Blocks, seconds: float = 0.1) -> None:
     """Gradio's queue looks for new events every 1 ms while idle (and for progress every 10 ms): about 8%
     of a core spent waiting, which on a machine of few cores comes out of the training run's share (every
@@ -138,9 +148,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth_f
                blocked_paths=[str(root / "studio.db"), str(Path.home() / ".ssh"), str(Path.home() / ".cache")],
                max_file_size=f"{MAX_UPLOAD_MB}mb", prevent_thread_lock=True, show_error=True, css=CSS,
                footer_links=["api"], quiet=True, mcp_server=False, ssr_mode=False,
-               head=f"<script>{page.LIVE_JS.read_text()}</script>")
-    page.serve_live_updates(app.server_app)
-    page.run_early_script(app.server_app)
+               head=f"<script>{page.LIVE_JS.read_text()}</script>", app_kwargs={"lifespan": _studio_routes})
     print(f"LoRA Studio is ready on http://{host}:{port} (started in {time.monotonic() - started:.1f} s). "
           f"Workspace: {root}", flush=True)
     if not block:
