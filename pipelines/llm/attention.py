@@ -63,6 +63,7 @@ def each_example(model: torch.nn.Module) -> Iterator[None]:
         config._attn_implementation = before
 
 
+@torch.compiler.disable  # eager inside compiled layers (compiled.py): the loop below would make each batch a graph
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                example_lengths: list[list[int]] | None = None, sliding_window: int | None = None, **_):
     """query [rows, heads, length, dim], key and value [rows, kv heads, length, dim] -> [rows, length, heads,

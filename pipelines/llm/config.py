@@ -50,6 +50,11 @@ class LLMConfig(RunConfig):
                                   choices=["auto", "bf16", "no"], advanced=True)
     packing: bool = option(True, "Pack several short examples into one row with no padding (faster; "
                                  "examples never attend to each other).", advanced=True)
+    torch_compile: bool = option(False, "Compile the model's layers with torch.compile: each step about 10% "
+                                        "faster, after a first step that takes 20-60 s longer. Pays on runs of a "
+                                        "few hundred steps. Single-process runs of the models that pack example "
+                                        "by example (Llama, Qwen, Mistral, Phi-3, Gemma, OLMo, SmolLM3).",
+                                 advanced=True)
 
     target_modules: str = option("all-linear", "Which layers get LoRA adapters.", choices=list(TARGETS))
     custom_target_modules: list[str] = option([], "Module names for the custom choice, e.g. q_proj, v_proj.",

@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from pipelines.llm import attention
+from pipelines.llm.compiled import compile_layers, compiled
 from pipelines.llm.config import LLMConfig
 from pipelines.llm.data import load_examples
 from pipelines.llm.loss import output_layer, reply_loss, with_reply_positions
@@ -67,6 +68,13 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
     row_length = sys.maxsize if by_example else config.max_length
     if by_example:
         log("Packing each batch into one row; attention runs example by example.")
+    layers = []
+    if config.torch_compile:
+        if by_example and config.world_size == 1 and not config.load_in_4bit:
+            layers = compile_layers(model, device, log)
+        else:
+            log("Not compiling: torch.compile is set up here for single-process runs of the models that pack "
+                "example by example, without 4-bit loading.")
 
     def batches_for_epoch(epoch: int) -> list[dict]:
         order = shuffled(encoded, config.seed, epoch)
@@ -90,7 +98,7 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
         batch = {k: (v.pin_memory() if pinned else v).to(device, non_blocking=pinned)
                  if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with autocast or contextlib.nullcontext(), \
-                attention.each_example(model) if by_example else contextlib.nullcontext():
+                attention.each_example(model) if by_example else contextlib.nullcontext(), compiled(layers):
             return reply_loss(*fused, batch) if fused else model(**batch, use_cache=False).loss
 
     def loss_on(batch: dict) -> tuple[torch.Tensor, int]:
