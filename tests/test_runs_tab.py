@@ -134,6 +134,16 @@ def test_clone_fills_the_language_tab_from_the_run(runs):
     assert "Cloned from run **short-b**" in values[-1]
 
 
+def test_every_language_setting_is_on_the_form():
+    """A setting left off the form cannot be set in the browser and is lost when a run is cloned."""
+    import dataclasses
+    from pipelines.llm.config import LLMConfig
+    from studio.tabs import llm
+    own_widgets = {"name", "base_model", "train_files", "validation_files"}  # the tab's name, model and uploads
+    config_file_only = {"strategy_config"}  # a DeepSpeed/FSDP file for `studio train`
+    assert {f.name for f in dataclasses.fields(LLMConfig)} - set(llm.FORM) == own_widgets | config_file_only
+
+
 @pytest.mark.parametrize("modality, expected", [("image", "01-red-circle.png"), ("speech", "apples.wav")])
 def test_clone_puts_a_data_folder_into_the_upload(runs, modality, expected):
     """Image and speech runs keep their data as a folder, which the tabs take as uploaded files."""

@@ -2,7 +2,7 @@
 
 Eager PyTorch runs a layer's norms, rotary embedding, activation, LoRA scaling and residual adds as
 separate passes over memory, together about a sixth of a step on the CPU; compiled, they fuse. The first
-step pays for the compile (about 60 s for the benchmark's model on 2 CPU cores, 20 s once torch's on-disk
+step pays for the compile (about 55 s more for the benchmark's model on 2 CPU cores, 12 s once torch's on-disk
 cache holds it), so it pays on runs of a few hundred steps, not on short ones; hence an option.
 
 Only forwards that record gradients run compiled. Validation (no gradients) and generation (with a cache)

@@ -20,7 +20,8 @@ SAMPLE_CONFIG = ASSETS / "config.yaml"
 TRAINING = ["lora_rank", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "epochs", "max_steps",
             "batch_size", "gradient_accumulation", "max_length", "warmup_steps", "eval_every", "sample_every", "seed"]
 TOGGLES = ["use_dora", "use_rslora", "load_in_4bit"]
-ADVANCED = ["scheduler", "weight_decay", "max_grad_norm", "train_on", "packing", "system_prompt",
+ADVANCED = ["scheduler", "weight_decay", "max_grad_norm", "train_on", "packing", "mixed_precision", "torch_compile",
+            "system_prompt",
             "custom_target_modules", "sample_prompts", "sample_max_new_tokens", "checkpoint_every",
             "keep_checkpoints", "device", "trust_remote_code"]
 DATA = ["validation_fraction", "data_format", "prompt_column", "input_column", "response_column", "text_column",
@@ -193,12 +194,10 @@ def build() -> None:
             for key in TRAINING[10:] + TOGGLES:
                 inputs[key].render()
         with gr.Accordion("Advanced", open=False):
-            with gr.Row():
-                for key in ADVANCED[:5]:
-                    inputs[key].render()
-            with gr.Row():
-                for key in ADVANCED[5:]:
-                    inputs[key].render()
+            for keys in (ADVANCED[:4], ADVANCED[4:7], ADVANCED[7:]):
+                with gr.Row():
+                    for key in keys:
+                        inputs[key].render()
             widgets.scale_out_settings(inputs, "llm")
     preflight = gr.Markdown()
     section = widgets.run_section("llm")
