@@ -16,8 +16,8 @@ comparable step by step).
 
 Figures per run (each in a fresh process): useful tokens/s (tokens whose label counts, over the training
 steps' wall time; also without step 1, which carries the warm-up and any compile), peak memory (RSS
-high-water on CPU, torch.cuda.max_memory_allocated on CUDA, taken right after training), final training loss (mean of the last steps' losses, and a post-training pass over a
-fixed training subset) and validation loss (same evaluation function for both ways), and achieved model
+high-water on CPU, torch.cuda.max_memory_allocated on CUDA, taken right after training), final training
+loss (mean of the last steps' losses, and a post-training pass over a fixed training subset) and validation loss (same evaluation function for both ways), and achieved model
 FLOP/s = 4 * N * real tokens / s (N = parameters of the matmuls, lm_head included, embeddings not;
 attention scores not counted; padding not counted) over a fp32 matmul peak measured in the same process.
 """
@@ -245,7 +245,8 @@ def worker_baseline(args, config, encoded, validation, tokenizer) -> dict:
     peak = memory_now(args.device)
     losses = final_losses(model, encoded[:args.eval_rows], validation, tokenizer.pad_token_id, args.device,
                           config.batch_size)
-    return {"train_s": clock.end - clock.begin, "first_step_s": clock.first_end - clock.begin, "run_s": wall, "useful_tokens_counted": None, "peak_mb": peak,
+    return {"train_s": clock.end - clock.begin, "first_step_s": clock.first_end - clock.begin, "run_s": wall,
+            "useful_tokens_counted": None, "peak_mb": peak,
             "step_losses": clock.losses, "matmul_peak": peak_flops, "n_matmul": matmul_params(model.get_base_model()),
             **losses}
 
@@ -345,7 +346,8 @@ def main() -> None:
           f"padded to the longest per batch {first['padded_tokens']} "
           f"(padding {100 * (1 - first['real_tokens'] / first['padded_tokens']):.0f}% of the baseline's tokens).")
     print("Medians over the rounds:\n")
-    print(table(runs, [("useful_tok_s", "useful tokens/s"), ("useful_tok_s_after_step_1", "useful tokens/s after step 1"),
+    print(table(runs, [("useful_tok_s", "useful tokens/s"),
+                       ("useful_tok_s_after_step_1", "useful tokens/s after step 1"),
                        ("processed_tok_s", "tokens through the model/s"),
                        ("train_s", "training wall time (s)"), ("peak_mb", "peak memory (MB)"),
                        ("first_loss", "loss at step 1"), ("train_loss_last", "train loss (last 25% of steps)"),

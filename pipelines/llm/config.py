@@ -52,8 +52,9 @@ class LLMConfig(RunConfig):
                                  "examples never attend to each other).", advanced=True)
     torch_compile: bool = option(False, "Compile the model's layers with torch.compile: on a CPU each step was "
                                         "about 5% faster and peak memory a quarter lower, after a first step that "
-                                        "takes 10-60 s longer. Pays on runs of a few hundred steps. Single-process runs of the models that pack example "
-                                        "by example (Llama, Qwen, Mistral, Phi-3, Gemma, OLMo, SmolLM3).",
+                                        "takes 10-60 s longer. Pays on runs of a few hundred steps. Single-process "
+                                        "runs of the models that pack example by example (Llama, Qwen, Mistral, "
+                                        "Phi-3, Gemma, OLMo, SmolLM3).",
                                  advanced=True)
 
     target_modules: str = option("all-linear", "Which layers get LoRA adapters.", choices=list(TARGETS))
