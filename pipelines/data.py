@@ -53,7 +53,7 @@ class DataReport:
             text += f", {self.validation_rows} held out for validation"
         dropped = len([p for p in self.problems if p.row is not None])
         if dropped:
-            text += f"; {dropped} rows dropped"
+            text += f"; {dropped} {'row' if dropped == 1 else 'rows'} dropped"
         return text
 
     def to_dict(self) -> dict[str, Any]:

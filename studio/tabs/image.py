@@ -20,7 +20,7 @@ DATA = ["caption_source", "instance_prompt", "resolution", "center_crop", "rando
 TRAINING = ["lora_rank", "lora_alpha", "learning_rate", "epochs", "max_steps", "batch_size", "gradient_accumulation",
             "warmup_steps", "sample_every", "seed", "train_text_encoder"]
 ADVANCED = ["sample_prompts", "snr_gamma", "mixed_precision", "gradient_checkpointing", "sample_seed", "sample_steps",
-            "sample_guidance", "scheduler", "weight_decay", "lora_dropout", "checkpoint_every", "keep_checkpoints",
+            "sample_guidance", "scheduler", "weight_decay", "max_grad_norm", "lora_dropout", "checkpoint_every", "keep_checkpoints",
             "device"]
 FORM = DATA + TRAINING + ADVANCED + widgets.SCALE_OUT
 FORM_SPEC = widgets.TabForm(ImageConfig, FORM, ["data_files", "data_files"])

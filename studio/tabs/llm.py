@@ -63,7 +63,8 @@ def check_data(*args):
     values = FORM_SPEC.values(*args)
     base_model = values["base_model"]
     if not values["train_files"]:
-        return ("Upload a CSV, JSONL, JSON or Parquet file to begin.", gr.update(visible=False), None, None,
+        return ("Upload a CSV, JSONL, JSON or Parquet file to begin.", gr.update(visible=False),
+                gr.update(value=None, visible=False), None,
                 *[gr.update(choices=[""], value="")] * 5, gr.update(interactive=False), "")
     from pipelines.llm.data import inspect_data
     try:
@@ -83,7 +84,8 @@ def check_data(*args):
     problems = gr.update(value=pd.DataFrame([{"file": p.file, "row": p.row if p.row is not None else "",
                                               "problem": p.reason} for p in report.problems]) if report.problems
                          else None, visible=bool(report.problems))
-    preview = pd.DataFrame(report.preview) if report.preview else None
+    # Hidden while there is nothing to show: an empty table would show placeholder headers "1 2 3".
+    preview = gr.update(value=pd.DataFrame(report.preview) if report.preview else None, visible=bool(report.preview))
     histogram = _histogram(stats) if stats else None
     columns = [""] + report.columns
     mapping = [gr.update(choices=columns, value=report.mapping.get(role, "") if role in report.mapping else "")
@@ -171,7 +173,7 @@ def build() -> None:
                                     elem_id="llm-problems")
             histogram = gr.BarPlot(None, x="tokens", y="examples", color="fits", sort=None, height=220,
                                    title="Token lengths", x_title="tokens per example", x_label_angle=-45)
-        preview = gr.Dataframe(label="Preview (as the model will see it)", wrap=True, max_height=240)
+        preview = gr.Dataframe(label="Preview (as the model will see it)", wrap=True, max_height=240, visible=False)
 
     inputs = widgets.config_inputs(LLMConfig, FORM, defaults)
     for key in COLUMNS:
