@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from pipelines.llm.model import builtin_base
-from pipelines.llm.tokenize import IGNORE
+from pipelines.llm.tokenize import counted
 
 # Model types whose logits are exactly lm_head(body(...).last_hidden_state): no soft-capping or scaling
 # after the output layer (Gemma 2/3, Cohere, Granite have some, and keep the model's own forward).
@@ -43,8 +43,7 @@ def output_layer(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Line
 def with_reply_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch plus where its counted tokens are, found on the CPU before the batch goes to the device
     (finding them there would make the CPU wait for the GPU's queue at every batch)."""
-    counted = (batch["labels"][:, 1:] != IGNORE).flatten()
-    return {**batch, "reply_positions": counted.nonzero().squeeze(1)}
+    return {**batch, "reply_positions": counted(batch).flatten().nonzero().squeeze(1)}
 
 
 def reply_loss(body: torch.nn.Module, head: torch.nn.Linear, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -94,6 +94,10 @@ def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, packing: bo
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
 
 
+def counted(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Where the loss counts the prediction of the next token (labels are shifted by one inside the model)."""
+    return batch["labels"][:, 1:] != IGNORE
+
+
 def counted_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens whose prediction the loss counts (labels are shifted by one inside the model)."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+    return int(counted(batch).sum())
