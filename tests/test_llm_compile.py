@@ -9,8 +9,10 @@ from tests.test_llm_pipeline import train_run
 
 
 def test_a_compiled_run_trains_like_an_eager_one_and_still_generates(tmp_path, assets):
+    # float32: under bf16 autocast (the default where the CPU has bf16) fused and unfused kernels round
+    # differently, and six steps drift apart by about 1e-4.
     config = load_config(assets / "llm" / "config.yaml").changed(
-        max_steps=6, sample_every=3, checkpoint_every=100, validation_fraction=0.2, eval_every=3)
+        max_steps=6, sample_every=3, checkpoint_every=100, validation_fraction=0.2, eval_every=3, mixed_precision="no")
     runs = {}
     graphs = {}
     for compile_layers in (False, True):

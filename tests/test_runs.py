@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipelines import load_config
-from pipelines.training import read_events
+from pipelines.training import STOP_FILE, read_events
 from studio import jobs
 from studio.runs import Registry
 
@@ -183,13 +183,24 @@ def test_bad_settings_are_refused_with_the_field_name_and_no_run(home, tmp_path)
 
 def test_ctrl_c_in_studio_train_stops_with_a_checkpoint(home, tmp_path):
     config = config_file(tmp_path, max_steps=100000, checkpoint_every=100000, sample_every=0)
-    process = subprocess.Popen([sys.executable, "-m", "studio.cli", "train", str(config)], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Unbuffered, and with faulthandler: if it ever hangs, SIGABRT prints where each of its threads is.
+    process = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "studio.cli", "train", str(config)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     registry = Registry(home)
     run = wait_for(lambda: (registry.list() or [None])[0], what="the run")
     wait_for(lambda: steps(home, run.id), what="the first step")
     process.send_signal(signal.SIGINT)
-    out, _ = process.communicate(timeout=240)
+    try:
+        out, _ = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        # Seen once on a loaded CI machine and not reproduced since: say where each side was.
+        process.send_signal(signal.SIGABRT)
+        out, err = process.communicate()
+        log = home / "runs" / run.id / "log.txt"
+        pytest.fail(f"studio train did not end within 240 s of Ctrl-C. Status {registry.get(run.id).status!r}; "
+                    f"its output: {out!r} {err!r}; stop file there: {(run.dir / STOP_FILE).exists()}; "
+                    f"the run's log ends: {log.read_text()[-3000:] if log.exists() else '(none)'}")
     assert process.returncode == 1 and "Stopping: saving a checkpoint" in out
     assert registry.get(run.id).status == "stopped"
     assert list((home / "runs" / run.id / "checkpoints").glob("step-*"))
