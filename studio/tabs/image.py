@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import gradio as gr
-import pandas as pd
 
 from pipelines.image.config import HUB_MODELS, ImageConfig
 from studio import hardware
@@ -20,8 +19,8 @@ DATA = ["caption_source", "instance_prompt", "resolution", "center_crop", "rando
 TRAINING = ["lora_rank", "lora_alpha", "learning_rate", "epochs", "max_steps", "batch_size", "gradient_accumulation",
             "warmup_steps", "sample_every", "seed", "train_text_encoder"]
 ADVANCED = ["sample_prompts", "snr_gamma", "mixed_precision", "gradient_checkpointing", "sample_seed", "sample_steps",
-            "sample_guidance", "scheduler", "weight_decay", "max_grad_norm", "lora_dropout", "checkpoint_every", "keep_checkpoints",
-            "device"]
+            "sample_guidance", "scheduler", "weight_decay", "max_grad_norm", "lora_dropout", "checkpoint_every",
+            "keep_checkpoints", "device"]
 FORM = DATA + TRAINING + ADVANCED + widgets.SCALE_OUT
 FORM_SPEC = widgets.TabForm(ImageConfig, FORM, ["data_files", "data_files"])
 
@@ -51,8 +50,7 @@ def check_data(*args):
     config = ImageConfig.from_dict(values, check=False)
     report = inspect_data(config)
     summary = ("**Images:** " if report.ok else "**No usable images.** ") + report.summary()
-    problems = gr.update(value=pd.DataFrame([{"file": p.file, "problem": p.reason} for p in report.problems])
-                         if report.problems else None, visible=bool(report.problems))
+    problems = widgets.shown_if_any([{"file": p.file, "problem": p.reason} for p in report.problems])
     gallery = [(p["image"], p.get("caption", "")) for p in report.preview]
     return summary, problems, gallery, gr.update(interactive=report.ok)
 

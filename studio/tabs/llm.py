@@ -81,11 +81,9 @@ def check_data(*args):
         if stats["over_max_length"]:
             summary += f"**{stats['over_max_length']} examples exceed the max length of {stats['max_length']}** " \
                        "and will be truncated."
-    problems = gr.update(value=pd.DataFrame([{"file": p.file, "row": p.row if p.row is not None else "",
-                                              "problem": p.reason} for p in report.problems]) if report.problems
-                         else None, visible=bool(report.problems))
-    # Hidden while there is nothing to show: an empty table would show placeholder headers "1 2 3".
-    preview = gr.update(value=pd.DataFrame(report.preview) if report.preview else None, visible=bool(report.preview))
+    problems = widgets.shown_if_any([{"file": p.file, "row": p.row if p.row is not None else "", "problem": p.reason}
+                                     for p in report.problems])
+    preview = widgets.shown_if_any(report.preview)
     histogram = _histogram(stats) if stats else None
     columns = [""] + report.columns
     mapping = [gr.update(choices=columns, value=report.mapping.get(role, "") if role in report.mapping else "")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import gradio as gr
-import pandas as pd
 
 from pipelines.speech.config import BASE_MODELS, SpeechConfig
 from studio import hardware
@@ -40,16 +39,16 @@ def check_data(*args):
     values = FORM_SPEC.values(*args)
     if not values["data_files"]:
         return ("Upload audio clips with a metadata.csv or same-name .txt transcripts (or a zip) to begin.",
-                gr.update(visible=False), None, gr.update(choices=[], value=None), None, gr.update(interactive=False))
+                gr.update(visible=False), gr.update(value=None, visible=False), gr.update(choices=[], value=None), None,
+                gr.update(interactive=False))
     report = inspect_data(SpeechConfig.from_dict(values, check=False))
     summary = ("**Clips:** " if report.ok else "**No usable clips.** ") + report.summary()
     stats = report.stats
     if stats.get("total_seconds"):
         summary += f"\n\nTotal audio: {stats['total_seconds']:.1f} s."
-    problems = gr.update(value=pd.DataFrame([{"file": p.file, "problem": p.reason} for p in report.problems])
-                         if report.problems else None, visible=bool(report.problems))
-    table = pd.DataFrame([{"clip": Path(p["audio"]).name, "seconds": p.get("seconds"), "transcript": p.get("text")}
-                          for p in report.preview]) if report.preview else None
+    problems = widgets.shown_if_any([{"file": p.file, "problem": p.reason} for p in report.problems])
+    table = widgets.shown_if_any([{"clip": Path(p["audio"]).name, "seconds": p.get("seconds"),
+                                   "transcript": p.get("text")} for p in report.preview])
     clips = [p["audio"] for p in report.preview]
     choices = [(Path(c).name, c) for c in clips]
     return (summary, problems, table, gr.update(choices=choices, value=clips[0] if clips else None),
@@ -95,7 +94,7 @@ def build() -> dict:
         problems = gr.Dataframe(label="Problems found", wrap=True, max_height=200, visible=False,
                                 elem_id="speech-problems")
         with gr.Row():
-            preview = gr.Dataframe(label="Preview", wrap=True, max_height=240, scale=2)
+            preview = gr.Dataframe(label="Preview", wrap=True, max_height=240, scale=2, visible=False)
             with gr.Column(scale=1):
                 clip = gr.Dropdown([], label="Listen to a clip")
                 player = gr.Audio(label="Clip", type="filepath", interactive=False)

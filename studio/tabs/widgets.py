@@ -173,6 +173,12 @@ class TabForm:
                           "Settings loaded from the config file."]
 
 
+def shown_if_any(rows: list, as_value=pd.DataFrame) -> dict:
+    """An output that hides while there is nothing to show (an empty table would show placeholder headers
+    "1 2 3")."""
+    return gr.update(value=as_value(rows) if rows else None, visible=bool(rows))
+
+
 def upload_path(file) -> str:
     return file if isinstance(file, str) else getattr(file, "path", None) or getattr(file, "name", str(file))
 
@@ -356,8 +362,8 @@ def live_values(run_id: str | None, registry: Registry | None = None) -> list[An
     active = run.status in ACTIVE
     return [status_html(run, progress, registry), loss_curve(progress),
             gr.update(value=metrics, visible=metrics is not None),
-            gr.update(value=pd.DataFrame(texts[-12:][::-1]) if texts else None, visible=bool(texts)),
-            gr.update(value=images[-12:] if images else None, visible=bool(images)),
+            shown_if_any(texts[-12:][::-1]),
+            shown_if_any(images[-12:], as_value=list),
             read_log_tail(run.dir),
             gr.update(interactive=active), gr.update(interactive=active),
             gr.update(interactive=run.status in RESUMABLE), refresh_timer(run.status)]
