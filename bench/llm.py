@@ -17,9 +17,10 @@ comparable step by step).
 Figures per run (each in a fresh process): useful tokens/s (tokens whose label counts, over the training
 steps' wall time; also without step 1, which carries the warm-up and any compile), peak memory (RSS
 high-water on CPU, torch.cuda.max_memory_allocated on CUDA, taken right after training), final training
-loss (mean of the last steps' losses, and a post-training pass over a fixed training subset) and validation loss (same evaluation function for both ways), and achieved model
-FLOP/s = 4 * N * real tokens / s (N = parameters of the matmuls, lm_head included, embeddings not;
-attention scores not counted; padding not counted) over a fp32 matmul peak measured in the same process.
+loss (mean of the last steps' losses, and a post-training pass over a fixed training subset) and
+validation loss (same evaluation function for both ways), and achieved model FLOP/s = 4 * N * real
+tokens / s (N = parameters of the matmuls, lm_head included, embeddings not; attention scores not counted;
+padding not counted) over a fp32 matmul peak measured in the same process.
 """
 
 from __future__ import annotations

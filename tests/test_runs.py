@@ -200,7 +200,7 @@ def test_ctrl_c_in_studio_train_stops_with_a_checkpoint(home, tmp_path):
         # Say where each side was.
         process.send_signal(signal.SIGABRT)
         out, err = process.communicate()
-        log = home / "runs" / run.id / "log.txt"
+        log = run.dir / "log.txt"
         pytest.fail(f"studio train did not end within 240 s of Ctrl-C. Status {registry.get(run.id).status!r}; "
                     f"its output: {out!r} {err!r}; stop file there: {(run.dir / STOP_FILE).exists()}; "
                     f"the run's log ends: {log.read_text()[-3000:] if log.exists() else '(none)'}")
