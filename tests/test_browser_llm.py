@@ -7,12 +7,13 @@ from playwright.sync_api import expect
 from tests.browser import ROOT, screenshot, step_of, wait_status
 
 
-def set_number(page, label: str, value) -> None:
-    """Type into a number field, or into the number box beside a slider."""
+def set_number(page, label: str, value):
+    """Type into a number field, or into the number box beside a slider; returns the box."""
     import re
     box = page.get_by_role("spinbutton", name=re.compile(rf"^(number input for )?{re.escape(label)}$")).first
     box.fill(str(value))
     box.press("Tab")
+    return box
 
 
 def test_upload_train_watch_reload_stop_resume_try_and_download(server, page, tmp_path):
@@ -159,8 +160,8 @@ def test_two_processes_from_the_advanced_settings_show_each_rank(server, page):
     page.locator("button:visible", has_text="Advanced").first.click()
     shown = page.locator("#llm-global-batch")
     expect(shown).to_contain_text("Global batch: 8 examples")  # the sample config: batch 8, 1 process
-    set_number(page, "Processes", 2)
-    expect(shown).to_contain_text("Global batch: 16 examples")
+    expect(set_number(page, "Processes", 2)).to_have_value("2")
+    expect(shown).to_contain_text("Global batch: 16 examples")  # worked out in the browser, at once
     page.get_by_label("Strategy", exact=True).click()
     page.get_by_role("option", name="fsdp", exact=True).click()  # the base model's blocks split between the two
     set_number(page, "Max steps", 12)

@@ -433,6 +433,16 @@ def global_batch_text(batch_size, accumulation, processes, nodes) -> str:
             f"{per_step[1]} accumulated x {per_step[2]} process(es) x {per_step[3]} node(s).")
 
 
+# global_batch_text in JavaScript (the page's first figure comes from the Python one).
+GLOBAL_BATCH_JS = """(batch, accumulation, processes, nodes) => {
+    const parts = [batch, accumulation, processes, nodes].map((v) => (v === null || v === "" ? NaN : Number(v)));
+    if (parts.some((n) => !Number.isInteger(n))) return "";
+    const total = parts.reduce((a, b) => a * b, 1);
+    return `**Global batch: ${total}** examples per optimizer step = ${parts[0]} per process x ` +
+           `${parts[1]} accumulated x ${parts[2]} process(es) x ${parts[3]} node(s).`;
+}"""
+
+
 def scale_out_settings(inputs: dict[str, gr.Component], key: str) -> None:
     """Processes, strategy, nodes and where they meet (in a tab's Advanced accordion), with the global batch
     they make, recomputed as the batch settings change."""
@@ -442,8 +452,10 @@ def scale_out_settings(inputs: dict[str, gr.Component], key: str) -> None:
             inputs[name].render()
     sources = [inputs[k] for k in ("batch_size", "gradient_accumulation", "processes", "nodes")]
     shown = gr.Markdown(global_batch_text(*(c.value for c in sources)), elem_id=f"{key}-global-batch")
+    # Recomputed in the browser: a product needs no trip through the server's queue, which a busy server
+    # (a data check importing the ML libraries) made the figure wait for, and once answer with stale values.
     for source in sources:
-        source.change(global_batch_text, sources, shown, api_visibility="private", show_progress="hidden")
+        source.change(None, sources, shown, js=GLOBAL_BATCH_JS, api_visibility="private", show_progress="hidden")
 
 @dataclasses.dataclass
 class RunSection:
