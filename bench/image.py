@@ -1,8 +1,10 @@
 """Stable Diffusion LoRA: the studio's training vs a loop in the style of diffusers' train_text_to_image_lora.py.
 
-    python bench/image.py [--quick] [--device cpu|cuda] [--rounds N] [--steps N] [--photos WxH] [--seed N]
+    python bench/image.py [--quick] [--device cpu|cuda] [--rounds N] [--steps N] [--photos WxH] [--size sd15]
+                          [--seed N]
 
-Same model (the tiny-sd preset), same data (assets/image: 8 captioned 64 px drawings, trained at 32 px,
+Same model (the tiny-sd preset; with --size sd15 its UNet and VAE replaced by Stable Diffusion 1.x's, random
+weights, trained at 256 px), same data (assets/image: 8 captioned 64 px drawings, trained at 32 px,
 centre crop, random flip), same LoRA on the UNet's to_q/to_k/to_v/to_out.0 (rank 16, alpha 16, gaussian
 init from the same seed), same AdamW/lr/cosine/clipping, min-SNR gamma 5, batch 4, same steps, same
 images in each batch (the studio's per-epoch order).
@@ -39,15 +41,29 @@ from bench.common import (add_loss_tail, alternate, benchmark_parser, apply_thre
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "assets" / "image"
+SD15_RESOLUTION = 256  # --size sd15 trains at 256 px (32x32 latents): SD 1.x's 512 px is minutes a step on a CPU
 
 
 def config_for(args):
     from pipelines.image.config import ImageConfig
-    return ImageConfig(name="bench", base_model="tiny-sd", data_path=args.data or str(DATA), caption_source="files",
-                       resolution=32, center_crop=True, random_flip=True, lora_rank=16, lora_alpha=16.0,
+    return ImageConfig(name="bench", base_model=args.base_model or "tiny-sd", data_path=args.data or str(DATA), caption_source="files",
+                       resolution=args.resolution, center_crop=True, random_flip=True, lora_rank=16, lora_alpha=16.0,
                        lora_dropout=0.0, learning_rate=1e-3, batch_size=args.batch_size, max_steps=args.steps,
                        warmup_steps=0, scheduler="cosine", snr_gamma=5.0, sample_every=0, sample_steps=1,
                        checkpoint_every=100_000, seed=args.seed, device=args.device)
+
+
+def make_sd15_size_model(folder: Path) -> None:
+    """The tiny preset's spec with Stable Diffusion 1.x's UNet and VAE (diffusers' default UNet is SD 1.x's;
+    the VAE is SD's 8x one), random weights: what a full-size model costs per step, without a download.
+    The UNet cross-attends to the tiny text encoder, which is cheap both ways."""
+    from pipelines.image.model import PRESETS, build_pipeline
+    tiny = PRESETS["tiny-sd"]
+    spec = {**tiny, "unet": dict(sample_size=SD15_RESOLUTION // 8, cross_attention_dim=tiny["text_encoder"]["hidden_size"]),
+            "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=32, sample_size=SD15_RESOLUTION, scaling_factor=0.18215)}
+    build_pipeline(spec).save_pretrained(folder, safe_serialization=True)
 
 
 def make_photos(folder: Path, width: int, height: int) -> None:
@@ -80,7 +96,8 @@ def fixed_loss(unet, vae, text_encoder, tokenizer, scheduler, examples, config) 
     from pipelines.image.pipeline import encode_text, to_pixels, tokenize
     from pipelines.image.data import read_image
     torch.set_grad_enabled(False)
-    pixels = torch.stack([to_pixels(read_image(e.path)[0], 32, True, random.Random(0)) for e in examples])
+    size = config.resolution
+    pixels = torch.stack([to_pixels(read_image(e.path)[0], size, True, random.Random(0)) for e in examples])
     clean = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
     hidden = encode_text(text_encoder, tokenize(tokenizer, [e.caption for e in examples]))
     generator = torch.Generator().manual_seed(0)
@@ -171,10 +188,11 @@ def worker_baseline(args, config) -> dict:
         """train_text_to_image_lora.py's torchvision train_transforms (Resize bilinear, CenterCrop,
         RandomHorizontalFlip, ToTensor, Normalize 0.5), written with PIL as torchvision is not installed."""
         w, h = image.size
-        scale = 32 / min(w, h)
-        image = image.resize((max(32, round(w * scale)), max(32, round(h * scale))), Image.Resampling.BILINEAR)
-        left, top = (image.size[0] - 32) // 2, (image.size[1] - 32) // 2
-        image = image.crop((left, top, left + 32, top + 32))
+        size = config.resolution
+        scale = size / min(w, h)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR)
+        left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+        image = image.crop((left, top, left + size, top + size))
         if torch.rand(1) < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
@@ -250,7 +268,12 @@ def main() -> None:
                                                          "JPEG photos (e.g. 4032x3024, a phone's 12 MP) instead")
     parser.add_argument("--seed", type=int, default=1234, help="both ways' seed (LoRA init, noise, timesteps, "
                                                                 "batch order): how far the losses move with it")
+    parser.add_argument("--size", choices=["tiny", "sd15"], default="tiny",
+                        help=f"sd15: the preset with Stable Diffusion 1.x's UNet and VAE (random weights), at "
+                             f"{SD15_RESOLUTION} px")
     parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--base-model", help=argparse.SUPPRESS)
+    parser.add_argument("--resolution", type=int, default=32, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.steps = args.steps or (40 if args.quick else 150)
@@ -265,8 +288,14 @@ def main() -> None:
         if args.photos:
             make_photos(Path(tmp) / "photos", *map(int, args.photos.lower().split("x")))
             data = ["--data", str(Path(tmp) / "photos")]
-        print(f"Image LoRA benchmark on {args.device}: tiny-sd preset, assets/image (8 images"
-              f"{f' as {args.photos} JPEG photos' if args.photos else ''}, trained at 32 px), batch "
+        if args.size == "sd15":
+            from pipelines.hub import workspace
+            make_sd15_size_model(workspace() / "sd15-size")
+            data += ["--base-model", str(workspace() / "sd15-size"), "--resolution", str(SD15_RESOLUTION)]
+            args.resolution = SD15_RESOLUTION
+        model = "SD 1.x's UNet and VAE (random weights)" if args.size == "sd15" else "tiny-sd preset"
+        print(f"Image LoRA benchmark on {args.device}: {model}, assets/image (8 images"
+              f"{f' as {args.photos} JPEG photos' if args.photos else ''}, trained at {args.resolution} px), batch "
               f"{args.batch_size}, {args.steps} steps, {args.rounds} round(s), {os.cpu_count()} CPU cores visible.",
               flush=True)
         runs = alternate(__file__, args.rounds, ["--steps", str(args.steps), "--batch-size", str(args.batch_size),

@@ -17,6 +17,7 @@ class Problem:
     file: str
     reason: str
     row: int | None = None  # 1-based data row (or line, for JSONL); None for the whole file
+    kept: bool = False      # a warning: the file or row still trains (an image smaller than the training size)
 
     def __str__(self) -> str:
         where = f"{self.file}, row {self.row}" if self.row is not None else self.file
@@ -39,8 +40,8 @@ class DataReport:
     def ok(self) -> bool:
         return self.rows_usable > 0
 
-    def problem(self, file: str | Path, reason: str, row: int | None = None) -> None:
-        self.problems.append(Problem(Path(file).name if file else "", reason, row))
+    def problem(self, file: str | Path, reason: str, row: int | None = None, kept: bool = False) -> None:
+        self.problems.append(Problem(Path(file).name if file else "", reason, row, kept))
 
     def summary(self) -> str:
         """One line for the UI and the CLI."""

@@ -90,9 +90,10 @@ def read_events(run_dir: str | Path, offset: int = 0) -> tuple[list[dict], int]:
 
 
 def require_data(problems: list, examples: list, what: str, log: Callable[[str], None]) -> None:
-    """Log each problem the data check found (those rows are skipped); fail when nothing is usable."""
+    """Log each problem the data check found (those rows are skipped, warnings aside); fail when nothing is
+    usable."""
     for problem in problems:
-        log(f"Skipped: {problem}")
+        log(f"{'Note' if problem.kept else 'Skipped'}: {problem}")
     if not examples:
         first = problems[0] if problems else f"no {what}s"
         raise TrainingFailure(f"The training data has no usable {what} ({first}).", "Fix the data and start again.")

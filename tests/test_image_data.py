@@ -18,6 +18,7 @@ from pipelines import load_config
 from pipelines.config import ConfigError
 from pipelines.image.config import ImageConfig
 from pipelines.image.data import inspect_data, load_examples, read_image
+from pipelines.training import require_data
 
 
 def square(path: Path, colour=(200, 30, 30), size=(64, 64), caption: str | None = "a red square", **save) -> Path:
@@ -147,6 +148,10 @@ def test_captions_duplicates_and_small_images(tmp_path):
     assert "caption file blank.txt is empty" in found["blank.png"]
     assert "16x16, smaller than the 32 px" in found["small.png"]
     assert sorted(p["caption"] for p in report.preview) == ["a red square", "a small one"]  # small ones still train
+    logged = []
+    require_data(report.problems, ["the two usable images"], "image", logged.append)  # what a run logs of them
+    assert [line for line in logged if "small.png" in line] == [f"Note: small.png: {found['small.png']}"]
+    assert sum(line.startswith("Skipped: ") for line in logged) == 3
 
     with_prompt = check(tmp_path, instance_prompt="a photo of sks thing", resolution=32)
     assert with_prompt.rows_usable == 4  # auto: the instance prompt stands in for missing captions

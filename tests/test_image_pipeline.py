@@ -186,3 +186,45 @@ def test_unreachable_models_fail_in_one_sentence():
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, single)
     with pytest.raises(ModelUnavailable, match="could not be read"):
         load_pipeline(str(single))
+
+
+def test_a_full_width_unet_trains_in_bf16_where_the_cpu_has_it(sample_config, tmp_path):
+    """auto = bf16 frozen weights on a CPU with native bf16 for UNets as wide as real ones (1.4-1.7x faster
+    there), float32 for the tiny preset (slower in bf16) and on CPUs without it; the losses stay float32's."""
+    from diffusers import UNet2DConditionModel
+    from pipelines.training import native_bf16
+    wide = workspace() / "wide-sd"  # where models may be loaded from
+    pipe = StableDiffusionPipeline.from_pretrained(materialise_preset("tiny-sd"))
+    tiny = pipe.unet.config
+    pipe.unet = UNet2DConditionModel(sample_size=tiny.sample_size, block_out_channels=(64, 128), layers_per_block=1,
+                                     down_block_types=tiny.down_block_types, up_block_types=tiny.up_block_types,
+                                     cross_attention_dim=tiny.cross_attention_dim, attention_head_dim=8)
+    pipe.save_pretrained(wide)
+    runs = {}
+    for precision in ("auto", "no"):
+        config = sample_config.changed(base_model=str(wide), max_steps=4, sample_every=4, mixed_precision=precision)
+        lines = []
+        run_dir = tmp_path / precision
+        run_dir.mkdir()
+        events = Events(run_dir)
+        try:
+            assert pipeline.train(config, run_dir, events, lambda: False, log=lines.append) == "completed"
+        finally:
+            events.close()
+        runs[precision] = (losses(read_events(run_dir)[0]), "\n".join(lines))
+    expected = "bfloat16 under autocast" if native_bf16(torch.device("cpu")) else "float32."
+    assert f"frozen weights in {expected}" in runs["auto"][1]
+    assert "frozen weights in float32." in runs["no"][1]
+    assert runs["auto"][0] == pytest.approx(runs["no"][0], rel=0.02)
+    assert (tmp_path / "auto" / "samples" / "step-4-0.png").exists()  # sampling works in bf16 too
+    adapter = tmp_path / "auto" / "adapter" / "pytorch_lora_weights.safetensors"
+    from safetensors import safe_open
+    with safe_open(adapter, "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def test_the_tiny_preset_stays_in_float32_by_default(sample_config):
+    lines = []
+    pipe = load_pipeline("tiny-sd")
+    assert pipeline._weight_dtype(sample_config, torch.device("cpu"), pipe.unet, lines.append) == torch.float32
+    assert sample_config.mixed_precision == "auto" and not lines

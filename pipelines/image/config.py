@@ -62,9 +62,12 @@ class ImageConfig(RunConfig):
                                              "over-fits sooner, costs more memory.")
     snr_gamma: float = option(5.0, "Min-SNR loss weighting (about 5 is good); 0 = plain MSE. Steadier, "
                                    "faster convergence.", min=0.0, max=20.0, step=0.5, advanced=True)
-    mixed_precision: str = option("auto", "Half-precision frozen weights on an NVIDIA GPU: about half the memory, "
-                                          "faster. auto = bf16 where the GPU has it. fp16 trains without loss "
-                                          "scaling: prefer bf16. Always off on the CPU.",
+    mixed_precision: str = option("auto", "Half-precision frozen weights under autocast: about half the "
+                                          "memory, faster. auto = bf16 on an NVIDIA GPU that has it (fp16 on "
+                                          "older ones) and on a CPU with native bf16 (AMX or AVX512-BF16: Intel "
+                                          "Xeon since Cooper Lake, AMD since Zen 4) for full-size models; float32 "
+                                          "for the tiny preset, whose small convolutions run slower in bf16. fp16 "
+                                          "trains without loss scaling: prefer bf16.",
                                   choices=["auto", "no", "bf16", "fp16"], advanced=True)
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: much less GPU "
                                                  "memory, about 20% slower.", advanced=True)

@@ -335,7 +335,7 @@ def load_examples(config: ImageConfig, report: DataReport | None = None, *, keep
         if min(width, height) < resolution:
             too_small += 1
             report.problem(name, f"is {width}x{height}, smaller than the {resolution} px training size: "
-                                 "it will be upscaled and look soft")
+                                 "it will be upscaled and look soft", kept=True)
         folder = str(Path(name).parent)
         folders[folder] = folders.get(folder, 0) + 1
         examples.append(ImageExample(path=path, caption=caption, size=(width, height), caption_from=caption_from,

@@ -47,10 +47,15 @@ def materialise_preset(name: str) -> Path:
     target = workspace() / "models" / name
     if (target / "model_index.json").exists():
         return target
+    pipe = build_pipeline(PRESETS[name])
+    return publish_folder(target, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
+
+
+def build_pipeline(spec: dict):
+    """A StableDiffusionPipeline with random weights from a PRESETS-style spec (seeded: the same every time)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    spec = PRESETS[name]
     tokenizer = CLIPTokenizer.from_pretrained(ASSETS / spec["tokenizer"])
     torch.manual_seed(spec["seed"])
     unet = UNet2DConditionModel(**spec["unet"])
@@ -64,9 +69,8 @@ def materialise_preset(name: str) -> Path:
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                                 eos_token_id=tokenizer.eos_token_id,
                                                 pad_token_id=tokenizer.pad_token_id, **spec["text_encoder"]))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=EulerDiscreteScheduler(**spec["scheduler"]), **SAFETY_OFF)
-    return publish_folder(target, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
 
 
 def base_location(base_model: str) -> tuple[str, str]:
