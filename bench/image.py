@@ -46,11 +46,18 @@ SD15_RESOLUTION = 256  # --size sd15 trains at 256 px (32x32 latents): SD 1.x's 
 
 def config_for(args):
     from pipelines.image.config import ImageConfig
-    return ImageConfig(name="bench", base_model=args.base_model or "tiny-sd", data_path=args.data or str(DATA), caption_source="files",
-                       resolution=args.resolution, center_crop=True, random_flip=True, lora_rank=16, lora_alpha=16.0,
+    full_size = args.size == "sd15"
+    return ImageConfig(name="bench", base_model=str(sd15_size_folder()) if full_size else "tiny-sd",
+                       data_path=args.data or str(DATA), caption_source="files",
+                       resolution=SD15_RESOLUTION if full_size else 32, center_crop=True, random_flip=True, lora_rank=16, lora_alpha=16.0,
                        lora_dropout=0.0, learning_rate=1e-3, batch_size=args.batch_size, max_steps=args.steps,
                        warmup_steps=0, scheduler="cosine", snr_gamma=5.0, sample_every=0, sample_steps=1,
                        checkpoint_every=100_000, seed=args.seed, device=args.device)
+
+
+def sd15_size_folder() -> Path:
+    from pipelines.hub import workspace  # the run's workspace (STUDIO_HOME), where models may be loaded from
+    return workspace() / "sd15-size"
 
 
 def make_sd15_size_model(folder: Path) -> None:
@@ -272,8 +279,6 @@ def main() -> None:
                         help=f"sd15: the preset with Stable Diffusion 1.x's UNet and VAE (random weights), at "
                              f"{SD15_RESOLUTION} px")
     parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--base-model", help=argparse.SUPPRESS)
-    parser.add_argument("--resolution", type=int, default=32, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.steps = args.steps or (40 if args.quick else 150)
@@ -289,17 +294,16 @@ def main() -> None:
             make_photos(Path(tmp) / "photos", *map(int, args.photos.lower().split("x")))
             data = ["--data", str(Path(tmp) / "photos")]
         if args.size == "sd15":
-            from pipelines.hub import workspace
-            make_sd15_size_model(workspace() / "sd15-size")
-            data += ["--base-model", str(workspace() / "sd15-size"), "--resolution", str(SD15_RESOLUTION)]
-            args.resolution = SD15_RESOLUTION
+            make_sd15_size_model(sd15_size_folder())
         model = "SD 1.x's UNet and VAE (random weights)" if args.size == "sd15" else "tiny-sd preset"
         print(f"Image LoRA benchmark on {args.device}: {model}, assets/image (8 images"
-              f"{f' as {args.photos} JPEG photos' if args.photos else ''}, trained at {args.resolution} px), batch "
+              f"{f' as {args.photos} JPEG photos' if args.photos else ''}, trained at {config_for(args).resolution} "
+              f"px), batch "
               f"{args.batch_size}, {args.steps} steps, {args.rounds} round(s), {os.cpu_count()} CPU cores visible.",
               flush=True)
         runs = alternate(__file__, args.rounds, ["--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                                                 "--device", args.device, "--seed", str(args.seed), *data])
+                                                 "--device", args.device, "--seed", str(args.seed), "--size", args.size,
+                                                 *data])
     print("\nMedians over the rounds:\n")
     print(table(runs, [("images_s", "images/s"), ("train_s", "training wall time (s)"),
                        ("peak_mb", "peak memory (MB)"), ("train_loss_last", "train loss (last 25% of steps)"),

@@ -20,11 +20,12 @@ from pipelines.training import Events, read_events
 PROMPT = "a zqx drawing of a red circle on a white background"
 
 
-def train(config, run_dir: Path, should_stop=lambda: False, resume=False) -> tuple[str, list[dict]]:
+def train(config, run_dir: Path, should_stop=lambda: False, resume=False,
+          log=lambda line: None) -> tuple[str, list[dict]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     events = Events(run_dir)
     try:
-        status = pipeline.train(config, run_dir, events, should_stop, resume=resume, log=lambda line: None)
+        status = pipeline.train(config, run_dir, events, should_stop, resume=resume, log=log)
     finally:
         events.close()
     return status, read_events(run_dir)[0]
@@ -204,14 +205,9 @@ def test_a_full_width_unet_trains_in_bf16_where_the_cpu_has_it(sample_config, tm
     for precision in ("auto", "no"):
         config = sample_config.changed(base_model=str(wide), max_steps=4, sample_every=4, mixed_precision=precision)
         lines = []
-        run_dir = tmp_path / precision
-        run_dir.mkdir()
-        events = Events(run_dir)
-        try:
-            assert pipeline.train(config, run_dir, events, lambda: False, log=lines.append) == "completed"
-        finally:
-            events.close()
-        runs[precision] = (losses(read_events(run_dir)[0]), "\n".join(lines))
+        status, events = train(config, tmp_path / precision, log=lines.append)
+        assert status == "completed"
+        runs[precision] = (losses(events), "\n".join(lines))
     expected = "bfloat16 under autocast" if native_bf16(torch.device("cpu")) else "float32."
     assert f"frozen weights in {expected}" in runs["auto"][1]
     assert "frozen weights in float32." in runs["no"][1]

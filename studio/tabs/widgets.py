@@ -423,17 +423,9 @@ def latest_run_id(modality: str, registry: Registry | None = None) -> str | None
 SCALE_OUT = ["processes", "strategy", "nodes", "main_address", "main_port"]  # every tab's FORM holds these
 
 
-def global_batch_text(batch_size, accumulation, processes, nodes) -> str:
-    try:
-        per_step = [int(batch_size), int(accumulation), int(processes), int(nodes)]
-    except (TypeError, ValueError):
-        return ""
-    total = per_step[0] * per_step[1] * per_step[2] * per_step[3]
-    return (f"**Global batch: {total}** examples per optimizer step = {per_step[0]} per process x "
-            f"{per_step[1]} accumulated x {per_step[2]} process(es) x {per_step[3]} node(s).")
-
-
-# global_batch_text in JavaScript (the page's first figure comes from the Python one).
+# The global batch, worked out in the browser: a product needs no trip through the server's queue, which
+# a busy server (a data check importing the ML libraries) made the figure wait for, and once answer with
+# stale values.
 GLOBAL_BATCH_JS = """(batch, accumulation, processes, nodes) => {
     const parts = [batch, accumulation, processes, nodes].map((v) => (v === null || v === "" ? NaN : Number(v)));
     if (parts.some((n) => !Number.isInteger(n))) return "";
@@ -451,11 +443,11 @@ def scale_out_settings(inputs: dict[str, gr.Component], key: str) -> None:
         for name in SCALE_OUT:
             inputs[name].render()
     sources = [inputs[k] for k in ("batch_size", "gradient_accumulation", "processes", "nodes")]
-    shown = gr.Markdown(global_batch_text(*(c.value for c in sources)), elem_id=f"{key}-global-batch")
-    # Recomputed in the browser: a product needs no trip through the server's queue, which a busy server
-    # (a data check importing the ML libraries) made the figure wait for, and once answer with stale values.
-    for source in sources:
-        source.change(None, sources, shown, js=GLOBAL_BATCH_JS, api_visibility="private", show_progress="hidden")
+    shown = gr.Markdown(elem_id=f"{key}-global-batch")
+    page = gr.context.Context.root_block  # the figure is filled in as the page opens, then on each change
+    gr.on([page.load, *(source.change for source in sources)], None, sources, shown, js=GLOBAL_BATCH_JS,
+          api_visibility="private", show_progress="hidden")
+
 
 @dataclasses.dataclass
 class RunSection:
