@@ -43,12 +43,26 @@ def hardware_line() -> str:
     return f"{cpu}. GPU: {listed}."
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether the CPU computes in bf16 natively (AVX512-BF16 or AMX, read from /proc/cpuinfo without torch):
+    language-model training there holds the frozen linear layers in bf16."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            flags = next((line.split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def training_memory_gib(params_billion: float, on_gpu: bool, four_bit: bool = False, batch_tokens: int = 4096,
-                        hidden: int | None = None, layers: int | None = None, split: int = 1) -> float:
-    """A deliberately rough LoRA estimate for one process: frozen weights (fp32 on CPU, bf16 on GPU, 4-bit with
-    QLoRA; a 1/split share when a strategy splits them), plus activations kept for the backward pass, plus a
-    fixed overhead."""
-    bytes_per_weight = 0.55 if four_bit else (2 if on_gpu else 4)
+                        hidden: int | None = None, layers: int | None = None, split: int = 1,
+                        bf16: bool = True) -> float:
+    """A deliberately rough LoRA estimate for one process: frozen weights (bf16 on a GPU and, unless `bf16` is
+    off, on a CPU with native bf16; else fp32; 4-bit with QLoRA; a 1/split share when a strategy splits them),
+    plus activations kept for the backward pass, plus a fixed overhead."""
+    half = on_gpu or (bf16 and cpu_has_bf16())
+    bytes_per_weight = 0.55 if four_bit else (2 if half else 4)
     weights = params_billion * 1e9 * bytes_per_weight / split
     hidden = hidden or max(64, int((params_billion * 1e9 / 12 / max(1, layers or 24)) ** 0.5))
     layers = layers or max(2, int(params_billion * 16) or 2)

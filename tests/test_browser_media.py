@@ -45,6 +45,7 @@ def test_image_tab_zip_upload_training_gallery_and_side_by_side(server, page, tm
     summary = page.locator("#image-data-summary")
     expect(summary).to_contain_text("8 of 8")
     expect(page.locator("#image-problems")).to_contain_text("climbs out of the archive")
+    expect(page.locator("#image-preview img")).to_have_count(8)
     set_number(page, "Max steps", 40)
     set_number(page, "Sample every", 20)
     screenshot(page, "image-tab.png")
@@ -92,3 +93,17 @@ def test_bad_audio_gets_a_message(server, page, tmp_path):
     expect(page.locator("#speech-data-summary")).to_contain_text("No usable clips")
     expect(page.locator("#speech-problems")).to_contain_text("clip.wav")
     expect(page.locator("#speech-train")).to_be_disabled()
+
+
+def test_bad_images_get_a_message_and_no_empty_preview(server, page, tmp_path):
+    fake = tmp_path / "photo.png"
+    fake.write_bytes(b"this is not a picture" * 100)
+    (tmp_path / "photo.txt").write_text("a photo")
+    open_tab(page, server, "Image (Stable Diffusion)")
+    expect(page.locator("#image-preview img").first).to_be_visible()  # the sample drawings
+    page.locator("#image-files button[aria-label='Clear']").first.click()
+    page.locator("#image-files input[type=file]").set_input_files([str(fake), str(tmp_path / "photo.txt")])
+    expect(page.locator("#image-data-summary")).to_contain_text("No usable images")
+    expect(page.locator("#image-problems")).to_contain_text("photo.png")
+    expect(page.locator("#image-preview")).to_be_hidden()
+    expect(page.locator("#image-train")).to_be_disabled()

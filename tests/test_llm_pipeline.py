@@ -12,7 +12,7 @@ import torch
 from pipelines import load_config
 from pipelines.hub import ModelUnavailable
 from pipelines.llm import pipeline
-from pipelines.llm.model import materialise_preset
+from pipelines.llm.model import load_base_model, materialise_preset
 from pipelines.training import Events, latest_checkpoint, read_events
 
 
@@ -20,7 +20,7 @@ def steps_of(run_dir):
     return [e for e in read_events(run_dir)[0] if e["type"] == "step"]
 
 
-def train_run(config, run_dir, stop_at=None, resume=False):
+def train_run(config, run_dir, stop_at=None, resume=False, log=lambda message: None):
     run_dir.mkdir(exist_ok=True)
     events = Events(run_dir)
     state = {"steps": 0}
@@ -30,7 +30,7 @@ def train_run(config, run_dir, stop_at=None, resume=False):
         return stop_at is not None and state["steps"] >= stop_at
 
     try:
-        return pipeline.train(config, run_dir, events, should_stop, resume=resume, log=lambda m: None)
+        return pipeline.train(config, run_dir, events, should_stop, resume=resume, log=log)
     finally:
         events.close()
 
@@ -67,6 +67,42 @@ def test_samples_and_checkpoints_are_logged(trained):
     files = {p.name for p in latest_checkpoint(run_dir).iterdir()}
     assert {"trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json", "adapter"} <= files
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in run_dir.rglob("*"))
+
+
+def test_frozen_layers_held_in_bf16_give_what_autocast_gave(tmp_path, assets):
+    """Under bf16 autocast the frozen float32 linear weights are cast to bf16 in every forward; held in bf16
+    instead, the loss and the LoRA gradients are the same bit for bit, and those weights take half the memory."""
+    config = load_config(assets / "llm" / "config.yaml")
+    model = pipeline.attach_lora(load_base_model(config.base_model, torch.device("cpu")), config)
+    ids = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    def frozen_linear_bytes():  # (the output layer shares the embeddings' weight, which stays float32)
+        tied = model.get_input_embeddings().weight
+        return sum(m.weight.nbytes for m in model.modules()
+                   if type(m) is torch.nn.Linear and not m.weight.requires_grad and m.weight is not tied)
+
+    loss, grads = loss_and_grads()
+    held = frozen_linear_bytes()
+    assert pipeline.frozen_linears_to_bf16(model) > 0
+    assert frozen_linear_bytes() == held // 2
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    loss_now, grads_now = loss_and_grads()
+    assert torch.equal(loss, loss_now) and all(torch.equal(a, b) for a, b in zip(grads, grads_now))
+
+    # A run asked for bf16 holds them so (on any CPU), and its samples generate with them.
+    lines = []
+    config = config.changed(mixed_precision="bf16", max_steps=2, sample_every=2, checkpoint_every=100)
+    assert train_run(config, tmp_path / "run", log=lines.append) == "completed"
+    assert any("frozen linear layers in bf16" in line for line in lines)
+    assert [e for e in read_events(tmp_path / "run")[0] if e["type"] == "sample"]
 
 
 def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, assets):

@@ -43,7 +43,8 @@ class LLMConfig(RunConfig):
                            choices=["responses", "all"])
     max_length: int = option(512, "Longest example in tokens; longer ones are truncated.", min=16, max=32768, step=16)
     mixed_precision: str = option("auto", "bf16 autocast for the frozen model's matrix products, the adapter kept "
-                                          "in float32: about 2x faster where the hardware has native bf16 (NVIDIA "
+                                          "in float32, the frozen linear layers held in bf16 (half their memory): "
+                                          "about 2x faster where the hardware has native bf16 (NVIDIA "
                                           "Ampere or newer; CPUs with AMX or AVX512-BF16: Intel Xeon since Cooper Lake, "
                                           "AMD since Zen 4). auto = bf16 there, "
                                           "float32 elsewhere; no = no autocast (a GPU still holds the frozen weights in "

@@ -17,7 +17,7 @@ from pipelines.llm.compiled import compile_layers, compiled
 from pipelines.llm.config import LLMConfig
 from pipelines.llm.data import load_examples
 from pipelines.llm.loss import output_layer, reply_loss, with_reply_positions
-from pipelines.llm.model import base_location, load_base_model, load_tokenizer, lora_targets
+from pipelines.llm.model import base_location, builtin_base, load_base_model, load_tokenizer, lora_targets
 from pipelines.llm.tokenize import collate, counted_tokens, encode
 from pipelines.training import (Events, TrainingFailure, TrainingTask, adapter_dir, iterate_in_batches, require_data,
                                 native_bf16, pick_device, run_training, seed_everything, shuffled)
@@ -36,6 +36,31 @@ def attach_lora(model: torch.nn.Module, config: LLMConfig) -> torch.nn.Module:
         raise TrainingFailure(f"LoRA could not be attached: {err}", "Check the target modules.") from None
 
 
+def frozen_linears_to_bf16(model: torch.nn.Module) -> int:
+    """Under bf16 autocast every forward casts each frozen float32 linear weight to bf16, and keeps that copy
+    for the backward: held in bf16 from the start, the products are the same, bit for bit, in half the memory
+    and without the casts. The embeddings, the norms, a tied output layer and the LoRA weights stay float32,
+    as autocast keeps them; the frozen ones are then copied out of the loaded file's memory map, so that the
+    map (all of it read by now, and counted as the process's memory) is let go. Only for transformers' own
+    model classes (remote code may read a weight's dtype). Returns how many layers it changed."""
+    base = builtin_base(model)
+    if base is None:
+        return 0
+    tied = base.get_input_embeddings().weight
+    changed = 0
+    for module in base.modules():
+        if type(module) is torch.nn.Linear and not module.weight.requires_grad and module.weight is not tied:
+            module.weight.data = module.weight.data.to(torch.bfloat16)
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(torch.bfloat16)
+            changed += 1
+    if changed:
+        for p in base.parameters():
+            if p.dtype == torch.float32 and not p.requires_grad:
+                p.data = p.data.clone()
+    return changed
+
+
 def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: Callable[[], bool],
           resume: bool = False, log: Callable[[str], None] = print) -> str:
     run_dir = Path(run_dir)
@@ -51,6 +76,15 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
     model.config.use_cache = False
     trainable, total = model.get_nb_trainable_parameters()
     log(f"LoRA adds {trainable:,} trainable parameters to {total - trainable:,} frozen ones.")
+    bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and native_bf16(device))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
+    log(f"Training with {'bf16 autocast' if bf16 else 'float32'} matrix products on {device.type}.")
+    # On a GPU the base model is loaded in bf16 already. (Not with DoRA, which reads the frozen weight itself;
+    # not where a strategy flattens the weights, wanting one dtype per block.)
+    if bf16 and device.type == "cpu" and not config.use_dora and (config.world_size == 1 or config.strategy == "ddp"):
+        stored = frozen_linears_to_bf16(model)
+        if stored:
+            log(f"Holding the {stored} frozen linear layers in bf16 (what autocast computes with): half their memory.")
 
     encoded = [encode(e, tokenizer, config, truncate=True) for e in train_examples]
     truncated = sum(len(encode(e, tokenizer, config)[0]) > config.max_length for e in train_examples)
@@ -80,10 +114,6 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
         order = shuffled(encoded, config.seed, epoch)
         return [collate(group, pad_id, config.packing, row_length)
                 for group in iterate_in_batches(order, config.batch_size)]
-
-    bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and native_bf16(device))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
-    log(f"Training with {'bf16 autocast' if bf16 else 'float32'} matrix products on {device.type}.")
 
     pinned = device.type == "cuda"  # a copy from page-locked memory does not wait for the GPU's queue
     # The loss from the replies' hidden states without the [tokens, vocabulary] logits (pipelines/llm/loss.py),
@@ -121,9 +151,10 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
     answers = {e.prompt: e.answer for e in train_examples}
 
     def make_samples() -> list[dict]:
-        return [{"prompt": p, "output": complete(model, tokenizer, p, max_new_tokens=config.sample_max_new_tokens,
-                                                 synced=config.splits_weights),
-                 "expected": answers.get(p, "")} for p in prompts]
+        with autocast or contextlib.nullcontext():  # the model's bf16 layers take bf16 inputs
+            return [{"prompt": p, "output": complete(model, tokenizer, p, max_new_tokens=config.sample_max_new_tokens,
+                                                     synced=config.splits_weights),
+                     "expected": answers.get(p, "")} for p in prompts]
 
     def save_adapter(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)

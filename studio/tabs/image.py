@@ -46,12 +46,12 @@ def check_data(*args):
     values = FORM_SPEC.values(*args)
     if not values["data_files"]:
         return "Upload images (with .txt captions, a metadata.csv, or a zip of them) to begin.", \
-            gr.update(visible=False), None, gr.update(interactive=False)
+            gr.update(visible=False), gr.update(value=None, visible=False), gr.update(interactive=False)
     config = ImageConfig.from_dict(values, check=False)
     report = inspect_data(config)
     summary = ("**Images:** " if report.ok else "**No usable images.** ") + report.summary()
     problems = widgets.shown_if_any([{"file": p.file, "problem": p.reason} for p in report.problems])
-    gallery = [(p["image"], p.get("caption", "")) for p in report.preview]
+    gallery = widgets.shown_if_any([(p["image"], p.get("caption", "")) for p in report.preview], as_value=list)
     return summary, problems, gallery, gr.update(interactive=report.ok)
 
 
@@ -92,7 +92,8 @@ def build() -> dict:
         data_summary = gr.Markdown(elem_id="image-data-summary")
         problems = gr.Dataframe(label="Problems found", wrap=True, max_height=200, visible=False,
                                 elem_id="image-problems")
-        preview = gr.Gallery(label="Preview (as trained, with captions)", columns=8, height=220)
+        preview = gr.Gallery(label="Preview (as trained, with captions)", columns=8, height=220, visible=False,
+                             elem_id="image-preview")
 
     inputs = widgets.config_inputs(ImageConfig, FORM, defaults)
     with gr.Group():

@@ -111,7 +111,8 @@ def preflight_line(config: LLMConfig, stats: dict | None) -> str:
     on_gpu = bool(hardware.gpus()) and config.device != "cpu"
     batch_tokens = config.batch_size * min(config.max_length, int(stats["tokens_p95"]) if stats else config.max_length)
     split = config.world_size if config.splits_weights else 1
-    memory = hardware.training_memory_gib(size, on_gpu, config.load_in_4bit, batch_tokens, split=split)
+    memory = hardware.training_memory_gib(size, on_gpu, config.load_in_4bit, batch_tokens, split=split,
+                                          bf16=config.mixed_precision != "no")
     if on_gpu:
         where = "the GPU" if config.processes == 1 else f"each of the {config.processes} GPUs"
     else:  # the processes of a CPU run share this machine's memory
