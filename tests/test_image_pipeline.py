@@ -217,6 +217,14 @@ def test_a_full_width_unet_trains_in_bf16_where_the_cpu_has_it(sample_config, tm
     from safetensors import safe_open
     with safe_open(adapter, "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    # Trying it draws in the training dtype (faster); the merged export stays float32.
+    auto = sample_config.changed(base_model=str(wide), mixed_precision="auto")
+    pipe = pipeline.load_for_generation(auto, tmp_path / "auto")
+    assert pipe.unet.dtype == (torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32)
+    assert pipeline.generate(pipe, "a red circle", steps=2).size == (32, 32)
+    merged = pipeline.export(auto, tmp_path / "auto", "merged", tmp_path / "merged")
+    with safe_open(merged / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
 
 
 def test_the_tiny_preset_stays_in_float32_by_default(sample_config):
