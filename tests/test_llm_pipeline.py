@@ -13,7 +13,7 @@ from pipelines import load_config
 from pipelines.hub import ModelUnavailable
 from pipelines.llm import pipeline
 from pipelines.llm.model import load_base_model, materialise_preset
-from pipelines.training import Events, latest_checkpoint, read_events
+from pipelines.training import Events, latest_checkpoint, native_bf16, read_events
 
 
 def steps_of(run_dir):
@@ -50,6 +50,9 @@ def test_training_lowers_loss_and_learns_the_answers(trained, assets):
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     rows = list(csv.DictReader(open(assets / "llm" / "sample.csv", encoding="utf-8")))
     model, tokenizer = pipeline.load_for_generation(config, run_dir)
+    # As it trained: in bf16 where the CPU has it natively (mixed_precision auto), so the answers are bf16's.
+    assert pipeline.holds_bf16_on_cpu(model) == native_bf16(torch.device("cpu"))
+    assert pipeline.holds_bf16_on_cpu(pipeline.load_for_generation(config, None)[0]) == native_bf16(torch.device("cpu"))
     tuned = [pipeline.complete(model, tokenizer, r["instruction"]) for r in rows if not r["input"]]
     expected = [r["output"] for r in rows if not r["input"]]
     assert sum(t == e for t, e in zip(tuned, expected)) >= 0.8 * len(expected)
@@ -150,7 +153,7 @@ def test_exports_load_in_plain_peft_and_transformers(trained, tmp_path):
                             capture_output=True, text=True, check=True)
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["modules"] == []  # loaded with no import of this project
-    model, tokenizer = pipeline.load_for_generation(config, run_dir)
+    model, tokenizer = pipeline.load_for_generation(config.changed(mixed_precision="no"), run_dir)  # float32
     ids = tokenizer("### Instruction:\nWhat is the capital of Zorbia?\n\n### Response:\n", return_tensors="pt")
     with torch.no_grad():
         ours = model(**ids).logits[0, -1]
