@@ -488,11 +488,16 @@ def shuffled(items: list, seed: int, epoch: int) -> list:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products run natively (fast) here: a GPU with bf16, or a CPU whose oneDNN has
-    bf16 kernels (AMX, AVX512-BF16). Elsewhere bf16 is emulated and slower than float32."""
+    """Whether bf16 matrix products run natively (fast) here: a GPU with bf16, or a CPU with bf16 instructions
+    (AVX512-BF16 or AMX). Elsewhere bf16 is emulated and slower than float32: oneDNN's own check
+    (torch.ops.mkldnn._is_mkldnn_bf16_supported) says yes to any AVX512 CPU, Skylake to Ice Lake included,
+    where it is emulated. (studio/hardware.py reads the same two flags without torch.)"""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if device.type != "cpu":
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)  # (private in torch, hence getattr)
 
 
 def pick_device(choice: str) -> torch.device:

@@ -57,12 +57,11 @@ def cpu_has_bf16() -> bool:
 
 def training_memory_gib(params_billion: float, on_gpu: bool, four_bit: bool = False, batch_tokens: int = 4096,
                         hidden: int | None = None, layers: int | None = None, split: int = 1,
-                        bf16: bool = True) -> float:
-    """A deliberately rough LoRA estimate for one process: frozen weights (bf16 on a GPU and, unless `bf16` is
-    off, on a CPU with native bf16; else fp32; 4-bit with QLoRA; a 1/split share when a strategy splits them),
-    plus activations kept for the backward pass, plus a fixed overhead."""
-    half = on_gpu or (bf16 and cpu_has_bf16())
-    bytes_per_weight = 0.55 if four_bit else (2 if half else 4)
+                        bf16_on_cpu: bool = False) -> float:
+    """A deliberately rough LoRA estimate for one process: frozen weights (bf16 on a GPU, and on a CPU where
+    the run holds them so; else fp32; 4-bit with QLoRA; a 1/split share when a strategy splits them), plus
+    activations kept for the backward pass, plus a fixed overhead."""
+    bytes_per_weight = 0.55 if four_bit else (2 if on_gpu or bf16_on_cpu else 4)
     weights = params_billion * 1e9 * bytes_per_weight / split
     hidden = hidden or max(64, int((params_billion * 1e9 / 12 / max(1, layers or 24)) ** 0.5))
     layers = layers or max(2, int(params_billion * 16) or 2)
@@ -75,5 +74,5 @@ def describe_model(name: str, params_billion: float | None) -> str:
         return name
     size = f"{params_billion * 1000:.0f}M" if params_billion < 1 else f"{params_billion:.1f}B"
     on_gpu = bool(gpus())
-    need = training_memory_gib(params_billion, on_gpu)
+    need = training_memory_gib(params_billion, on_gpu, bf16_on_cpu=cpu_has_bf16())  # mixed_precision auto
     return f"{name} — {size} params, ~{need:.1f} GiB to train on {'GPU' if on_gpu else 'CPU'}"

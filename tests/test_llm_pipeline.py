@@ -49,10 +49,12 @@ def test_training_lowers_loss_and_learns_the_answers(trained, assets):
     losses = [e["loss"] for e in steps_of(run_dir)]
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     rows = list(csv.DictReader(open(assets / "llm" / "sample.csv", encoding="utf-8")))
-    model, tokenizer = pipeline.load_for_generation(config, run_dir)
-    # As it trained: in bf16 where the CPU has it natively (mixed_precision auto), so the answers are bf16's.
-    assert pipeline.holds_bf16_on_cpu(model) == native_bf16(torch.device("cpu"))
-    assert pipeline.holds_bf16_on_cpu(pipeline.load_for_generation(config, None)[0]) == native_bf16(torch.device("cpu"))
+    # Tried as it trained: in bf16 where the CPU has it natively (mixed_precision auto), with or without a run;
+    # asked for, in bf16 on any CPU, which the answers below are from (the base's through disable_adapter).
+    for run in (run_dir, None):
+        assert pipeline.holds_bf16_on_cpu(pipeline.load_for_generation(config, run)[0]) == native_bf16(torch.device("cpu"))
+    model, tokenizer = pipeline.load_for_generation(config.changed(mixed_precision="bf16"), run_dir)
+    assert pipeline.holds_bf16_on_cpu(model)
     tuned = [pipeline.complete(model, tokenizer, r["instruction"]) for r in rows if not r["input"]]
     expected = [r["output"] for r in rows if not r["input"]]
     assert sum(t == e for t, e in zip(tuned, expected)) >= 0.8 * len(expected)
@@ -76,7 +78,28 @@ def test_frozen_layers_held_in_bf16_give_what_autocast_gave(tmp_path, assets):
     """Under bf16 autocast the frozen float32 linear weights are cast to bf16 in every forward; held in bf16
     instead, the loss and the LoRA gradients are the same bit for bit, and those weights take half the memory."""
     config = load_config(assets / "llm" / "config.yaml")
-    model = pipeline.attach_lora(load_base_model(config.base_model, torch.device("cpu")), config)
+    preset = load_base_model(config.base_model, torch.device("cpu"))
+    for model in (preset, untied_with_biases(preset.config)):
+        check_held_in_bf16(pipeline.attach_lora(model, config))
+
+    # A run asked for bf16 holds them so (on any CPU), and its samples generate with them.
+    lines = []
+    config = config.changed(mixed_precision="bf16", max_steps=2, sample_every=2, checkpoint_every=100)
+    assert train_run(config, tmp_path / "run", log=lines.append) == "completed"
+    assert any("frozen linear layers in bf16" in line for line in lines)
+    assert [e for e in read_events(tmp_path / "run")[0] if e["type"] == "sample"]
+
+
+def untied_with_biases(config):
+    """The preset's shape with biases in every linear layer and an output layer of its own (as Qwen2 has
+    biases, and StableLM 2 an untied head)."""
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config.__class__(**{**config.to_dict(), "attention_bias": True, "mlp_bias": True,
+                                                "tie_word_embeddings": False}))
+
+
+def check_held_in_bf16(model):
     ids = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
 
     def loss_and_grads():
@@ -99,13 +122,6 @@ def test_frozen_layers_held_in_bf16_give_what_autocast_gave(tmp_path, assets):
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     loss_now, grads_now = loss_and_grads()
     assert torch.equal(loss, loss_now) and all(torch.equal(a, b) for a, b in zip(grads, grads_now))
-
-    # A run asked for bf16 holds them so (on any CPU), and its samples generate with them.
-    lines = []
-    config = config.changed(mixed_precision="bf16", max_steps=2, sample_every=2, checkpoint_every=100)
-    assert train_run(config, tmp_path / "run", log=lines.append) == "completed"
-    assert any("frozen linear layers in bf16" in line for line in lines)
-    assert [e for e in read_events(tmp_path / "run")[0] if e["type"] == "sample"]
 
 
 def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, assets):

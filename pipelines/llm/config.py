@@ -43,7 +43,8 @@ class LLMConfig(RunConfig):
                            choices=["responses", "all"])
     max_length: int = option(512, "Longest example in tokens; longer ones are truncated.", min=16, max=32768, step=16)
     mixed_precision: str = option("auto", "bf16 autocast for the frozen model's matrix products, the adapter kept "
-                                          "in float32, the frozen linear layers held in bf16 (half their memory): "
+                                          "in float32, on a CPU the frozen linear layers held in bf16 (half their "
+                                          "memory; not with DoRA, fsdp or zero): "
                                           "about 2x faster where the hardware has native bf16 (NVIDIA "
                                           "Ampere or newer; CPUs with AMX or AVX512-BF16: Intel Xeon since Cooper Lake, "
                                           "AMD since Zen 4). auto = bf16 there, "
@@ -67,6 +68,11 @@ class LLMConfig(RunConfig):
 
     sample_prompts: list[str] = option([], "Prompts generated from while training (empty = the first training prompts).")
     sample_max_new_tokens: int = option(48, "Tokens to generate per sample.", min=1, max=2048, advanced=True)
+
+    def holds_frozen_bf16(self) -> bool:
+        """Whether, under bf16 on a CPU, the frozen linear layers can be held in bf16: not with DoRA, which
+        reads the frozen weight itself, nor where fsdp or zero flatten each block's weights into one dtype."""
+        return not self.use_dora and (self.world_size == 1 or self.strategy == "ddp")
 
     def extra_problems(self) -> list[tuple[str, str]]:
         problems = super().extra_problems()

@@ -49,7 +49,7 @@ def holds_bf16_on_cpu(model: torch.nn.Module) -> bool:
 def frozen_linears_to_bf16(model: torch.nn.Module) -> int:
     """Under bf16 autocast every forward casts each frozen float32 linear weight to bf16, and keeps that copy
     for the backward: held in bf16 from the start, the products are the same, bit for bit, in half the memory
-    and without the casts. The embeddings, the norms, a tied output layer and the LoRA weights that train
+    and without the casts. The embeddings, the norms, a tied output layer and whatever trains (the LoRA)
     stay float32, as autocast keeps them; the frozen ones are then copied out of the loaded file's memory map, so that the
     map (all of it read by now, and counted as the process's memory) is let go. Only for transformers' own
     model classes (remote code may read a weight's dtype). Returns how many layers it changed."""
@@ -89,9 +89,7 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
     bf16 = bf16_products(config, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
     log(f"Training with {'bf16 autocast' if bf16 else 'float32'} matrix products on {device.type}.")
-    # On a GPU the base model is loaded in bf16 already. (Not with DoRA, which reads the frozen weight itself;
-    # not where a strategy flattens the weights, wanting one dtype per block.)
-    if bf16 and device.type == "cpu" and not config.use_dora and (config.world_size == 1 or config.strategy == "ddp"):
+    if bf16 and device.type == "cpu" and config.holds_frozen_bf16():  # (a GPU loads the model in bf16 already)
         stored = frozen_linears_to_bf16(model)
         if stored:
             log(f"Holding the {stored} frozen linear layers in bf16 (what autocast computes with): half their memory.")
@@ -200,7 +198,7 @@ def load_for_generation(config: LLMConfig, run_dir: str | Path | None, checkpoin
         model = PeftModel.from_pretrained(model, adapter_dir(run_dir, checkpoint))
     model.requires_grad_(False)  # nothing trains here, the adapter included
     if device.type == "cpu" and bf16_products(config, device) and not config.use_dora:
-        frozen_linears_to_bf16(model)
+        frozen_linears_to_bf16(model)  # (the adapter's layers too: under autocast that computes the same)
     model.eval()
     return model, tokenizer
 
@@ -220,7 +218,7 @@ def complete(model, tokenizer, prompt: str | list[dict], *, max_new_tokens: int 
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=holds_bf16_on_cpu(model)):
+        with torch.autocast("cpu", dtype=torch.bfloat16) if holds_bf16_on_cpu(model) else contextlib.nullcontext():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sampling,
                                     temperature=temperature if sampling else None, top_p=top_p if sampling else None,
                                     top_k=None, pad_token_id=tokenizer.pad_token_id,
