@@ -51,8 +51,9 @@ def test_training_lowers_loss_and_learns_the_answers(trained, assets):
     rows = list(csv.DictReader(open(assets / "llm" / "sample.csv", encoding="utf-8")))
     # Tried as it trained: in bf16 where the CPU has it natively (mixed_precision auto), with or without a run;
     # asked for, in bf16 on any CPU, which the answers below are from (the base's through disable_adapter).
+    native = native_bf16(torch.device("cpu"))
     for run in (run_dir, None):
-        assert pipeline.holds_bf16_on_cpu(pipeline.load_for_generation(config, run)[0]) == native_bf16(torch.device("cpu"))
+        assert pipeline.holds_bf16_on_cpu(pipeline.load_for_generation(config, run)[0]) == native
     model, tokenizer = pipeline.load_for_generation(config.changed(mixed_precision="bf16"), run_dir)
     assert pipeline.holds_bf16_on_cpu(model)
     tuned = [pipeline.complete(model, tokenizer, r["instruction"]) for r in rows if not r["input"]]

@@ -69,6 +69,11 @@ class LLMConfig(RunConfig):
     sample_prompts: list[str] = option([], "Prompts generated from while training (empty = the first training prompts).")
     sample_max_new_tokens: int = option(48, "Tokens to generate per sample.", min=1, max=2048, advanced=True)
 
+    def bf16_products(self, native_bf16: bool) -> bool:
+        """Whether the run's matrix products are bf16, given whether this hardware has bf16 natively
+        (pipelines.training.native_bf16; the UI, which imports no torch, reads the CPU's flags)."""
+        return self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and native_bf16)
+
     def holds_frozen_bf16(self) -> bool:
         """Whether, under bf16 on a CPU, the frozen linear layers can be held in bf16: not with DoRA, which
         reads the frozen weight itself, nor where fsdp or zero flatten each block's weights into one dtype."""

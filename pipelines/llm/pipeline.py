@@ -36,11 +36,6 @@ def attach_lora(model: torch.nn.Module, config: LLMConfig) -> torch.nn.Module:
         raise TrainingFailure(f"LoRA could not be attached: {err}", "Check the target modules.") from None
 
 
-def bf16_products(config: LLMConfig, device: torch.device) -> bool:
-    """Whether the run's matrix products are bf16 (mixed_precision auto: where the hardware has it natively)."""
-    return config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and native_bf16(device))
-
-
 def holds_bf16_on_cpu(model: torch.nn.Module) -> bool:
     """Whether this CPU model holds layers in bf16 (frozen_linears_to_bf16), so runs under bf16 autocast."""
     return model.device.type == "cpu" and any(p.dtype == torch.bfloat16 for p in model.parameters())
@@ -50,9 +45,10 @@ def frozen_linears_to_bf16(model: torch.nn.Module) -> int:
     """Under bf16 autocast every forward casts each frozen float32 linear weight to bf16, and keeps that copy
     for the backward: held in bf16 from the start, the products are the same, bit for bit, in half the memory
     and without the casts. The embeddings, the norms, a tied output layer and whatever trains (the LoRA)
-    stay float32, as autocast keeps them; the frozen ones are then copied out of the loaded file's memory map, so that the
-    map (all of it read by now, and counted as the process's memory) is let go. Only for transformers' own
-    model classes (remote code may read a weight's dtype). Returns how many layers it changed."""
+    stay float32, as autocast keeps them; the frozen ones are then copied out of the loaded file's memory
+    map, so that the map (all of it read by now, and counted as the process's memory) is let go. Only for
+    transformers' own model classes (remote code may read a weight's dtype). Returns how many layers it
+    changed."""
     base = builtin_base(model)
     if base is None:
         return 0
@@ -86,7 +82,7 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
     model.config.use_cache = False
     trainable, total = model.get_nb_trainable_parameters()
     log(f"LoRA adds {trainable:,} trainable parameters to {total - trainable:,} frozen ones.")
-    bf16 = bf16_products(config, device)
+    bf16 = config.bf16_products(native_bf16(device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
     log(f"Training with {'bf16 autocast' if bf16 else 'float32'} matrix products on {device.type}.")
     if bf16 and device.type == "cpu" and config.holds_frozen_bf16():  # (a GPU loads the model in bf16 already)
@@ -197,7 +193,7 @@ def load_for_generation(config: LLMConfig, run_dir: str | Path | None, checkpoin
     if run_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir(run_dir, checkpoint))
     model.requires_grad_(False)  # nothing trains here, the adapter included
-    if device.type == "cpu" and bf16_products(config, device) and not config.use_dora:
+    if device.type == "cpu" and config.bf16_products(native_bf16(device)) and not config.use_dora:
         frozen_linears_to_bf16(model)  # (the adapter's layers too: under autocast that computes the same)
     model.eval()
     return model, tokenizer

@@ -111,10 +111,9 @@ def preflight_line(config: LLMConfig, stats: dict | None) -> str:
     on_gpu = bool(hardware.gpus()) and config.device != "cpu"
     batch_tokens = config.batch_size * min(config.max_length, int(stats["tokens_p95"]) if stats else config.max_length)
     split = config.world_size if config.splits_weights else 1
-    # As pipelines.llm.pipeline.train decides (bf16_products, holds_frozen_bf16), from /proc/cpuinfo: no torch here.
-    bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and hardware.cpu_has_bf16())
+    bf16_on_cpu = config.bf16_products(hardware.cpu_has_bf16()) and config.holds_frozen_bf16()  # as training decides
     memory = hardware.training_memory_gib(size, on_gpu, config.load_in_4bit, batch_tokens, split=split,
-                                          bf16_on_cpu=bf16 and config.holds_frozen_bf16())
+                                          bf16_on_cpu=bf16_on_cpu)
     if on_gpu:
         where = "the GPU" if config.processes == 1 else f"each of the {config.processes} GPUs"
     else:  # the processes of a CPU run share this machine's memory
