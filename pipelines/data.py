@@ -52,7 +52,9 @@ class DataReport:
             text += f" ({self.format})"
         if self.validation_rows:
             text += f", {self.validation_rows} held out for validation"
-        dropped = len([p for p in self.problems if p.row is not None])
+        # Counted from the totals, not from the problems: a bad clip or image is reported by file, not by row,
+        # and a warning (kept=True) drops nothing.
+        dropped = max(0, self.rows_found - self.rows_usable)
         if dropped:
             text += f"; {dropped} {'row' if dropped == 1 else 'rows'} dropped"
         return text

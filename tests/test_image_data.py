@@ -85,7 +85,7 @@ def test_every_broken_file_is_named_with_its_reason(tmp_path):
     assert "100 megapixels" in found["bomb.png"] and "STUDIO_MAX_IMAGE_PIXELS" in found["bomb.png"]
     assert "not an image file" in found["scan.pdf"]
     assert "convert it to PNG or JPEG" in found["phone.heic"]
-    assert report.summary().startswith("1 of 6 rows usable")
+    assert report.summary() == "1 of 6 rows usable (images); 5 rows dropped"
 
 
 def test_odd_formats_are_converted_with_a_note(tmp_path):
