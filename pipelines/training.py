@@ -257,6 +257,16 @@ def run_training(task: TrainingTask, config: RunConfig, run_dir: str | Path, eve
         torch.set_num_threads(threads)  # the loop may have trained on fewer (pipelines.threads)
 
 
+def make_optimizer(params: list[torch.Tensor], config: RunConfig, plain: bool = False) -> torch.optim.AdamW:
+    """AdamW over the adapter. torch's fused kernel updates every tensor in one pass instead of a dozen small
+    operations per tensor (3-5% of tiny-sd's CPU step) and gives the same update to float32 rounding.
+    DeepSpeed, which takes the optimizer over and steps it on its own flat partitions, gets the ordinary one
+    (plain=True)."""
+    fused = not plain and all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                             fused=True if fused else None)
+
+
 def _train_until_done(task: TrainingTask, config: RunConfig, run_dir: str | Path, events: Events,
                       should_stop: Callable[[], bool], resume: bool, log: Callable[[str], None]) -> str:
     run_dir = Path(run_dir)
@@ -277,7 +287,8 @@ def _train_until_done(task: TrainingTask, config: RunConfig, run_dir: str | Path
     if here.distributed and config.strategy == "fsdp":
         log(f"FSDP: {distributed.shard_frozen_weights(model, device, config)} blocks of the base model are split "
             f"between {here.world} processes.")
-    optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(list(params.values()), config,
+                               plain=here.distributed and config.strategy.startswith("zero"))
     zero = distributed.ZeroSteps(model, optimizer, params, config, task.borrowed_weights) if here.distributed and \
         config.strategy.startswith("zero") else None
     whole = zero.whole if zero else contextlib.nullcontext

@@ -13,7 +13,7 @@ from pipelines import load_config
 from pipelines.hub import ModelUnavailable
 from pipelines.llm import pipeline
 from pipelines.llm.model import load_base_model, materialise_preset
-from pipelines.training import Events, latest_checkpoint, native_bf16, read_events
+from pipelines.training import Events, latest_checkpoint, make_optimizer, native_bf16, read_events
 
 
 def steps_of(run_dir):
@@ -142,6 +142,26 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, assets):
     eval_b = [e for e in read_events(split)[0] if e["type"] == "eval"][-1]["eval_loss"]
     assert eval_b == pytest.approx(eval_a, rel=1e-4)
 
+
+
+def test_the_fused_optimizer_updates_like_plain_adamw(assets):
+    config = load_config(assets / "llm" / "config.yaml").changed(weight_decay=0.01)
+    torch.manual_seed(0)
+    ours = [torch.randn(64, 8, requires_grad=True), torch.randn(8, 64, requires_grad=True)]
+    start = [p.detach().clone() for p in ours]
+    plain = [p.detach().clone().requires_grad_() for p in ours]
+    optimizer = make_optimizer(ours, config)
+    reference = torch.optim.AdamW(plain, lr=config.learning_rate, weight_decay=0.01)
+    assert optimizer.param_groups[0]["fused"]
+    assert make_optimizer(ours, config, plain=True).param_groups[0]["fused"] is None
+    for _ in range(30):
+        for a, b in zip(ours, plain):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        optimizer.step()
+        reference.step()
+    assert all(not torch.allclose(a, a0) for a, a0 in zip(ours, start))
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(ours, plain))
 
 PLAIN_PEFT = """
 import json, sys, torch
