@@ -502,9 +502,10 @@ def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matrix products run natively (fast) here: a GPU with bf16, or a CPU with bf16 instructions
     (AVX512-BF16 or AMX). Elsewhere bf16 is emulated and slower than float32: oneDNN's own check
     (torch.ops.mkldnn._is_mkldnn_bf16_supported) says yes to any AVX512 CPU, Skylake to Ice Lake included,
-    where it is emulated. (studio/hardware.py reads the same two flags without torch.)"""
+    where it is emulated. (studio/hardware.py reads the same two flags without torch.) On a GPU: Ampere or
+    newer; torch's own check also says yes to older ones (a T4, a V100), which only emulate it."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
         return False
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]

@@ -124,7 +124,7 @@ def _weight_dtype(config: ImageConfig, device: torch.device, unet, log: Callable
         if choice == "fp16":
             log("fp16 is for GPUs: training in bf16 on this CPU, which has it natively.")
         return torch.bfloat16
-    if choice in ("auto", "bf16") and torch.cuda.is_bf16_supported():
+    if choice in ("auto", "bf16") and native_bf16(device):
         return torch.bfloat16
     if choice == "bf16":
         log("This GPU has no bf16: using fp16 instead.")
@@ -355,7 +355,7 @@ def load_for_generation(config: ImageConfig, run_dir: str | Path | None = None, 
     device = pick_device(config.device)
     dtype = torch.float32
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = torch.bfloat16 if native_bf16(device) else torch.float16
     pipe = load_pipeline(config.base_model, dtype)
     if device.type == "cpu":
         # In the dtype the run trains in here: bf16 for a full-size UNet on a CPU with native bf16 (a 256 px

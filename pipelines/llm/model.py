@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from pipelines.hub import ModelUnavailable, load_from_hub, publish_folder, resolve_source, workspace
-from pipelines.training import TrainingFailure
+from pipelines.training import TrainingFailure, native_bf16
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
@@ -99,7 +99,7 @@ def load_base_model(base_model: str, device: torch.device, *, trust_remote_code:
     location = base_location(base_model)
     kwargs: dict = {"trust_remote_code": trust_remote_code, "use_safetensors": None}
     if device.type == "cuda":
-        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        kwargs["dtype"] = torch.bfloat16 if native_bf16(device) else torch.float16
     else:
         kwargs["dtype"] = torch.float32
     if load_in_4bit:
