@@ -1,8 +1,10 @@
 """Whisper LoRA: the studio's training vs a plain openai-whisper + peft loop.
 
-    python bench/speech.py [--quick] [--device cpu|cuda] [--rounds N] [--steps N]
+    python bench/speech.py [--quick] [--device cpu|cuda] [--rounds N] [--steps N] [--size tiny|base|small]
 
-Same model (the tiny-whisper preset), same data (assets/speech/clips: 8 short English clips), same LoRA
+Same model (the tiny-whisper preset; with --size, one of OpenAI's Whisper sizes with random weights, the
+preset's initialisation at that size: what a real model costs per step, without a download; learning rate
+1e-3 there, the studio's default, where the preset's 1e-2 makes the wider models' losses erratic), same data (assets/speech/clips: 8 short English clips), same LoRA
 (the decoder's attention query/key/value/out, rank 16, alpha 32, same seed so the same initial adapter,
 encoder frozen: the studio's decoder_only setting), same AdamW/lr/cosine/clipping, batch 8, same steps,
 same clips in each batch, same targets (start-of-transcript + language + task + no-timestamps prompt,
@@ -36,13 +38,30 @@ from bench.common import (add_loss_tail, alternate, benchmark_parser, apply_thre
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "assets" / "speech" / "clips"
+# OpenAI's Whisper sizes (model width, heads, layers of the encoder and of the decoder alike), for --size.
+WHISPER_SIZES = {"tiny": (384, 6, 4), "base": (512, 8, 6), "small": (768, 12, 12)}
+
+
+def base_model_for(size: str) -> str:
+    """The base model's name: the preset, or a random Whisper of that size written into the workspace."""
+    if size == "preset":
+        return "tiny-whisper"
+    from pipelines.speech.model import PRESETS, materialise_preset
+    width, heads, layers = WHISPER_SIZES[size]
+    dims = {**PRESETS["tiny-whisper"]["dims"], "n_audio_state": width, "n_audio_head": heads, "n_audio_layer": layers,
+            "n_text_state": width, "n_text_head": heads, "n_text_layer": layers}
+    preset = PRESETS["tiny-whisper"]
+    # The output logits keep the preset's scale: its embedding's spread shrinks as the width grows.
+    normal = {**preset["normal"], "decoder.token_embedding.weight": 0.25 * (64 / width) ** 0.5}
+    return str(materialise_preset(f"whisper-{size}-random", {**preset, "dims": dims, "normal": normal}))
 
 
 def config_for(args):
     from pipelines.speech.config import SpeechConfig
-    return SpeechConfig(name="bench", base_model="tiny-whisper", data_path=str(DATA), validation_fraction=0.0,
+    return SpeechConfig(name="bench", base_model=base_model_for(args.size), data_path=str(DATA), validation_fraction=0.0,
                         language="en", task="transcribe", decoder_only=True, target="attention", lora_rank=16,
-                        lora_alpha=32.0, lora_dropout=0.0, learning_rate=1e-2, max_steps=args.steps,
+                        lora_alpha=32.0, lora_dropout=0.0, learning_rate=1e-2 if args.size == "preset" else 1e-3,
+                        max_steps=args.steps,
                         batch_size=args.batch_size, warmup_steps=0, scheduler="cosine", eval_every=0,
                         sample_every=0, sample_count=0, checkpoint_every=100_000, seed=1234, device=args.device)
 
@@ -189,7 +208,10 @@ def worker(args) -> None:
 
 
 def main() -> None:
-    args = benchmark_parser(__doc__, "optimizer steps per run (default 40, quick 15)", batch_size=8).parse_args()
+    parser = benchmark_parser(__doc__, "optimizer steps per run (default 40, quick 15)", batch_size=8)
+    parser.add_argument("--size", choices=["preset", *WHISPER_SIZES], default="preset",
+                        help="a random-weight Whisper of this OpenAI size instead of the tiny preset")
+    args = parser.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.steps = args.steps or (15 if args.quick else 40)
     apply_threads(args.threads)
@@ -197,13 +219,12 @@ def main() -> None:
         return worker(args)
     with tempfile.TemporaryDirectory(prefix="bench-speech-") as tmp:
         os.environ["STUDIO_HOME"] = str(Path(tmp) / "workspace")
-        from pipelines.speech.model import materialise_preset
-        materialise_preset("tiny-whisper")
-        print(f"Speech LoRA benchmark on {args.device}: tiny-whisper preset, assets/speech (8 clips), decoder only, batch "
+        model = os.path.basename(base_model_for(args.size))  # built once here, before the workers load it
+        print(f"Speech LoRA benchmark on {args.device}: {model}, assets/speech (8 clips), decoder only, batch "
               f"{args.batch_size}, {args.steps} steps, {args.rounds} round(s), {os.cpu_count()} CPU cores visible.",
               flush=True)
         runs = alternate(__file__, args.rounds, ["--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                                                 "--device", args.device])
+                                                 "--device", args.device, "--size", args.size])
     print("\nMedians over the rounds:\n")
     print(table(runs, [("clips_s", "samples (clips)/s"), ("train_s", "training wall time (s)"),
                        ("peak_mb", "peak memory (MB)"), ("train_loss_last", "train loss (last 25% of steps)"),

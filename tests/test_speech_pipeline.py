@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import whisper
 from safetensors.torch import load_file
 
 from pipelines import load_config
-from pipelines.training import Events, checkpoint_dirs, read_events
-from pipelines.speech.pipeline import export, load_for_transcription, train, transcribe
+from pipelines.training import Events, checkpoint_dirs, native_bf16, read_events
+from pipelines.speech.model import load_base_model
+from pipelines.speech.pipeline import export, load_for_transcription, train, trains_in_bf16, transcribe
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIPS = ROOT / "assets" / "speech" / "clips"
@@ -60,6 +62,26 @@ def test_training_lowers_loss_and_word_error_rate(trained):
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
     assert seconds < 90, f"the sample run took {seconds:.0f} s"  # ~5 s on 2 idle cores
+
+
+
+def test_bf16_autocast_trains_as_well_as_float32(trained, tmp_path):
+    # auto: float32 for the tiny preset (bf16 is no faster there), bf16 for real Whisper widths where the CPU
+    # has it natively. Forced on the preset here, so every machine checks that bf16 products still learn.
+    config, _, _, float32_events, _ = trained
+    whisper_tiny = whisper.model.ModelDimensions(80, 1500, 384, 6, 4, 51865, 448, 384, 6, 4)
+    cpu = torch.device("cpu")
+    assert trains_in_bf16(config, cpu, whisper_tiny) == native_bf16(cpu)
+    assert not trains_in_bf16(config, cpu, load_base_model(config.base_model, cpu).dims)
+    assert not trains_in_bf16(config.changed(mixed_precision="no"), cpu, whisper_tiny)
+    status, events = run(config.changed(mixed_precision="bf16"), tmp_path / "bf16")
+    assert status == "completed"
+    evals = [e for e in events if e["type"] == "eval"]
+    first, last = evals[0], evals[-1]
+    float32_last = [e for e in float32_events if e["type"] == "eval"][-1]
+    assert last["eval_loss"] < 0.5 * first["eval_loss"]
+    assert last["eval_loss"] == pytest.approx(float32_last["eval_loss"], rel=0.1, abs=0.02)
+    assert last["wer"] <= float32_last["wer"] + 0.1
 
 
 def test_try_it_shows_base_and_tuned_side_by_side(trained):

@@ -55,12 +55,13 @@ def whisper_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", default)) / "whisper"
 
 
-def materialise_preset(name: str) -> Path:
-    """Build the preset deterministically into workspace/models/<name>.pt once (atomic write)."""
+def materialise_preset(name: str, spec: dict | None = None) -> Path:
+    """Build the preset deterministically into workspace/models/<name>.pt once (atomic write). A spec of the
+    same form builds another model under that name (the benchmark's random Whisper sizes)."""
     target = workspace() / "models" / f"{name}.pt"
     if target.exists():
         return target
-    spec = PRESETS[name]
+    spec = spec or PRESETS[name]
     dims = ModelDimensions(**spec["dims"])
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(spec["seed"])

@@ -31,12 +31,22 @@ from pipelines.speech.data import Clip, load_clips
 from pipelines.speech.model import (base_location, check_language, load_base_model, log_mel, lora_targets,
                                     model_summary, text_tokenizer)
 from pipelines.training import (Events, TrainingFailure, TrainingTask, adapter_dir, iterate_in_batches, require_data,
-                                pick_device, run_training, seed_everything, shuffled)
+                                native_bf16, pick_device, run_training, seed_everything, shuffled)
 
 IGNORE = -100
 # Encoder outputs of all clips are kept in memory when they fit in this budget; otherwise only the
 # log-mels are, and the frozen encoder runs again each step (still no audio decoding or mel per step).
 CACHE_BYTES = int(os.environ.get("STUDIO_SPEECH_CACHE_MB", 4096)) * 2**20
+# The narrowest decoder that gains from bf16 on a CPU with native bf16. Measured (decoder forward + backward
+# with LoRA, 8 clips, 1 thread, an Intel Xeon with AMX): Whisper tiny's 384 wide 1.3x faster, base's 512
+# 1.4x, small's 768 2.4x; the tiny preset's 64 no faster, so it stays float32.
+CPU_BF16_MIN_WIDTH = 384
+
+
+def trains_in_bf16(config: SpeechConfig, device: torch.device, dims) -> bool:
+    if config.mixed_precision != "auto":
+        return config.mixed_precision == "bf16"
+    return native_bf16(device) and (device.type == "cuda" or dims.n_text_state >= CPU_BF16_MIN_WIDTH)
 
 
 def attach_lora(model: whisper.model.Whisper, config: SpeechConfig) -> PeftModel:
@@ -145,10 +155,11 @@ def train(config: SpeechConfig, run_dir: str | Path, events: Events, should_stop
     def batches_for_epoch(epoch: int) -> list[list[int]]:
         return list(iterate_in_batches(shuffled(train_items, config.seed, epoch), config.batch_size))
 
+    bf16 = trains_in_bf16(config, device, base.dims)
+    log(f"Training in {'bf16 autocast (the adapter in float32)' if bf16 else 'float32'}.")
+
     def autocast():
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def forward(batch: list[int]) -> torch.Tensor:
         inputs = torch.stack([features[i] for i in batch]).to(device)
