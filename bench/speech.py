@@ -4,7 +4,8 @@
 
 Same model (the tiny-whisper preset; with --size, one of OpenAI's Whisper sizes with random weights, the
 preset's initialisation at that size: what a real model costs per step, without a download; learning rate
-1e-3 there, the studio's default, where the preset's 1e-2 makes the wider models' losses erratic), same data (assets/speech/clips: 8 short English clips), same LoRA
+1e-3 there, the studio's default, where the preset's 1e-2 makes the wider models' losses erratic), same
+data (assets/speech/clips: 8 short English clips), same LoRA
 (the decoder's attention query/key/value/out, rank 16, alpha 32, same seed so the same initial adapter,
 encoder frozen: the studio's decoder_only setting), same AdamW/lr/cosine/clipping, batch 8, same steps,
 same clips in each batch, same targets (start-of-transcript + language + task + no-timestamps prompt,
@@ -58,10 +59,10 @@ def base_model_for(size: str) -> str:
 
 def config_for(args):
     from pipelines.speech.config import SpeechConfig
-    return SpeechConfig(name="bench", base_model=base_model_for(args.size), data_path=str(DATA), validation_fraction=0.0,
-                        language="en", task="transcribe", decoder_only=True, target="attention", lora_rank=16,
-                        lora_alpha=32.0, lora_dropout=0.0, learning_rate=1e-2 if args.size == "preset" else 1e-3,
-                        max_steps=args.steps,
+    return SpeechConfig(name="bench", base_model=base_model_for(args.size), data_path=str(DATA),
+                        validation_fraction=0.0, language="en", task="transcribe", decoder_only=True,
+                        target="attention", lora_rank=16, lora_alpha=32.0, lora_dropout=0.0,
+                        learning_rate=1e-2 if args.size == "preset" else 1e-3, max_steps=args.steps,
                         batch_size=args.batch_size, warmup_steps=0, scheduler="cosine", eval_every=0,
                         sample_every=0, sample_count=0, checkpoint_every=100_000, seed=1234, device=args.device)
 

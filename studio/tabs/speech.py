@@ -18,8 +18,8 @@ UPLOAD_TYPES = [".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac"
 DATA = ["language", "task", "long_clips", "validation_fraction"]
 TRAINING = ["target", "decoder_only", "lora_rank", "lora_alpha", "lora_dropout", "learning_rate", "epochs",
             "max_steps", "batch_size", "gradient_accumulation", "warmup_steps", "eval_every", "sample_every", "seed"]
-ADVANCED = ["max_label_tokens", "sample_count", "scheduler", "weight_decay", "max_grad_norm", "checkpoint_every",
-            "keep_checkpoints", "device"]
+ADVANCED = ["max_label_tokens", "mixed_precision", "sample_count", "scheduler", "weight_decay", "max_grad_norm",
+            "checkpoint_every", "keep_checkpoints", "device"]
 FORM = DATA + TRAINING + ADVANCED + widgets.SCALE_OUT
 FORM_SPEC = widgets.TabForm(SpeechConfig, FORM, ["data_files", "validation_path"])
 
