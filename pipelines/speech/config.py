@@ -66,12 +66,10 @@ class SpeechConfig(RunConfig):
     decoder_only: bool = option(True, "Train the decoder only, with the encoder frozen: each clip is encoded once "
                                       "and reused, several times faster. Turn off to adapt to new acoustics "
                                       "(accents, noise).")
-    mixed_precision: str = option("auto", "bf16 autocast for the frozen model's matrix products, the adapter kept "
-                                          "in float32: a step 1.3x (tiny) to 2.4x (small) faster on a CPU with "
-                                          "native bf16 (AMX or AVX512-BF16: Intel Xeon since Cooper Lake, AMD since "
-                                          "Zen 4). auto = bf16 there for the Whisper sizes and on an NVIDIA GPU "
-                                          "that has it (Ampere or newer); float32 for the tiny preset (no faster) "
-                                          "and elsewhere. no = float32.",
+    mixed_precision: str = option("auto", "bf16 for the frozen model's matrix products, the adapter kept in "
+                                          "float32: steps 1.3x (tiny) to 2.4x (small) faster on a CPU with native "
+                                          "bf16 (AMX or AVX512-BF16). auto = bf16 there for Whisper's sizes and on "
+                                          "a GPU that has it; float32 for the tiny preset (no faster) and elsewhere.",
                                   choices=["auto", "bf16", "no"], advanced=True)
 
     learning_rate: float = option(1e-3, "Peak learning rate of AdamW.", min=1e-7, max=1.0)
