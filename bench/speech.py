@@ -49,9 +49,9 @@ def base_model_for(size: str) -> str:
         return "tiny-whisper"
     from pipelines.speech.model import PRESETS, materialise_preset
     width, heads, layers = WHISPER_SIZES[size]
-    dims = {**PRESETS["tiny-whisper"]["dims"], "n_audio_state": width, "n_audio_head": heads, "n_audio_layer": layers,
-            "n_text_state": width, "n_text_head": heads, "n_text_layer": layers}
     preset = PRESETS["tiny-whisper"]
+    dims = {**preset["dims"], "n_audio_state": width, "n_audio_head": heads, "n_audio_layer": layers,
+            "n_text_state": width, "n_text_head": heads, "n_text_layer": layers}
     # The output logits keep the preset's scale: its embedding's spread shrinks as the width grows.
     normal = {**preset["normal"], "decoder.token_embedding.weight": 0.25 * (64 / width) ** 0.5}
     return str(materialise_preset(f"whisper-{size}-random", {**preset, "dims": dims, "normal": normal}))

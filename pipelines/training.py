@@ -287,10 +287,9 @@ def _train_until_done(task: TrainingTask, config: RunConfig, run_dir: str | Path
     if here.distributed and config.strategy == "fsdp":
         log(f"FSDP: {distributed.shard_frozen_weights(model, device, config)} blocks of the base model are split "
             f"between {here.world} processes.")
-    optimizer = make_optimizer(list(params.values()), config,
-                               plain=here.distributed and config.strategy.startswith("zero"))
-    zero = distributed.ZeroSteps(model, optimizer, params, config, task.borrowed_weights) if here.distributed and \
-        config.strategy.startswith("zero") else None
+    deepspeed = here.distributed and config.strategy.startswith("zero")
+    optimizer = make_optimizer(list(params.values()), config, plain=deepspeed)
+    zero = distributed.ZeroSteps(model, optimizer, params, config, task.borrowed_weights) if deepspeed else None
     whole = zero.whole if zero else contextlib.nullcontext
 
     def epoch_batches(epoch: int) -> list:

@@ -143,7 +143,6 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, assets):
     assert eval_b == pytest.approx(eval_a, rel=1e-4)
 
 
-
 def test_the_fused_optimizer_updates_like_plain_adamw(assets):
     config = load_config(assets / "llm" / "config.yaml").changed(weight_decay=0.01)
     torch.manual_seed(0)
@@ -162,6 +161,7 @@ def test_the_fused_optimizer_updates_like_plain_adamw(assets):
         reference.step()
     assert all(not torch.allclose(a, a0) for a, a0 in zip(ours, start))
     assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(ours, plain))
+
 
 PLAIN_PEFT = """
 import json, sys, torch

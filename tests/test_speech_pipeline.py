@@ -64,7 +64,6 @@ def test_training_lowers_loss_and_word_error_rate(trained):
     assert seconds < 90, f"the sample run took {seconds:.0f} s"  # ~5 s on 2 idle cores
 
 
-
 def test_bf16_autocast_trains_as_well_as_float32(trained, tmp_path):
     # auto: float32 for the tiny preset (bf16 is no faster there), bf16 for real Whisper widths where the CPU
     # has it natively. Forced on the preset here, so every machine checks that bf16 products still learn.
