@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
-from pipelines.training import TrainingFailure
+from pipelines.events import TrainingFailure
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 T = TypeVar("T")

@@ -27,67 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from pipelines import distributed
 from pipelines.config import RunConfig
+from pipelines.events import STOP_FILE, Events, TrainingFailure, read_events, stop_requested  # noqa: F401 (the pipelines' one import)
 from pipelines.threads import ThreadShare
-
-STOP_FILE = "STOP"
-
-
-class TrainingFailure(Exception):
-    """A failure we can explain: `cause` is one sentence, `advice` says what to change."""
-
-    def __init__(self, cause: str, advice: str = ""):
-        self.cause, self.advice = cause, advice
-        super().__init__(f"{cause} {advice}".strip())
-
-
-# ---- events ----------------------------------------------------------------------------------
-
-class Events:
-    """Append-only `events.jsonl`: one JSON object per line, flushed as written, so readers in other
-    processes (the UI, the CLI) see each step as soon as it happens."""
-
-    def __init__(self, run_dir: str | Path, write: bool = True):
-        self.path = Path(run_dir) / "events.jsonl"
-        # Processes other than rank 0 of a multi-process run pass write=False: one writer, one story.
-        self._file = open(self.path, "a", encoding="utf-8") if write else None
-
-    def emit(self, kind: str, **data: Any) -> dict:
-        event = {"type": kind, "time": round(time.time(), 3), **data}
-        if self._file:
-            self._file.write(json.dumps(event, default=_jsonable) + "\n")
-            self._file.flush()
-        return event
-
-    def close(self) -> None:
-        if self._file:
-            self._file.close()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.generic, torch.Tensor)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to events")
-
-
-def read_events(run_dir: str | Path, offset: int = 0) -> tuple[list[dict], int]:
-    """Events from byte `offset` on, and the offset to continue from. Skips a half-written last line."""
-    path = Path(run_dir) / "events.jsonl"
-    if not path.exists():
-        return [], offset
-    with open(path, "rb") as f:
-        f.seek(offset)
-        chunk = f.read()
-    end = chunk.rfind(b"\n") + 1
-    events = []
-    for line in chunk[:end].splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn line from a killed writer: skip it, keep the rest
-    return events, offset + end
-
 
 def require_data(problems: list, examples: list, what: str, log: Callable[[str], None]) -> None:
     """Log each problem the data check found (those rows are skipped, warnings aside); fail when nothing is
@@ -97,12 +38,6 @@ def require_data(problems: list, examples: list, what: str, log: Callable[[str],
     if not examples:
         first = problems[0] if problems else f"no {what}s"
         raise TrainingFailure(f"The training data has no usable {what} ({first}).", "Fix the data and start again.")
-
-
-def stop_requested(run_dir: str | Path) -> Callable[[], bool]:
-    """The should_stop callback the worker passes in: true once someone wrote the STOP file."""
-    flag = Path(run_dir) / STOP_FILE
-    return flag.exists
 
 
 # ---- checkpoints -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import psutil
 
 from pipelines.config import RunConfig
 from pipelines.data import int_setting
-from pipelines.training import STOP_FILE
+from pipelines.events import STOP_FILE
 from studio.runs import ACTIVE, RESUMABLE, Registry, Run
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.training import read_events
+from pipelines.events import read_events
 
 
 @dataclass

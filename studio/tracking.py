@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from pipelines.hub import workspace
-from pipelines.training import read_events
+from pipelines.events import read_events
 
 TENSORBOARD_DIR = "tensorboard"
 SETTINGS_FILE = "tracking.json"
