@@ -91,12 +91,31 @@ run() {  # name, time limit (s), command...
         | tee -a "$OUT/summary.txt"
 }
 
-ONLY=${ONLY:-llm image speech}  # e.g. ONLY="llm image" to rerun some
+ONLY=${ONLY:-llm image speech fp16}  # e.g. ONLY="llm image" to rerun some
 for name in $ONLY; do
     case $name in
         llm) run llm 230 "$PY" bench/llm.py --quick --device "$DEVICE" ;;
         image) run image 110 "$PY" bench/image.py --quick --device "$DEVICE" ;;
         speech) run speech 110 "$PY" bench/speech.py --quick --device "$DEVICE" ;;
+        # The fp16 path of GPUs without bf16 (T4, V100), forced on this one: the image sample run in fp16
+        # (loss scaled) and bf16, same seed; the two final losses should be close, and the log shows the scale.
+        fp16) run fp16 90 "$PY" - "$DEVICE" <<'PYEOF'
+import json, sys, tempfile
+from pathlib import Path
+from pipelines import load_config
+from pipelines.image.pipeline import train
+from pipelines.training import Events
+final = {}
+for precision in ("fp16", "bf16"):
+    config = load_config("assets/image/config.yaml").changed(mixed_precision=precision, device=sys.argv[1],
+                                                             max_steps=100, sample_every=0)
+    run_dir = Path(tempfile.mkdtemp())
+    print(precision, train(config, run_dir, Events(run_dir), lambda: False))
+    steps = [e for e in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines()) if e["type"] == "step"]
+    final[precision] = sum(e["loss"] for e in steps[-25:]) / 25
+print(f"RESULT fp16_loss={final['fp16']:.4f} bf16_loss={final['bf16']:.4f}")
+PYEOF
+        ;;
     esac
 done
 

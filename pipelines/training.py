@@ -27,8 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from pipelines import distributed
 from pipelines.config import RunConfig
-from pipelines.events import STOP_FILE, Events, TrainingFailure, read_events, stop_requested  # noqa: F401 (the pipelines' one import)
+# (re-exported: the pipelines import these from here with the loop)
+from pipelines.events import STOP_FILE, Events, TrainingFailure, read_events, stop_requested  # noqa: F401
 from pipelines.threads import ThreadShare
+
 
 def require_data(problems: list, examples: list, what: str, log: Callable[[str], None]) -> None:
     """Log each problem the data check found (those rows are skipped, warnings aside); fail when nothing is
@@ -138,6 +140,37 @@ class TrainingTask:
     # (module, weight) pairs where the module's forward reads a weight of another module directly (a tied
     # output projection): DeepSpeed ZeRO-3 must gather that weight for the module's forward too.
     borrowed_weights: list = field(default_factory=list)
+    fp16: bool = False  # the frozen model computes in fp16 (a GPU without bf16): the loop scales the loss
+
+
+class LossScale:
+    """Dynamic loss scaling for runs that compute in fp16, as torch's GradScaler does it, folded into the
+    loop's one read of the gradients' norm. fp16 holds nothing below 6e-8, and gradients flowing back
+    through fp16 layers (from a loss averaged over thousands of latent values or tokens) fall there and
+    become zero; multiplied by 2**16 first, they survive. A step whose scaled gradients overflow is skipped
+    and the scale halved; after 2000 good steps in a row it doubles. Off, the scale is 1 and never moves."""
+
+    GROWTH_INTERVAL = 2000
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.scale, self.good_steps = enabled, 2.0 ** 16 if enabled else 1.0, 0
+
+    def after_step(self, overflowed: bool) -> None:
+        if not self.enabled:
+            return
+        if overflowed:
+            self.scale, self.good_steps = self.scale / 2, 0
+        elif self.good_steps + 1 == self.GROWTH_INTERVAL:
+            self.scale, self.good_steps = self.scale * 2, 0
+        else:
+            self.good_steps += 1
+
+    def state(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def restore(self, state: dict | None) -> None:
+        if self.enabled and state:
+            self.scale, self.good_steps = state["scale"], state["good_steps"]
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -225,6 +258,9 @@ def _train_until_done(task: TrainingTask, config: RunConfig, run_dir: str | Path
     deepspeed = here.distributed and config.strategy.startswith("zero")
     optimizer = make_optimizer(list(params.values()), config, plain=deepspeed)
     zero = distributed.ZeroSteps(model, optimizer, params, config, task.borrowed_weights) if deepspeed else None
+    loss_scale = LossScale(task.fp16 and not zero)  # (ZeroSteps owns its gradients' partitions: not scaled)
+    if loss_scale.enabled:
+        log("Computing in fp16: the loss is scaled up before backward, so small gradients do not become zero.")
     whole = zero.whole if zero else contextlib.nullcontext
 
     def epoch_batches(epoch: int) -> list:
@@ -251,6 +287,7 @@ def _train_until_done(task: TrainingTask, config: RunConfig, run_dir: str | Path
         _restore_rng(load_file(checkpoint / "rng.safetensors"), state["rng"])
         step, epoch, chunk_start = state["step"], state["epoch"], state["next_chunk"]
         units_done, elapsed_before = state.get("units_done", 0), state.get("elapsed_s", 0.0)
+        loss_scale.restore(state.get("loss_scale"))
         events.emit("resumed", step=step, checkpoint=checkpoint.name)
         log(f"Resumed from {checkpoint.name}: step {step} of {total_steps}.")
     else:
@@ -279,7 +316,8 @@ def _train_until_done(task: TrainingTask, config: RunConfig, run_dir: str | Path
             task.save_adapter(tmp / "adapter")
             state = {"step": step, "epoch": epoch, "next_chunk": chunk_start, "total_steps": total_steps,
                      "units_done": units_done, "elapsed_s": elapsed, "optimizer": opt_meta,
-                     "scheduler": scheduler.state_dict(), "rng": rng_plain, **task.extra_state}
+                     "scheduler": scheduler.state_dict(), "rng": rng_plain, "loss_scale": loss_scale.state(),
+                     **task.extra_state}
             # state.json last: a folder without it is incomplete and ignored by latest_checkpoint().
             (tmp / "state.json").write_text(json.dumps(state))
             os.replace(tmp, final)
@@ -340,7 +378,7 @@ def _train_until_done(task: TrainingTask, config: RunConfig, run_dir: str | Path
                 if zero:
                     zero.backward(loss / len(mine), last=index == mine[-1])
                 else:
-                    (loss / len(mine)).backward()
+                    (loss * loss_scale.scale / len(mine)).backward()
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
                 units += n
             # The step's one wait for the device (reading a GPU value stalls the queue of kernels, so none is
@@ -363,18 +401,30 @@ def _train_until_done(task: TrainingTask, config: RunConfig, run_dir: str | Path
             advice = "Lower the learning rate (try half) or check the data for empty examples."
             if not math.isfinite(loss_sum):
                 raise TrainingFailure(f"The loss became {loss_sum} at step {step + 1}.", advice)
-            if not math.isfinite(grad_norm):
+            # Scaled fp16 gradients that overflowed: skip this step at a lower scale (every process sees the
+            # same summed norm, so all skip together). Unscaled, an overflow is a real divergence.
+            overflowed = not math.isfinite(grad_norm) and loss_scale.scale > 1
+            if not math.isfinite(grad_norm) and not overflowed:
                 raise TrainingFailure(f"The gradients became {grad_norm} at step {step + 1} (the loss was "
                                       f"{loss_sum / batches_done:.4g}).", advice)
             lr = scheduler.get_last_lr()[0]
             if zero:
                 zero.step()
+            elif overflowed:
+                log(f"Step {step + 1}: the fp16 gradients overflowed at loss scale {loss_scale.scale:g}; "
+                    "the step is skipped and the scale halved.")
+                optimizer.zero_grad(set_to_none=True)
             else:
+                if loss_scale.scale != 1:
+                    scaled = [p.grad for p in params.values() if p.grad is not None]
+                    torch._foreach_mul_(scaled, 1 / loss_scale.scale)
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            loss_scale.after_step(overflowed)
+            if not overflowed:  # (a skipped step leaves the schedule where it was, as it leaves the weights)
+                scheduler.step()
             step += 1
             chunk_start += 1
             units_done += units

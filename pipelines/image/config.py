@@ -67,7 +67,7 @@ class ImageConfig(RunConfig):
                                           "older ones) and on a CPU with native bf16 (AMX or AVX512-BF16: Intel "
                                           "Xeon since Cooper Lake, AMD since Zen 4) for full-size models; float32 "
                                           "for the tiny preset, whose small convolutions run slower in bf16. fp16 "
-                                          "trains without loss scaling: prefer bf16.",
+                                          "(GPUs only) scales the loss so small gradients survive.",
                                   choices=["auto", "no", "bf16", "fp16"], advanced=True)
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: much less GPU "
                                                  "memory, about 20% slower.", advanced=True)

@@ -294,7 +294,8 @@ def _train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop
         save_lora(folder, unet, text_lora, config, resolution)
 
     task = TrainingTask(model=model, batches_for_epoch=batches_for_epoch, loss_on=loss_on, save_adapter=save_adapter,
-                        unit="images", make_samples=make_samples if prompts else None)
+                        unit="images", make_samples=make_samples if prompts else None,
+                        fp16=weight_dtype == torch.float16)
     events.emit("data", rows=len(examples), format=report.format, resolution=resolution)
     if prompts and distributed.place().main and (not resume or latest_checkpoint(run_dir) is None):
         # Step 0: the base model's pictures (the new LoRA adds exactly zero), to compare the samples against.

@@ -122,7 +122,7 @@ def _four_bit_config(device: torch.device):
                               "Run `.venv/bin/pip install bitsandbytes`, or turn off 4-bit.") from None
     from transformers import BitsAndBytesConfig
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=torch.bfloat16 if native_bf16(device) else torch.float16)
 
 
 def builtin_base(model: torch.nn.Module) -> torch.nn.Module | None:

@@ -166,7 +166,9 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
 
     task = TrainingTask(model=model, batches_for_epoch=batches_for_epoch, loss_on=loss_on, save_adapter=save_adapter,
                         unit="tokens", evaluate=evaluate if validation else None,
-                        make_samples=make_samples if prompts else None)
+                        make_samples=make_samples if prompts else None,
+                        # a GPU without bf16 holds the frozen weights in fp16 (load_base_model)
+                        fp16=any(p.dtype == torch.float16 for p in model.parameters() if not p.requires_grad))
     events.emit("data", rows=len(encoded), validation_rows=len(validation), format=report.format)
     return run_training(task, config, run_dir, events, should_stop, resume=resume, log=log)
 
