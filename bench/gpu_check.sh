@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One GPU check of the three training benchmarks (studio vs plain recipe, --quick, --device cuda), sized to
-# finish in about 9 minutes (with the fp16 check) on one H100/H200 of the device machine, run from the repository root:
+# One GPU check of the three training benchmarks (studio vs plain recipe, --quick, --device cuda) and of the
+# fp16 path, sized to finish in about 9 minutes on one H100/H200 of the device machine, run from the
+# repository root:
 #
 #     bash bench/gpu_check.sh          (carry: [".whl"])
 #
