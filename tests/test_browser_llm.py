@@ -8,11 +8,20 @@ from tests.browser import ROOT, screenshot, step_of, wait_status
 
 
 def set_number(page, label: str, value):
-    """Type into a number field, or into the number box beside a slider; returns the box."""
+    """Type into a number field, or into the number box beside a slider; returns the box. A field in an
+    accordion just opened can still be mounting: on a loaded machine its first value arrived after the typing
+    once and replaced it, so the typing is repeated until the value stays."""
     import re
     box = page.get_by_role("spinbutton", name=re.compile(rf"^(number input for )?{re.escape(label)}$")).first
-    box.fill(str(value))
-    box.press("Tab")
+    for attempt in range(3):
+        box.fill(str(value))
+        box.press("Tab")
+        try:
+            expect(box).to_have_value(str(value), timeout=5_000)
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
     return box
 
 
