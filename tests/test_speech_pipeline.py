@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from pipelines import load_config
 from pipelines.training import Events, checkpoint_dirs, native_bf16, read_events
 from pipelines.speech.model import load_base_model
+from pipelines.speech import pipeline as speech_pipeline
 from pipelines.speech.pipeline import export, load_for_transcription, train, trains_in_bf16, transcribe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +85,34 @@ def test_bf16_autocast_trains_as_well_as_float32(trained, tmp_path):
     # "As well" is then: the two end within 1% of where they started.
     assert abs(last["eval_loss"] - float32_last["eval_loss"]) < 0.01 * first["eval_loss"]
     assert last["wer"] <= float32_last["wer"] + 0.1
+
+
+def test_the_kept_cross_attention_keys_and_values_train_as_if_projected_every_step(tmp_path, monkeypatch):
+    # By default every clip's keys and values are kept; with the budget cut to the encoder outputs alone (one
+    # memory budget holds both), every step projects them again. The curves must match.
+    config = load_config(ROOT / "assets" / "speech" / "config.yaml").changed(max_steps=12, eval_every=6)
+    dims = load_base_model(config.base_model, torch.device("cpu")).dims
+    clips = len(list(CLIPS.glob("*.wav")))
+
+    def train_logged(name: str) -> tuple[list[dict], str]:
+        run_dir, log = tmp_path / name, []
+        run_dir.mkdir()
+        events = Events(run_dir)
+        assert train(config, run_dir, events, lambda: False, log=log.append) == "completed"
+        events.close()
+        return read_events(run_dir)[0], "\n".join(log)
+
+    kept, kept_log = train_logged("kept")
+    monkeypatch.setattr(speech_pipeline, "CACHE_BYTES", clips * dims.n_audio_ctx * dims.n_audio_state * 4)
+    projected, projected_log = train_logged("projected")
+    assert f"Cross-attention keys and values kept for {clips} of {clips} clips" in kept_log
+    assert f"Cross-attention keys and values kept for 0 of {clips} clips" in projected_log
+
+    def curve(events, kind, key):
+        return [e[key] for e in events if e["type"] == kind]
+    assert len(curve(kept, "step", "loss")) == 12
+    assert curve(kept, "step", "loss") == pytest.approx(curve(projected, "step", "loss"), rel=1e-4)
+    assert curve(kept, "eval", "eval_loss") == pytest.approx(curve(projected, "eval", "eval_loss"), rel=1e-4)
 
 
 def test_try_it_shows_base_and_tuned_side_by_side(trained):
