@@ -101,18 +101,18 @@ for name in $ONLY; do
         # The fp16 path of GPUs without bf16 (T4, V100), forced on this one: the image sample run in fp16
         # (loss scaled) and bf16, same seed; the two final losses should be close, and the log shows the scale.
         fp16) run fp16 90 "$PY" - "$DEVICE" <<'PYEOF'
-import json, sys, tempfile
+import sys, tempfile
 from pathlib import Path
 from pipelines import load_config
 from pipelines.image.pipeline import train
-from pipelines.training import Events
+from pipelines.training import Events, read_events
 final = {}
 for precision in ("fp16", "bf16"):
     config = load_config("assets/image/config.yaml").changed(mixed_precision=precision, device=sys.argv[1],
                                                              max_steps=100, sample_every=0)
     run_dir = Path(tempfile.mkdtemp())
     print(precision, train(config, run_dir, Events(run_dir), lambda: False))
-    steps = [e for e in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines()) if e["type"] == "step"]
+    steps = [e for e in read_events(run_dir)[0] if e["type"] == "step"]
     final[precision] = sum(e["loss"] for e in steps[-25:]) / 25
 print(f"RESULT fp16_loss={final['fp16']:.4f} bf16_loss={final['bf16']:.4f}")
 PYEOF

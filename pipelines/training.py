@@ -403,8 +403,8 @@ def _train_until_done(task: TrainingTask, config: RunConfig, run_dir: str | Path
                 raise TrainingFailure(f"The loss became {loss_sum} at step {step + 1}.", advice)
             # Scaled fp16 gradients that overflowed: skip this step at a lower scale (every process sees the
             # same summed norm, so all skip together). Unscaled, an overflow is a real divergence.
-            overflowed = not math.isfinite(grad_norm) and loss_scale.scale > 1
-            if not math.isfinite(grad_norm) and not overflowed:
+            overflowed = not math.isfinite(grad_norm)
+            if overflowed and loss_scale.scale == 1:
                 raise TrainingFailure(f"The gradients became {grad_norm} at step {step + 1} (the loss was "
                                       f"{loss_sum / batches_done:.4g}).", advice)
             lr = scheduler.get_last_lr()[0]
@@ -415,7 +415,7 @@ def _train_until_done(task: TrainingTask, config: RunConfig, run_dir: str | Path
                     "the step is skipped and the scale halved.")
                 optimizer.zero_grad(set_to_none=True)
             else:
-                if loss_scale.scale != 1:
+                if loss_scale.scale != 1:  # (not `held`: the all-reduce may have given a None grad a tensor)
                     scaled = [p.grad for p in params.values() if p.grad is not None]
                     torch._foreach_mul_(scaled, 1 / loss_scale.scale)
                 if config.max_grad_norm > 0:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.config import RunConfig
-from pipelines.training import Events, TrainingTask, latest_checkpoint, run_training
+from pipelines.training import Events, TrainingTask, latest_checkpoint, read_events, run_training
 
 
 class HalfNetwork(torch.nn.Module):
@@ -50,8 +50,7 @@ def train(tmp_path, out_scale: float, fp16: bool, steps: int = 30) -> tuple[list
     events, log = Events(run_dir), []
     assert run_training(task, config, run_dir, events, lambda: False, log=log.append) == "completed"
     events.close()
-    lines = (run_dir / "events.jsonl").read_text().splitlines()
-    losses = [e["loss"] for e in map(json.loads, lines) if e["type"] == "step"]
+    losses = [e["loss"] for e in read_events(run_dir)[0] if e["type"] == "step"]
     return losses, log, json.loads((latest_checkpoint(run_dir) / "state.json").read_text())
 
 
