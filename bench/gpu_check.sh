@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One GPU check of the three training benchmarks (studio vs plain recipe, --quick, --device cuda) and of the
-# fp16 path, sized to finish in about 9 minutes on one H100/H200 of the device machine, run from the
-# repository root:
+# One GPU check of the language model's attention tests, the three training benchmarks (studio vs plain
+# recipe, --quick, --device cuda) and the fp16 path, sized to finish in about 9.5 minutes on one H100/H200 of
+# the device machine, run from the repository root:
 #
 #     bash bench/gpu_check.sh          (carry: [".whl"])
 #
@@ -92,10 +92,18 @@ run() {  # name, time limit (s), command...
         | tee -a "$OUT/summary.txt"
 }
 
-ONLY=${ONLY:-llm image speech fp16}  # e.g. ONLY="llm image" to rerun some
+ONLY=${ONLY:-attention llm image speech fp16}  # e.g. ONLY="llm image" to rerun some
 for name in $ONLY; do
     case $name in
+        # The language model's attention tests, with the one on the GPU: torch's variable-length flash kernel
+        # against the model's own masked attention (bench/llm.py's studio runs take that kernel). No conftest:
+        # it wants the browser tests' playwright, which this machine lacks.
+        attention) run attention 120 "$PY" -m pytest --noconftest -q -p no:cacheprovider tests/test_llm_attention.py ;;
         llm) run llm 230 "$PY" bench/llm.py --quick --device "$DEVICE" ;;
+        # Not by default (about 4 more minutes): the studio with its torch_compile setting; read its figure
+        # after step 1, which holds the compile. Eager launches one kernel per operation, and at this size
+        # the CPU's launching bounds a step (bench/llm_kernel_count.py).
+        llm-compile) run llm-compile 300 "$PY" bench/llm.py --quick --device "$DEVICE" --compile ;;
         image) run image 110 "$PY" bench/image.py --quick --device "$DEVICE" ;;
         speech) run speech 110 "$PY" bench/speech.py --quick --device "$DEVICE" ;;
         # The fp16 path of GPUs without bf16 (T4, V100), forced on this one: the image sample run in fp16

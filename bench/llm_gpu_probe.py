@@ -1,5 +1,6 @@
 """Where does a language-model step's time go: packed (rows of at most max length, the model's mask; one
-row, attention example by example as the studio does) vs padded batches, with and without bf16 autocast.
+row, attention example by example as the studio does on a CPU; on a GPU also the same row in one call of the
+variable-length flash kernel, as the studio does there) vs padded batches, with and without bf16 autocast.
 
     python bench/llm_gpu_probe.py [--device cuda] [--steps 12]
 
@@ -64,11 +65,16 @@ def main() -> None:
             torch.cuda.synchronize()
 
     print(f"{'layout':<10} {'autocast':<9} {'s/step':>8} {'tokens/step':>12} {'real tok/s':>11}  shape of step 1")
-    layouts = {"packed": [collate(g, pad, True, HYPER["max_length"]) for g in groups],
-               "by example": [attention.with_example_lengths(collate(g, pad, True, sys.maxsize)) for g in groups],
+    one_row = [attention.with_example_lengths(collate(g, pad, True, sys.maxsize)) for g in groups]
+    layouts = {"packed": [collate(g, pad, True, HYPER["max_length"]) for g in groups], "by example": one_row,
                "padded": [collate(g, pad, False) for g in groups]}
+    if device.type == "cuda":
+        layouts["one call"] = one_row
+    kernel_applies = attention.one_call
     for layout, batches in layouts.items():
-        by_example = layout == "by example"
+        by_example = layout in ("by example", "one call")
+        # "by example" is the loop over examples; the attention takes the one call where it applies
+        attention.one_call = kernel_applies if layout == "one call" else (lambda *_: False)
         for autocast in (True, False):
             times = []
             for i, batch in enumerate(batches):

@@ -124,3 +124,66 @@ def test_a_layer_that_drops_the_lengths_fails_loudly_rather_than_mixing_examples
     batch = attention.with_example_lengths(collate(examples(), pad_id=0, packing=True, row_length=10_000))
     with attention.each_example(model), pytest.raises(RuntimeError, match="lengths"):
         model(**batch, use_cache=False)
+
+
+# ---- torch's variable-length flash kernel (GPUs with flash attention, half precision) -------------------
+
+def examples_end_to_end(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """What varlen_attn computes by its documentation, example by example on the CPU: [tokens, heads, dim] with
+    each example from cu_seq[i] to cu_seq[i + 1], causal for window_size (-1, 0)."""
+    assert window_size == (-1, 0) and torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k
+    bounds = cu_seq_q.tolist()
+    assert max_q == max(end - start for start, end in zip(bounds, bounds[1:])) and bounds[-1] == query.shape[0]
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(t[start:end].transpose(0, 1) for t in (query, key, value)), is_causal=True, scale=scale).transpose(0, 1)
+        for start, end in zip(bounds, bounds[1:])])
+
+
+@pytest.mark.parametrize("row_length", [10_000, 48])
+def test_the_one_call_layout_matches_the_masked_attention(monkeypatch, row_length):
+    """The kernel runs only on a GPU; here a CPU stand-in with its documented meaning checks what the studio
+    hands it (the rows laid end to end, where each example starts, the longest) and how it reads the result
+    back, through a whole model with grouped-query attention, in one row and in several padded ones."""
+    monkeypatch.setattr(attention, "varlen_attn", examples_end_to_end)
+    monkeypatch.setattr(attention, "one_call", lambda *_: True)
+    check_against_the_mask(tiny("llama"), row_length)
+
+
+def test_the_one_call_takes_what_torch_s_kernel_takes():
+    """torch's own kernel on the meta device (its shape functions): the arguments and the shapes agree, forward
+    and backward. On the CPU, and in float32 anywhere, the loop over examples is used."""
+    if attention.varlen_attn is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen (2.11 or newer)")
+    rows, heads, length, dim = 2, 4, 24, 16
+    query, key, value = (torch.randn(rows, heads, length, dim, dtype=torch.bfloat16, device="meta", requires_grad=True)
+                         for _ in range(3))
+    batch = attention.with_example_lengths({"position_ids": torch.tensor([list(range(10)) + list(range(14)),
+                                                                          list(range(20)) + list(range(4))])})
+    assert batch["example_offsets"].tolist() == [0, 10, 24, 44, 48]
+    out = attention.all_examples_at_once(query, key, value, batch["example_offsets"].to("meta"), 20, None)
+    assert out.shape == (rows, length, heads, dim) and out.dtype == torch.bfloat16
+    out.sum().backward()
+    assert query.grad.shape == query.shape and value.grad.shape == value.shape
+    cpu_query = torch.zeros(rows, heads, length, dim, dtype=torch.bfloat16)
+    assert not attention.one_call(cpu_query, 0.0, None, 20)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length kernel needs a CUDA GPU")
+def test_the_one_call_on_a_gpu_matches_the_masked_attention(monkeypatch):
+    calls, kernel = [], attention.varlen_attn
+    monkeypatch.setattr(attention, "varlen_attn", lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
+    model = tiny("llama").to("cuda", torch.bfloat16)
+    batch = collate(examples(), pad_id=0, packing=True, row_length=10_000)
+    assert attention.one_call(torch.zeros(1, 4, 8, 16, device="cuda", dtype=torch.bfloat16), 0.0, None, 8)
+    on_gpu = {k: v.to("cuda") for k, v in attention.with_example_lengths(batch).items() if isinstance(v, torch.Tensor)}
+    own_loss, own_grads = loss_and_grads(model, {k: on_gpu[k] for k in batch}, by_example=False)
+    model.zero_grad()
+    with attention.each_example(model):
+        loss = model(**on_gpu, example_lengths=attention.with_example_lengths(batch)["example_lengths"],
+                     use_cache=False).loss
+    loss.backward()
+    assert len(calls) == 2  # one call for each of the two layers
+    assert loss.item() == pytest.approx(own_loss.item(), rel=1e-2)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, own_grads[name], rtol=5e-2, atol=5e-3)
