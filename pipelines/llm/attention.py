@@ -84,7 +84,8 @@ def each_example(model: torch.nn.Module) -> Iterator[None]:
 
 @functools.cache
 def _flash_capable(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    # NVIDIA's Ampere or newer; ROCm builds also say "cuda", and their varlen support is untested here
+    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def one_call(query: torch.Tensor, dropout: float, sliding_window: int | None, longest: int) -> bool:
