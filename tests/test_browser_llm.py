@@ -28,6 +28,15 @@ def set_number(page, label: str, value):
 def test_upload_train_watch_reload_stop_resume_try_and_download(server, page, tmp_path):
     page.goto(server.url)
     expect(page.locator("#llm-train")).to_be_enabled()  # the sample data is preselected
+    expect(page.locator("#llm-data-summary")).to_contain_text("24 of 24 rows usable (alpaca)")
+    page.locator("#llm-train-files button[aria-label='Clear']").first.click()
+    expect(page.locator("#llm-train")).to_be_disabled()
+    # Another shape of data than the sample's: the columns found in the sample are no choice made for it
+    # (once, only the first of the column boxes was emptied by Clear, and this file had no usable row).
+    other = tmp_path / "pairs.csv"
+    other.write_text("prompt,completion\nWhat is 2+2?,4\nName a colour.,Blue\n")
+    page.locator("#llm-train-files input[type=file]").set_input_files(str(other))
+    expect(page.locator("#llm-data-summary")).to_contain_text("2 of 2 rows usable (prompt_completion)")
     page.locator("#llm-train-files button[aria-label='Clear']").first.click()
     expect(page.locator("#llm-train")).to_be_disabled()
     page.locator("#llm-train-files input[type=file]").set_input_files(str(ROOT / "assets" / "llm" / "sample.csv"))

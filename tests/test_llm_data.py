@@ -1,5 +1,6 @@
 """The data check: every shape it recognises, and every bad file gets a message naming file, row and reason."""
 
+import dataclasses
 import json
 
 import pyarrow as pa
@@ -48,6 +49,12 @@ def test_parquet_and_explicit_column_mapping(tmp_path):
     mapped = inspect_data(LLMConfig(train_files=[str(path)], validation_fraction=0.0, data_format="prompt_completion",
                                     prompt_column="q", response_column="a"))
     assert mapped.rows_usable == 2 and mapped.mapping == {"prompt": "q", "response": "a"}
+    # a column named in the settings that the file lacks (a config made for other data) is named as such
+    stale = inspect_data(LLMConfig(train_files=[str(path)], validation_fraction=0.0, prompt_column="q",
+                                   response_column="output"))
+    assert stale.rows_usable == 0 and stale.problems[0].reason == (
+        "the response column 'output' set in the settings is not in this file, whose columns are ['q', 'a']: "
+        "choose others, or leave them empty to detect them")
 
 
 BAD = [
@@ -116,3 +123,17 @@ def test_token_lengths_over_the_limit_are_counted(tmp_path):
     report = check(tmp_path, "long.csv", "instruction,output\nshort,ok\n" + "long," + "word " * 200 + "\n",
                    max_length=64)
     assert report.stats["over_max_length"] == 1 and report.stats["max_length"] == 64
+
+
+def test_the_tab_s_data_check_detects_anew_where_the_column_boxes_name_columns_the_file_lacks(tmp_path):
+    """The column boxes hold what the check found in the last data (or a loaded config's choices): for a newly
+    uploaded file of another shape those are no choice made for it, and its own columns are detected."""
+    from studio.tabs import llm as tab
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,completion\nWhat is 2+2?,4\nName a colour.,Blue\n")
+    settings = dataclasses.asdict(LLMConfig()) | {"prompt_column": "instruction", "input_column": "input",
+                                                   "response_column": "output"}
+    summary, *_, prompt, _input, response, _text, _messages, train, _preflight = tab.check_data(
+        [str(path)], [], "tiny-llama", "", *[settings[key] for key in tab.FORM])
+    assert "2 of 2 rows usable (prompt_completion)" in summary and train["interactive"]
+    assert (prompt["value"], _input["value"], response["value"]) == ("prompt", "", "completion")

@@ -65,7 +65,8 @@ def check_data(*args):
     if not values["train_files"]:
         return ("Upload a CSV, JSONL, JSON or Parquet file to begin.", gr.update(visible=False),
                 gr.update(value=None, visible=False), None,
-                *[gr.update(choices=[""], value="")] * 5, gr.update(interactive=False), "")
+                # one update each: Gradio takes the value out of an update as it applies it
+                *[gr.update(choices=[""], value="") for _ in COLUMNS], gr.update(interactive=False), "")
     from pipelines.llm.data import inspect_data
     try:
         config = LLMConfig.from_dict(values | {"train_files": values["train_files"] or ["-"]})
@@ -73,6 +74,12 @@ def check_data(*args):
         config = LLMConfig(train_files=values["train_files"], validation_files=values["validation_files"],
                            base_model=base_model or "tiny-llama")
     report = inspect_data(config)
+    # The column boxes hold what the last check found: columns a newly uploaded file lacks are not a choice
+    # made for it. Check it again with those left to detection.
+    stale = {key: "" for key in COLUMNS if getattr(config, key) and getattr(config, key) not in report.columns}
+    if stale and report.columns:
+        config = config.changed(**stale)
+        report = inspect_data(config)
     summary = ("**Data:** " if report.ok else "**No usable data.** ") + report.summary()
     stats = report.stats
     if stats:
