@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from pipelines.config import ConfigError
+from pipelines.events import TrainingFailure
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: invalid settings: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, TrainingFailure) as err:  # the last: a checkpoint that is not there
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

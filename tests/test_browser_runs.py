@@ -84,7 +84,7 @@ def test_list_select_compare_clone_and_delete(server, page, tmp_path):
     expect(page.locator("#runs-selected")).to_contain_text("run-b")
     page.locator("#runs-clone").click()
     expect(page.locator("#llm-message")).to_contain_text("Cloned from run run-b")
-    expect(page.get_by_label("Run name")).to_have_value("run-b (clone)")
+    expect(page.get_by_label("Run name")).to_have_value("run-b-clone")
     expect(page.get_by_role("spinbutton", name="LoRA rank").first).to_have_value("4")
     expect(page.locator("#llm-train")).to_be_enabled()  # the run's own copy of the data passed the check
 

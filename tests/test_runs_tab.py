@@ -128,7 +128,9 @@ def test_clone_fills_the_language_tab_from_the_run(runs):
     form = llm.FORM_SPEC
     uploads, (base, name), settings = (values[:2], values[2:4], values[4:-1])
     assert uploads[0] == [str(registry.get(short[1]).dir / "data" / "sample.csv")]
-    assert (base, name) == ("tiny-llama", "short-b (clone)")
+    assert (base, name) == ("tiny-llama", "short-b-clone")
+    from pipelines.llm.config import LLMConfig
+    assert LLMConfig.from_dict(form.values(*values[:-1])).name == "short-b-clone"  # Train takes the clone's name
     chosen = dict(zip(form.form, settings))
     assert (chosen["lora_rank"], chosen["learning_rate"], chosen["max_steps"]) == (4, 0.002, 8)
     assert "Cloned from run **short-b**" in values[-1]
@@ -167,6 +169,43 @@ def test_clone_puts_a_data_folder_into_the_upload(runs, modality, expected):
         assert values[1] is None  # the tab's second upload is cleared, not left as it was
     finally:
         registry.delete(run.id)
+
+
+def test_clone_of_uploaded_images_fills_one_upload_box(runs):
+    """The image tab's two boxes (files, a folder) both feed data_files: the clone (and Load config) puts the
+    files into the first only. Filled into both, clearing one kept the old images in the run."""
+    from pipelines import load_config
+    registry = runs[0]
+    uploaded = sorted(str(p) for p in (ROOT / "assets" / "image").iterdir() if p.suffix in (".png", ".txt"))
+    config = load_config(ROOT / "assets" / "image" / "config.yaml").changed(data_path="", data_files=uploaded)
+    run = registry.create(config, status="stopped")
+    try:
+        _, values = runs_tab.clone_values(run.id, registry)
+        assert sorted(Path(p).name for p in values[0]) == sorted(Path(p).name for p in uploaded)
+        assert values[1] is None
+    finally:
+        registry.delete(run.id)
+
+
+def test_load_config_fills_what_it_names_and_says_what_is_missing(tmp_path):
+    """Load config: the uploads hold the config's own data, nothing left from before; data it names that is
+    not next to it is named in the message (a config.yaml uploaded without its data folder)."""
+    from studio.tabs import image, llm
+    alone = tmp_path / "alone" / "config.yaml"
+    alone.parent.mkdir()
+    alone.write_text((ROOT / "assets" / "image" / "config.yaml").read_text())
+    values = image.FORM_SPEC.load(str(alone))
+    assert values[:2] == [None, None]
+    assert values[-1] == ("Settings loaded from the config file. The data it names (.) is not found next to it: "
+                          "upload the data above.")
+    with_data = image.FORM_SPEC.load(str(ROOT / "assets" / "image" / "config.yaml"))
+    assert len(with_data[0]) == 16 and with_data[1] is None  # 8 drawings and their captions, in the first box
+    assert with_data[-1] == "Settings loaded from the config file."
+    text = tmp_path / "llm.yaml"
+    text.write_text(f"modality: llm\ntrain_files: [{ROOT / 'assets' / 'llm' / 'sample.csv'}, gone.csv]\n")
+    loaded = llm.FORM_SPEC.load(str(text))
+    assert loaded[0] == [str(ROOT / "assets" / "llm" / "sample.csv")] and loaded[1] is None  # no validation file
+    assert "The data it names (gone.csv) is not found next to it" in loaded[-1]
 
 
 def test_tensorboard_export_is_readable_by_tensorboard(runs):

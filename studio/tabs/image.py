@@ -22,7 +22,7 @@ ADVANCED = ["sample_prompts", "snr_gamma", "mixed_precision", "gradient_checkpoi
             "sample_guidance", "scheduler", "weight_decay", "max_grad_norm", "lora_dropout", "checkpoint_every",
             "keep_checkpoints", "device"]
 FORM = DATA + TRAINING + ADVANCED + widgets.SCALE_OUT
-FORM_SPEC = widgets.TabForm(ImageConfig, FORM, ["data_files", "data_files"])
+FORM_SPEC = widgets.TabForm(ImageConfig, FORM, ["data_files", "data_files"], UPLOAD_TYPES)
 
 
 def default_config() -> ImageConfig:
@@ -139,8 +139,8 @@ def build() -> dict:
     form = [inputs[k] for k in FORM]
     everything = [files, folder, base_model, name, *form]
     check_outputs = [data_summary, problems, preview, section.train]
-    for trigger in (files.change, folder.change, inputs["caption_source"].change, inputs["instance_prompt"].blur,
-                    inputs["resolution"].change):
+    for trigger in (files.change, folder.change, base_model.change, inputs["caption_source"].change,
+                    inputs["instance_prompt"].blur, inputs["resolution"].change):
         trigger(check_data, everything, check_outputs, api_visibility="private", trigger_mode="always_last")
     generate.click(try_prompt, [run_state, checkpoint, prompt, negative, seed, steps, guidance, size, strength],
                    [base_image, tuned_image], api_visibility="private")

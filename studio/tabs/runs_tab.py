@@ -264,21 +264,7 @@ def clone_values(run_id: str | None, registry: Registry | None = None) -> tuple[
         raise ValueError("Select a run first.")
     form = _tab_form(run.modality)
     values = list(form.load(str(run.dir / "config.yaml")))
-    uploads = len(form.upload_fields)
-    # A data folder (image and speech runs) has no input of its own in the tabs: its files go into the first
-    # upload, as if the user had picked them. Uploads the run does not use are cleared, not left as they were.
-    data_path = getattr(run.config(), "data_path", "")  # absolute: run.config() resolves against the run folder
-    if data_path:
-        source = Path(data_path)
-        accepted = getattr(_tab_module(run.modality), "UPLOAD_TYPES", None)
-        found = [str(p) for p in sorted(source.rglob("*")) if p.is_file()
-                 and (accepted is None or p.suffix.lower() in accepted)] if source.is_dir() else [str(source)]
-        first = values[0] if isinstance(values[0], list) else []
-        values[0] = first + [p for p in found if p not in first]
-    for i in range(uploads):
-        if not isinstance(values[i], list):
-            values[i] = None
-    values[len(form.upload_fields) + 1] = f"{run.name} (clone)"
+    values[len(form.upload_fields) + 1] = f"{run.name[:74]}-clone"  # a valid name: no brackets, 80 characters
     values[-1] = (f"Cloned from run **{run.name}** (`{run.id}`): change what you like, then press **Train** "
                   "to start a new run.")
     return run.modality, values
@@ -395,7 +381,10 @@ def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None) -
         try:
             text = rename_run(run_id, name)
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            # A toast and the message only: an error raised here would cover the table and the details with
+            # error frames that catch the next clicks.
+            gr.Warning(str(err))
+            return [str(err)] + [gr.update()] * (3 + len(details_outputs))
         frame = runs_table(modality_value, status_value)
         return [text, frame, frame.to_json(), gr.update(choices=run_choices()), *show_run(run_id)]
 

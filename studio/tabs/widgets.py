@@ -105,8 +105,10 @@ class TabForm:
     the upload components (each feeding a config field; several may feed the same list field), then the
     base model, the run name, then the config fields of `form`."""
 
-    def __init__(self, config_cls: type[RunConfig], form: list[str], upload_fields: list[str]):
+    def __init__(self, config_cls: type[RunConfig], form: list[str], upload_fields: list[str],
+                 upload_types: list[str] | None = None):
         self.config_cls, self.form, self.upload_fields = config_cls, form, upload_fields
+        self.upload_types = upload_types  # the suffixes the first upload takes (None: any file)
         self.modality = config_cls.modality
 
     def values(self, *args) -> dict[str, Any]:
@@ -147,7 +149,9 @@ class TabForm:
         return gr.update(value=str(folder / "config.yaml"), visible=True), ""
 
     def load(self, upload):
-        """Load config: fill the form from a config.yaml. Data files it names are kept where they exist."""
+        """Load config (and a run's Clone): fill the form from a config.yaml. The uploads hold the data files it
+        names that exist, and a data folder's files (image and speech runs; no input of its own in the tabs) go
+        into the first, as if the user had picked them. Paths are read relative to the config file."""
         from pipelines.config import read_yaml
         unchanged = [gr.update()] * (len(self.upload_fields) + 2 + len(self.form))
         try:
@@ -162,15 +166,32 @@ class TabForm:
         except ConfigError as err:
             text = "; ".join(f"`{n}` {w}" for n, w in err.problems)
             return unchanged + [f"**This config.yaml cannot be used:** {text}"]
-        base = Path(upload_path(upload)).parent
-        uploads = []
-        for field in self.upload_fields:
+        config_file = Path(upload_path(upload)).resolve()
+        found: dict[str, list[str]] = {}
+        missing = []
+        for field in dict.fromkeys(self.upload_fields):
             value = getattr(config, field)
-            paths = [str((base / p).resolve()) for p in (value if isinstance(value, list) else [value]) if p]
-            found = [p for p in paths if Path(p).exists()]
-            uploads.append(found or gr.update())
-        return uploads + [config.base_model, config.name, *config_to_form(config, self.form),
-                          "Settings loaded from the config file."]
+            named = [p for p in (value if isinstance(value, list) else [value]) if p]
+            found[field] = [str((config_file.parent / p).resolve()) for p in named if (config_file.parent / p).exists()]
+            missing += [p for p in named if not (config_file.parent / p).exists()]
+        if getattr(config, "data_path", ""):
+            source = (config_file.parent / config.data_path).resolve()
+            files = ([str(p) for p in sorted(source.rglob("*")) if p.is_file() and p != config_file
+                      and (self.upload_types is None or p.suffix.lower() in self.upload_types)]
+                     if source.is_dir() else [str(source)] if source.exists() else [])
+            first = found[self.upload_fields[0]]
+            first += [p for p in files if p not in first]
+            missing += [] if files else [config.data_path]
+        uploads, given = [], set()
+        for field in self.upload_fields:
+            # What the config names and exists, nothing else: uploads it does not name are cleared, not left as
+            # they were. Several boxes may feed one setting (image: files, a folder): the first holds its files.
+            uploads.append(None if field in given else found[field] or None)
+            given.add(field)
+        message = "Settings loaded from the config file." + (
+            f" The data it names ({', '.join(missing)}) is not found next to it: upload the data above."
+            if missing else "")
+        return uploads + [config.base_model, config.name, *config_to_form(config, self.form), message]
 
 
 def shown_if_any(rows: list, as_value=pd.DataFrame) -> dict:
