@@ -168,6 +168,20 @@ def test_metadata_file_captions(tmp_path):
     assert [p["caption"] for p in report.preview] == ["first caption"]
     rows = {p.row: p.reason for p in report.problems if p.file == "metadata.jsonl"}
     assert "is empty" in rows[2] and "'gone.png' is not among the images" in rows[3]
+    # With captions taken from .txt files, the metadata file is not silently passed over
+    ignored = check(tmp_path, caption_source="files")
+    assert ignored.rows_usable == 0 and problems_of(ignored)["metadata.jsonl"] == (
+        "not read: the caption source is files; choose auto or metadata to take the captions from it")
+
+
+def test_an_empty_instance_prompt_is_reported_before_training(tmp_path):
+    """As the only caption source it would caption every image with nothing; the run's settings refuse it, so
+    the data check does too (else Train is offered and then refused)."""
+    square(tmp_path / "one.png")
+    report = check(tmp_path, caption_source="instance_prompt", instance_prompt="  ")
+    assert report.rows_usable == 0 and problems_of(report) == {
+        "instance prompt": "caption source is instance_prompt, but the instance prompt is empty"}
+    assert check(tmp_path, caption_source="instance_prompt", instance_prompt="a sks thing").rows_usable == 1
 
 
 def test_parent_folder_and_kohya_layout_are_found(tmp_path):

@@ -289,6 +289,9 @@ def load_examples(config: ImageConfig, report: DataReport | None = None, *, keep
     for f in files:
         if f.name.lower() in METADATA_NAMES and use_metadata:
             metadata.update(_read_metadata(f, report, by_name))
+        elif f.name.lower() in METADATA_NAMES:
+            report.problem(shown(f), f"not read: the caption source is {config.caption_source}; choose auto or "
+                                     "metadata to take the captions from it")
         elif f.suffix.lower() in CONVERT_FIRST:
             report.problem(shown(f), f"{f.suffix} images are not supported: convert it to PNG or JPEG")
         elif (f.suffix.lower() not in IMAGE_SUFFIXES | set(CAPTION_SUFFIXES)
@@ -296,6 +299,8 @@ def load_examples(config: ImageConfig, report: DataReport | None = None, *, keep
             report.problem(shown(f), "is not an image file: skipped")
     if config.caption_source == "metadata" and not any(f.name.lower() in METADATA_NAMES for f in files):
         report.problem("metadata", "caption source is metadata, but no metadata.csv or metadata.jsonl was found")
+    if config.caption_source == "instance_prompt" and not config.instance_prompt.strip():
+        report.problem("instance prompt", "caption source is instance_prompt, but the instance prompt is empty")
 
     if len(images) > MAX_IMAGES:
         report.problem(shown(images[MAX_IMAGES]), f"{len(images):,} images found; only the first {MAX_IMAGES:,} "
@@ -357,7 +362,7 @@ def _caption_for(path: Path, config: ImageConfig, captions: dict[Path, Path], by
     source = config.caption_source
     instance = " ".join(config.instance_prompt.split())
     if source == "instance_prompt":
-        return instance, "instance_prompt"
+        return (instance, "instance_prompt") if instance else (None, "")  # (reported once, not per image)
     problem = ""
     if source in ("auto", "files"):
         # Same folder first; for files uploaded one by one (each in its own temporary folder) the same stem.
