@@ -125,15 +125,43 @@ def test_token_lengths_over_the_limit_are_counted(tmp_path):
     assert report.stats["over_max_length"] == 1 and report.stats["max_length"] == 64
 
 
-def test_the_tab_s_data_check_detects_anew_where_the_column_boxes_name_columns_the_file_lacks(tmp_path):
-    """The column boxes hold what the check found in the last data (or a loaded config's choices): for a newly
-    uploaded file of another shape those are no choice made for it, and its own columns are detected."""
+def tab_check(files: list, **chosen) -> dict:
+    """The Language tab's data check with the form's defaults and these settings: its summary and its column boxes."""
     from studio.tabs import llm as tab
+    settings = dataclasses.asdict(LLMConfig()) | chosen
+    summary, *_, prompt, input_, response, text, messages, train, _preflight = tab.check_data(
+        [str(f) for f in files], [], "tiny-llama", chosen.get("name", ""), *[settings[key] for key in tab.FORM])
+    return {"summary": summary, "train": train["interactive"],
+            **{key: (box["value"], box["info"].split(" In use: ")[-1] if " In use: " in box["info"] else "")
+               for key, box in zip(tab.COLUMNS, (prompt, input_, response, text, messages))}}
+
+
+def pairs_file(tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_text("prompt,completion\nWhat is 2+2?,4\nName a colour.,Blue\n")
-    settings = dataclasses.asdict(LLMConfig()) | {"prompt_column": "instruction", "input_column": "input",
-                                                   "response_column": "output"}
-    summary, *_, prompt, _input, response, _text, _messages, train, _preflight = tab.check_data(
-        [str(path)], [], "tiny-llama", "", *[settings[key] for key in tab.FORM])
-    assert "2 of 2 rows usable (prompt_completion)" in summary and train["interactive"]
-    assert (prompt["value"], _input["value"], response["value"]) == ("prompt", "", "completion")
+    return path
+
+
+def test_the_tab_s_data_check_detects_anew_where_the_column_boxes_name_columns_the_file_lacks(tmp_path):
+    """Columns chosen for other data (a loaded config's) are no choice made for a newly uploaded file of
+    another shape: its own columns are detected, and the boxes show which are in use."""
+    check = tab_check([pairs_file(tmp_path)], prompt_column="instruction", input_column="input",
+                      response_column="output")
+    assert "2 of 2 rows usable (prompt_completion)" in check["summary"] and check["train"]
+    assert check["prompt_column"] == ("", "prompt.") and check["response_column"] == ("", "completion.")
+    assert check["input_column"] == ("", "")
+
+
+def test_the_tab_s_column_boxes_keep_what_the_user_picks(tmp_path, assets):
+    """The boxes are the user's choice, never overwritten by what the check detected: files of two shapes are
+    each read with their own columns, and a column picked by hand for unknown names stays picked."""
+    both = tab_check([assets / "llm" / "sample.csv", pairs_file(tmp_path)])
+    assert "26 of 26 rows usable (alpaca, prompt_completion)" in both["summary"]
+    assert both["prompt_column"] == ("", "instruction / prompt.")
+    custom = tmp_path / "custom.csv"
+    custom.write_text("q,a,notes\nWhat is 2+2?,4,x\nName a colour.,Blue,y\n")
+    picked = tab_check([custom], prompt_column="q")
+    assert picked["prompt_column"] == ("q", "") and not picked["train"]  # the answer column is still wanted
+    mapped = tab_check([custom], prompt_column="q", response_column="a", name="my run (v2)")  # an invalid name
+    assert "2 of 2 rows usable (prompt_completion)" in mapped["summary"] and mapped["train"]
+    assert mapped["prompt_column"] == ("q", "q.") and mapped["response_column"] == ("a", "a.")

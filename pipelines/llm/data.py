@@ -305,8 +305,13 @@ def _examples_from(files: list[str], config: LLMConfig, report: DataReport, coun
             continue
         columns = list(dict.fromkeys(k for _, record in rows[:200] for k in record))
         fmt, mapping = detect_mapping(columns, config)
-        if count:
-            report.columns, report.format, report.mapping = columns, fmt, mapping
+        if count:  # over all the training files, each read with its own format and columns
+            report.columns = list(dict.fromkeys(report.columns + columns))
+            if fmt and fmt not in report.format.split(", "):
+                report.format = ", ".join(filter(None, [report.format, fmt]))
+            for role, column in mapping.items():
+                used = report.mapping.get(role, "")
+                report.mapping[role] = used if column in used.split(" / ") else " / ".join(filter(None, [used, column]))
         absent = [f"{role} column '{name}'" for role in ROLE_NAMES
                   if (name := getattr(config, f"{role}_column")) and name not in columns]
         if absent:

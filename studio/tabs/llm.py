@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -28,6 +29,7 @@ DATA = ["validation_fraction", "data_format", "prompt_column", "input_column", "
         "messages_column"]
 FORM = TRAINING + TOGGLES + ADVANCED + DATA + widgets.SCALE_OUT
 COLUMNS = ["prompt_column", "input_column", "response_column", "text_column", "messages_column"]
+COLUMN_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(LLMConfig) if f.name in COLUMNS}
 
 
 def default_config() -> LLMConfig:
@@ -61,21 +63,21 @@ FORM_SPEC = widgets.TabForm(LLMConfig, FORM, ["train_files", "validation_files"]
 def check_data(*args):
     """Data check shown under the upload: summary, problems, preview, token lengths; gates the Train button."""
     values = FORM_SPEC.values(*args)
-    base_model = values["base_model"]
     if not values["train_files"]:
         return ("Upload a CSV, JSONL, JSON or Parquet file to begin.", gr.update(visible=False),
                 gr.update(value=None, visible=False), None,
                 # one update each: Gradio takes the value out of an update as it applies it
-                *[gr.update(choices=[""], value="") for _ in COLUMNS], gr.update(interactive=False), "")
+                *[gr.update(choices=[""], value="", info=COLUMN_HELP[key]) for key in COLUMNS],
+                gr.update(interactive=False), "")
     from pipelines.llm.data import inspect_data
     try:
-        config = LLMConfig.from_dict(values | {"train_files": values["train_files"] or ["-"]})
-    except ConfigError:
-        config = LLMConfig(train_files=values["train_files"], validation_files=values["validation_files"],
-                           base_model=base_model or "tiny-llama")
+        config = LLMConfig.from_dict(values)
+    except ConfigError as err:  # a setting the data check does not read (the run's name, say) is Train's to report
+        invalid = {name for name, _ in err.problems} - {"train_files", "validation_files"}
+        config = LLMConfig.from_dict({k: v for k, v in values.items() if k not in invalid}, check=False)
     report = inspect_data(config)
-    # The column boxes hold what the last check found: columns a newly uploaded file lacks are not a choice
-    # made for it. Check it again with those left to detection.
+    # A column chosen for other data (a loaded config's, or for the file before) that none of these files has
+    # is no choice made for them: check them again with it left to detection.
     stale = {key: "" for key in COLUMNS if getattr(config, key) and getattr(config, key) not in report.columns}
     if stale and report.columns:
         config = config.changed(**stale)
@@ -92,9 +94,11 @@ def check_data(*args):
                                      for p in report.problems])
     preview = widgets.shown_if_any(report.preview)
     histogram = _histogram(stats) if stats else None
-    columns = [""] + report.columns
-    mapping = [gr.update(choices=columns, value=report.mapping.get(role, "") if role in report.mapping else "")
-               for role in ("prompt", "input", "response", "text", "messages")]
+    # The boxes keep the user's choice (empty: detect, file by file); what each file is read with shows below them.
+    in_use = {f"{role}_column": column for role, column in report.mapping.items()}
+    mapping = [gr.update(choices=[""] + report.columns, value=getattr(config, key),
+                         info=COLUMN_HELP[key] + (f" In use: {in_use[key]}." if key in in_use else ""))
+               for key in COLUMNS]
     preflight = preflight_line(config, stats)
     return (summary, problems, preview, histogram, *mapping, gr.update(interactive=report.ok), preflight)
 
