@@ -71,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
     if args.rank:
-        return train_as_rank(run_dir, args.resume)
+        code = train_as_rank(run_dir, args.resume)
+        # The rank has recorded how it ended and written what it had to: leave without the interpreter's
+        # teardown, where a library's native threads (DeepSpeed's shared-memory communication, once) can
+        # abort the process ("terminate called without an active exception") and fail a finished run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     run_id = run_dir.name
     registry = Registry(run_dir.parent.parent)
     # Ctrl-C in a terminal that owns this process means Stop: checkpoint at the next step, then exit.
