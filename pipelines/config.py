@@ -20,9 +20,12 @@ import yaml
 
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-           choices: list | None = None, step: float | None = None, advanced: bool = False) -> Any:
-    """A config field with the metadata the UI and validation read."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices, "step": step, "advanced": advanced}
+           choices: list | None = None, step: float | None = None, advanced: bool = False,
+           one_per_line: bool = False) -> Any:
+    """A config field with the metadata the UI and validation read. one_per_line: a list whose items are
+    sentences (prompts), which may hold commas, so the form takes them one per line."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "step": step, "advanced": advanced,
+            "one_per_line": one_per_line}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)

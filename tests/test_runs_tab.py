@@ -208,6 +208,25 @@ def test_load_config_fills_what_it_names_and_says_what_is_missing(tmp_path):
     assert "The data it names (gone.csv) is not found next to it" in loaded[-1]
 
 
+def test_prompts_with_commas_keep_them_through_the_form(tmp_path):
+    """Sample prompts are sentences: the form takes them one per line (split at commas, 'Hello, who are you?'
+    became two prompts in the saved config). Module names stay comma-separated."""
+    import yaml as yaml_module
+    from pipelines.llm.config import LLMConfig
+    from studio.tabs import llm
+    config = LLMConfig(sample_prompts=["Hello, who are you?", "Name a colour."], target_modules="custom",
+                       custom_target_modules=["q_proj", "v_proj"])
+    shown = widgets.config_to_form(config, llm.FORM)
+    assert dict(zip(llm.FORM, shown))["sample_prompts"] == "Hello, who are you?\nName a colour."
+    assert dict(zip(llm.FORM, shown))["custom_target_modules"] == "q_proj, v_proj"
+    sample = str(ROOT / "assets" / "llm" / "sample.csv")
+    saved, message = llm.FORM_SPEC.save([sample], [], "tiny-llama", "commas", *shown)
+    assert message == ""
+    written = yaml_module.safe_load(Path(saved["value"]).read_text())
+    assert written["sample_prompts"] == ["Hello, who are you?", "Name a colour."]
+    assert written["custom_target_modules"] == ["q_proj", "v_proj"]
+
+
 def test_tensorboard_export_is_readable_by_tensorboard(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     registry, _, short, _, _ = runs

@@ -73,7 +73,7 @@ class ImageConfig(RunConfig):
                                                  "memory, about 20% slower.", advanced=True)
 
     sample_prompts: list[str] = option([], "Prompts drawn from while training, with a fixed seed "
-                                           "(empty = the instance prompt or the first captions).")
+                                           "(empty = the instance prompt or the first captions).", one_per_line=True)
     sample_seed: int = option(1234, "Seed of the sample images, so every sample step is comparable.",
                               min=0, max=2**31 - 1, advanced=True)
     sample_steps: int = option(25, "Denoising steps per sample image.", min=1, max=150, advanced=True)

@@ -78,6 +78,8 @@ def _input_for(field: dataclasses.Field, kind: Any, value: Any) -> gr.Component:
         bounds = f" ({low:g} to {high:g})" if low is not None and high is not None else ""
         return gr.Number(value=value, label=label, info=info + bounds, precision=0 if kind is int else None,
                          render=render)
+    if typing.get_origin(kind) is list and meta.get("one_per_line"):
+        return gr.Textbox("\n".join(value), label=label, info=info + " (one per line)", lines=2, render=render)
     if typing.get_origin(kind) is list:
         return gr.Textbox(", ".join(value), label=label, info=info + " (comma-separated)", render=render)
     return gr.Textbox(value, label=label, info=info, render=render)
@@ -92,11 +94,17 @@ def build_config(config_cls: type[RunConfig], values: dict[str, Any]) -> tuple[R
         return None, f"**These settings need fixing:**\n{lines}"
 
 
+def one_per_line(config_cls: type[RunConfig]) -> set[str]:
+    """The list settings whose items the form takes one per line (see pipelines.config.option)."""
+    return {f.name for f in dataclasses.fields(config_cls) if f.metadata.get("one_per_line")}
+
+
 def config_to_form(config: RunConfig, names: list[str]) -> list[Any]:
+    lines = one_per_line(type(config))
     values = []
     for name in names:
         value = getattr(config, name)
-        values.append(", ".join(value) if isinstance(value, list) else value)
+        values.append(("\n" if name in lines else ", ").join(value) if isinstance(value, list) else value)
     return values
 
 
@@ -116,6 +124,9 @@ class TabForm:
                                              args[len(self.upload_fields):len(self.upload_fields) + 2],
                                              args[len(self.upload_fields) + 2:])
         values: dict[str, Any] = dict(zip(self.form, form))
+        for field in one_per_line(self.config_cls) & values.keys():  # else the config would split them at commas
+            if isinstance(values[field], str):
+                values[field] = [line.strip() for line in values[field].splitlines() if line.strip()]
         values.update(modality=self.modality, base_model=base_model or "", name=name or "")
         types = typing.get_type_hints(self.config_cls)
         for field, files in zip(self.upload_fields, uploads):
