@@ -123,6 +123,8 @@ def test_token_lengths_over_the_limit_are_counted(tmp_path):
     report = check(tmp_path, "long.csv", "instruction,output\nshort,ok\n" + "long," + "word " * 200 + "\n",
                    max_length=64)
     assert report.stats["over_max_length"] == 1 and report.stats["max_length"] == 64
+    # 95% of two examples is both: the figure is the longest, not the shorter (it said "95% under" the short one)
+    assert report.stats["tokens_p95"] == report.stats["tokens_max"] > report.stats["tokens_min"]
 
 
 def tab_check(files: list, **chosen) -> dict:

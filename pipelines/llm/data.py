@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 import statistics
 from dataclasses import dataclass
@@ -356,8 +357,9 @@ def inspect_data(config: LLMConfig) -> DataReport:
         return report
     lengths = [len(encode(e, tokenizer, config)[0]) for e in train + validation]
     over = sum(n > config.max_length for n in lengths)
+    # tokens_p95: 95% of the examples are at most this long (the nearest rank)
     report.stats = {"tokens_min": min(lengths), "tokens_mean": round(statistics.mean(lengths), 1),
-                    "tokens_p95": sorted(lengths)[int(0.95 * (len(lengths) - 1))], "tokens_max": max(lengths),
+                    "tokens_p95": sorted(lengths)[math.ceil(0.95 * len(lengths)) - 1], "tokens_max": max(lengths),
                     "tokens_total": sum(lengths), "over_max_length": over, "max_length": config.max_length,
                     "lengths": lengths}
     return report

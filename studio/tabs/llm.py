@@ -86,7 +86,7 @@ def check_data(*args):
     stats = report.stats
     if stats:
         summary += (f"\n\nTokens per example: min {stats['tokens_min']}, mean {stats['tokens_mean']}, "
-                    f"95% under {stats['tokens_p95']}, max {stats['tokens_max']}. ")
+                    f"95% at most {stats['tokens_p95']}, max {stats['tokens_max']}. ")
         if stats["over_max_length"]:
             summary += f"**{stats['over_max_length']} examples exceed the max length of {stats['max_length']}** " \
                        "and will be truncated."
