@@ -66,8 +66,8 @@ class LLMConfig(RunConfig):
     use_dora: bool = option(False, "DoRA: weight-decomposed LoRA. Often better, a little slower.")
     use_rslora: bool = option(False, "rsLoRA: scale by alpha/sqrt(r), steadier at high ranks.")
 
-    sample_prompts: list[str] = option([], "Prompts generated from while training (empty = the first training prompts).",
-                                       one_per_line=True)
+    sample_prompts: list[str] = option([], "Prompts generated from while training (empty = the first training "
+                                           "prompts).", one_per_line=True)
     sample_max_new_tokens: int = option(48, "Tokens to generate per sample.", min=1, max=2048, advanced=True)
 
     def bf16_products(self, native_bf16: bool) -> bool:

@@ -316,9 +316,9 @@ def _examples_from(files: list[str], config: LLMConfig, report: DataReport, coun
         absent = [f"{role} column '{name}'" for role in ROLE_NAMES
                   if (name := getattr(config, f"{role}_column")) and name not in columns]
         if absent:
-            report.problem(path, f"the {' and '.join(absent)} set in the settings {'is' if len(absent) == 1 else 'are'} "
-                                 f"not in this file, whose columns are {columns}: choose others, or leave them empty "
-                                 "to detect them")
+            verb = "is" if len(absent) == 1 else "are"
+            report.problem(path, f"the {' and '.join(absent)} set in the settings {verb} not in this file, whose "
+                                 f"columns are {columns}: choose others, or leave them empty to detect them")
             continue
         if not fmt:
             report.problem(path, f"no known columns among {columns}: expected instruction/output, prompt/completion, "
