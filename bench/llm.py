@@ -83,6 +83,18 @@ def make_rows(count: int, seed: int) -> list[dict]:
     return rows
 
 
+def encoded_rows(count: int, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """make_rows(count, 1) as the studio encodes them (chat template, reply labels, the benchmark's max length),
+    for the probes that skip the data files."""
+    from pipelines.llm.config import LLMConfig
+    from pipelines.llm.data import Example
+    from pipelines.llm.tokenize import encode
+    config = LLMConfig(name="probe", base_model="x", train_files=["x"], max_length=HYPER["max_length"])
+    return [encode(Example(messages=[{"role": "user", "content": r["prompt"]},
+                                     {"role": "assistant", "content": r["completion"]}]),
+                   tokenizer, config, truncate=True) for r in make_rows(count, 1)]
+
+
 def config_for(args, model_dir: str, data_dir: Path):
     from pipelines.llm.config import LLMConfig
     return LLMConfig(name="bench", base_model=model_dir, train_files=[str(data_dir / "train.jsonl")],

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.llm import HYPER, TARGETS, build_model, make_rows  # noqa: E402
+from bench.llm import HYPER, TARGETS, build_model, encoded_rows  # noqa: E402
 
 
 def main() -> None:
@@ -37,9 +37,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipelines.llm import attention
-    from pipelines.llm.config import LLMConfig
-    from pipelines.llm.data import Example
-    from pipelines.llm.tokenize import collate, encode
+    from pipelines.llm.tokenize import collate
 
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,11 +49,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=HYPER["lora_rank"], lora_alpha=HYPER["lora_alpha"],
                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
-    config = LLMConfig(name="probe", base_model="x", train_files=["x"], max_length=HYPER["max_length"])
-    rows = make_rows(args.batch_size * (args.steps + 3), 1)
-    encoded = [encode(Example(messages=[{"role": "user", "content": r["prompt"]},
-                                        {"role": "assistant", "content": r["completion"]}]),
-                      tokenizer, config, truncate=True) for r in rows]
+    encoded = encoded_rows(args.batch_size * (args.steps + 3), tokenizer)
     groups = [encoded[i:i + args.batch_size] for i in range(0, len(encoded), args.batch_size)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from bench.llm import HYPER, MODELS, TARGETS, TOKENIZER, make_rows  # noqa: E402
+from bench.llm import HYPER, MODELS, TARGETS, TOKENIZER, encoded_rows  # noqa: E402
 
 NO_KERNEL = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
              torch.ops.aten.detach.default, torch.ops.aten.lift_fresh.default}
@@ -61,9 +61,7 @@ def main() -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from pipelines.llm import attention
-    from pipelines.llm.config import LLMConfig
-    from pipelines.llm.data import Example
-    from pipelines.llm.tokenize import collate, encode
+    from pipelines.llm.tokenize import collate
 
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
@@ -73,11 +71,7 @@ def main() -> None:
                                         tie_word_embeddings=True, attn_implementation="sdpa", **shape))
     model = get_peft_model(base, LoraConfig(r=HYPER["lora_rank"], lora_alpha=HYPER["lora_alpha"],
                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
-    config = LLMConfig(name="count", base_model="x", train_files=["x"], max_length=HYPER["max_length"])
-    rows = make_rows(8 * 3, 1)
-    encoded = [encode(Example(messages=[{"role": "user", "content": r["prompt"]},
-                                        {"role": "assistant", "content": r["completion"]}]),
-                      tokenizer, config, truncate=True) for r in rows]
+    encoded = encoded_rows(8 * 3, tokenizer)
     groups = [encoded[i:i + 8] for i in range(0, len(encoded), 8)]
     pad = tokenizer.pad_token_id
 
