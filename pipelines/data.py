@@ -35,6 +35,7 @@ class DataReport:
     columns: list[str] = field(default_factory=list)
     mapping: dict[str, str] = field(default_factory=dict)       # role -> column actually used
     validation_rows: int = 0
+    validation_from_files: bool = False  # the validation rows come from their own upload, not the training rows
 
     @property
     def ok(self) -> bool:
@@ -50,7 +51,9 @@ class DataReport:
         text = f"{self.rows_usable} of {self.rows_found} rows usable"
         if self.format:
             text += f" ({self.format})"
-        if self.validation_rows:
+        if self.validation_rows and self.validation_from_files:
+            text += f", plus {self.validation_rows} for validation from the validation data"
+        elif self.validation_rows:
             text += f", {self.validation_rows} held out for validation"
         # Counted from the totals, not from the problems: a bad clip or image is reported by file, not by row,
         # and a warning (kept=True) drops nothing.

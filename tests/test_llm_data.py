@@ -107,6 +107,10 @@ def test_missing_file_and_validation_split(tmp_path, assets):
     config = LLMConfig(train_files=[str(assets / "llm" / "sample.csv")], validation_fraction=0.25)
     report, train, validation = load_examples(config)
     assert (len(train), len(validation)) == (18, 6) and report.validation_rows == 6
+    assert report.summary() == "24 of 24 rows usable (alpaca), 6 held out for validation"
+    # Rows of a validation file of their own are not taken from the training rows, and the summary says so.
+    separate = inspect_data(config.changed(validation_files=[str(assets / "llm" / "sample.csv")]))
+    assert separate.summary() == "24 of 24 rows usable (alpaca), plus 24 for validation from the validation data"
 
 
 def test_only_responses_count_for_the_loss_unless_asked(assets):

@@ -292,6 +292,7 @@ def load_examples(config: LLMConfig, report: DataReport | None = None
         validation, held_ids = shuffled[:held], {id(e) for e in shuffled[:held]}
         train = [e for e in train if id(e) not in held_ids]
     report.validation_rows = len(validation)
+    report.validation_from_files = bool(config.validation_files)
     return report, train, validation
 
 

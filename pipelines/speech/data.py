@@ -328,6 +328,7 @@ def load_clips(config: SpeechConfig, report: DataReport | None = None, keep_audi
     report.rows_usable = len({c.audio for c in train}) + (0 if config.validation_path.strip()
                                                           else len({c.audio for c in validation}))
     report.validation_rows = len(validation)
+    report.validation_from_files = bool(config.validation_path.strip())
     return report, train, validation
 
 
