@@ -281,9 +281,13 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
-def _simple(action):
+def _simple(action, needs_active: bool = False):
     def command(args) -> int:
         from studio import jobs
+        from studio.runs import ACTIVE
+        if needs_active and (status := _find_run(args.run).status) not in ACTIVE:
+            # Said, not printed as if the command had done it: a script that stops a finished run learns so.
+            raise ValueError(f"Run {args.run} has already ended ({status}); there is nothing to {args.command}.")
         result = action(jobs, args.run)
         print(result if isinstance(result, str) else f"{result.id}: {result.status}")
         return EXIT_OK
@@ -293,8 +297,8 @@ def _simple(action):
 COMMANDS = {
     "serve": cmd_serve, "train": cmd_train, "join": cmd_join, "runs": cmd_runs, "generate": cmd_generate,
     "export": cmd_export,
-    "stop": _simple(lambda jobs, run: jobs.request_stop(run)),
-    "cancel": _simple(lambda jobs, run: jobs.cancel(run)),
+    "stop": _simple(lambda jobs, run: jobs.request_stop(run), needs_active=True),
+    "cancel": _simple(lambda jobs, run: jobs.cancel(run), needs_active=True),
     "resume": _simple(lambda jobs, run: jobs.resume(run)),
 }
 

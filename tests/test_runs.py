@@ -103,6 +103,9 @@ def test_cancel_ends_the_process_at_once(home, tmp_path):
     assert studio("cancel", run_id).stdout.strip() == "cancelled"
     assert registry.get(run_id).status == "cancelled"
     wait_for(lambda: not _alive(pid), timeout=15, what="the worker to exit")
+    again = studio("stop", run_id)  # an ended run: said so, and not as if the stop had been done
+    assert again.returncode == 2 and again.stderr.strip() == (
+        f"error: Run {run_id} has already ended (cancelled); there is nothing to stop.")
 
 
 def test_a_run_cancelled_while_its_worker_starts_is_not_trained(home, tmp_path, monkeypatch):
