@@ -55,6 +55,12 @@ def test_parquet_and_explicit_column_mapping(tmp_path):
     assert stale.rows_usable == 0 and stale.problems[0].reason == (
         "the response column 'output' set in the settings is not in this file, whose columns are ['q', 'a']: "
         "choose others, or leave them empty to detect them")
+    # a format chosen by hand that the file does not fit is reported, file by file (it raised a KeyError)
+    for fmt, column in (("chat", "messages"), ("text", "text")):
+        unfit = inspect_data(LLMConfig(train_files=[str(path)], validation_fraction=0.0, data_format=fmt))
+        assert unfit.rows_usable == 0 and str(unfit.problems[0]) == (
+            f"data.parquet: the {fmt} format needs a {column} column, and none was found among ['q', 'a']: "
+            "map the columns yourself, or choose another format")
 
 
 BAD = [

@@ -30,6 +30,9 @@ ROLE_NAMES = {
     "response": ["output", "response", "completion", "answer", "target"],
     "text": ["text", "content", "document"],
 }
+# The columns each format cannot do without ("input" is optional for alpaca).
+FORMAT_ROLES = {"chat": ["messages"], "alpaca": ["prompt", "response"], "prompt_completion": ["prompt", "response"],
+                "text": ["text"]}
 CHAT_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
               "model": "assistant", "bot": "assistant"}
 
@@ -215,8 +218,7 @@ def detect_mapping(columns: list[str], config: LLMConfig) -> tuple[str, dict[str
             fmt = "text"
         else:
             fmt = ""
-    needed = {"chat": ["messages"], "alpaca": ["prompt", "response"], "prompt_completion": ["prompt", "response"],
-              "text": ["text"]}.get(fmt, [])
+    needed = FORMAT_ROLES.get(fmt, [])
     used = {role: mapping[role] for role in needed + (["input"] if fmt == "alpaca" else []) if mapping[role]}
     return fmt, used
 
@@ -325,9 +327,10 @@ def _examples_from(files: list[str], config: LLMConfig, report: DataReport, coun
             report.problem(path, f"no known columns among {columns}: expected instruction/output, prompt/completion, "
                                  "question/answer, messages or text; or map the columns yourself")
             continue
-        missing = [role for role, column in mapping.items() if column not in columns]
-        if missing or (fmt in ("alpaca", "prompt_completion") and not {"prompt", "response"} <= mapping.keys()):
-            report.problem(path, f"the columns for the {fmt} format were not found among {columns}")
+        lacking = [role for role in FORMAT_ROLES[fmt] if role not in mapping]
+        if lacking:  # a format chosen by hand that this file's columns do not fit
+            report.problem(path, f"the {fmt} format needs a {' and a '.join(lacking)} column, and none was found "
+                                 f"among {columns}: map the columns yourself, or choose another format")
             continue
         for number, record in rows:
             example = to_example(record, fmt, mapping, config.system_prompt)
