@@ -162,6 +162,8 @@ def test_the_tab_s_data_check_detects_anew_where_the_column_boxes_name_columns_t
     assert "2 of 2 rows usable (prompt_completion)" in check["summary"] and check["train"]
     assert check["prompt_column"] == ("", "prompt.") and check["response_column"] == ("", "completion.")
     assert check["input_column"] == ("", "")
+    assert ("Not in these files, so left to detection: prompt column 'instruction', input column 'input', "
+            "response column 'output'.") in check["summary"]
 
 
 def test_the_tab_s_column_boxes_keep_what_the_user_picks(tmp_path, assets):

@@ -83,6 +83,9 @@ def check_data(*args):
         config = config.changed(**stale)
         report = inspect_data(config)
     summary = ("**Data:** " if report.ok else "**No usable data.** ") + report.summary()
+    if stale and report.columns:  # said, as a name typed into a box by hand would otherwise vanish unexplained
+        named = ", ".join(f"{key.replace('_', ' ')} '{values[key]}'" for key in stale)
+        summary += f"\n\nNot in these files, so left to detection: {named}."
     stats = report.stats
     if stats:
         summary += (f"\n\nTokens per example: min {stats['tokens_min']}, mean {stats['tokens_mean']}, "
