@@ -208,6 +208,24 @@ def test_load_config_fills_what_it_names_and_says_what_is_missing(tmp_path):
     assert "The data it names (gone.csv) is not found next to it" in loaded[-1]
 
 
+def test_load_config_gives_the_validation_box_one_file(tmp_path):
+    """The speech tab's validation box takes one .zip: a config naming a zip gets it as one file, and one naming
+    a folder (a run's copy, or a CLI user's) gets that folder zipped. Given a list, Gradio refused the value and
+    the tab broke ('The 'meta' field must be explicitly provided'), Train with it."""
+    import shutil
+    import zipfile
+    from studio.tabs import speech
+    clips = ROOT / "assets" / "speech" / "clips"
+    shutil.make_archive(str(tmp_path / "held"), "zip", clips)
+    for validation in ("held.zip", str(clips)):
+        config = tmp_path / "config.yaml"
+        config.write_text(f"modality: speech\ndata_path: {clips}\nvalidation_path: {validation}\n")
+        values = speech.FORM_SPEC.load(str(config))
+        assert isinstance(values[1], str) and values[1].endswith(".zip"), values[1]
+        assert "apples.wav" in {Path(n).name for n in zipfile.ZipFile(values[1]).namelist()}
+        assert values[-1] == "Settings loaded from the config file."
+
+
 def test_prompts_with_commas_keep_them_through_the_form(tmp_path):
     """Sample prompts are sentences: the form takes them one per line (split at commas, 'Hello, who are you?'
     became two prompts in the saved config). Module names stay comma-separated."""

@@ -194,15 +194,29 @@ class TabForm:
             first += [p for p in files if p not in first]
             missing += [] if files else [config.data_path]
         uploads, given = [], set()
+        types = typing.get_type_hints(self.config_cls)
         for field in self.upload_fields:
             # What the config names and exists, nothing else: uploads it does not name are cleared, not left as
             # they were. Several boxes may feed one setting (image: files, a folder): the first holds its files.
-            uploads.append(None if field in given else found[field] or None)
+            files = None if field in given else found[field] or None
+            if files and typing.get_origin(types[field]) is not list:
+                files = _one_upload(files[0])  # a box of one file (speech validation): given a list, Gradio fails
+            uploads.append(files)
             given.add(field)
         message = "Settings loaded from the config file." + (
             f" The data it names ({', '.join(missing)}) is not found next to it: upload the data above."
             if missing else "")
         return uploads + [config.base_model, config.name, *config_to_form(config, self.form), message]
+
+
+def _one_upload(path: str) -> str:
+    """A path for an upload box of one file: a folder (a run's copied validation folder) is zipped, as the
+    user would upload it."""
+    if not Path(path).is_dir():
+        return path
+    import tempfile
+    archive = Path(tempfile.mkdtemp(prefix="studio-upload-")) / Path(path).name
+    return shutil.make_archive(str(archive), "zip", path)
 
 
 def shown_if_any(rows: list, as_value=pd.DataFrame) -> dict:
