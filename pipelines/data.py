@@ -36,13 +36,25 @@ class DataReport:
     mapping: dict[str, str] = field(default_factory=dict)       # role -> column actually used
     validation_rows: int = 0
     validation_from_files: bool = False  # the validation rows come from their own upload, not the training rows
+    roots: list[Path] = field(default_factory=list)  # uploaded folders and unpacked zips: files are named inside them
 
     @property
     def ok(self) -> bool:
         return self.rows_usable > 0
 
     def problem(self, file: str | Path, reason: str, row: int | None = None, kept: bool = False) -> None:
-        self.problems.append(Problem(Path(file).name if file else "", reason, row, kept))
+        self.problems.append(Problem(self.shown(file), reason, row, kept))
+
+    def shown(self, file: str | Path) -> str:
+        """A file as the user knows it: its path inside the folder or zip they uploaded (two speakers' 001.wav
+        are told apart), else its name (an upload's temporary folder means nothing to them)."""
+        if not file:
+            return ""
+        path = Path(file)
+        if not path.is_absolute():
+            return str(path)  # already named as the user knows it
+        root = next((r for r in self.roots if path.is_relative_to(r)), None)
+        return str(path.relative_to(root)) if root else path.name
 
     def summary(self) -> str:
         """One line for the UI and the CLI."""
@@ -63,7 +75,7 @@ class DataReport:
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "roots"}
 
 
 def int_setting(name: str, default: int) -> int:

@@ -252,3 +252,26 @@ def test_config_rules():
     assert names == {"data_path", "instance_prompt", "resolution"}
     config = ImageConfig.from_dict({"data_path": "x", "sample_prompts": "a, b"})
     assert config.sample_prompts == ["a", "b"] and config.base_model == "tiny-sd"
+
+
+def test_the_tab_names_files_inside_the_zip_and_says_what_it_did(tmp_path):
+    """In the Image tab: two folders' 001.png told apart, a metadata row named again reported with its row
+    (it silently replaced the caption), a caption file with no image reported, and the conversions listed."""
+    import dataclasses
+    from studio.tabs import image as tab
+    square(tmp_path / "src" / "cats" / "001.png", caption=None)
+    (tmp_path / "src" / "dogs").mkdir()
+    (tmp_path / "src" / "dogs" / "001.png").write_bytes((tmp_path / "src" / "cats" / "001.png").read_bytes()[:60])
+    Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(tmp_path / "src" / "print.jpg")
+    (tmp_path / "src" / "metadata.csv").write_text("file_name,text\ncats/001.png,a cat\nprint.jpg,a print\n"
+                                                   "cats/001.png,another cat\n")
+    (tmp_path / "src" / "prnt.txt").write_text("a misnamed caption")
+    shutil.make_archive(str(tmp_path / "pets"), "zip", tmp_path / "src")
+    settings = dataclasses.asdict(ImageConfig())
+    summary, problems, *_ = tab.check_data([str(tmp_path / "pets.zip")], None, "tiny-sd", "",
+                                           *[settings[key] for key in tab.FORM])
+    rows = {(row["file"], row["row"]): row["problem"] for row in problems["value"].to_dict("records")}
+    assert rows[("metadata.csv", 3)] == "names 'cats/001.png' again (already in row 1): this row is skipped"
+    assert rows[("dogs/001.png", "")].startswith("is truncated")  # not "001.png", as the good cat is
+    assert rows[("prnt.txt", "")] == "matches no image (a caption goes with the image of the same name): not used"
+    assert "2 of 3 rows usable" in summary and "Used as follows:\n- print.jpg: is a CMYK" in summary

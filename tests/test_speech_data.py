@@ -188,3 +188,30 @@ def test_decoding_matches_openai_whisper_sample_for_sample(tmp_path):
         subprocess.run(command + [str(tmp_path / name)], check=True)
     for name in [CLIPS / "cat.wav"] + [tmp_path / n for n in made]:
         assert np.array_equal(read_audio(name).samples, whisper.load_audio(str(name))), name
+
+
+def test_the_tab_names_files_inside_the_zip_and_says_what_it_converted(tmp_path):
+    """Two speakers' 001.wav are told apart by their folder in the zip, a table's problem keeps its row, and the
+    summary lists the sample rates and what was converted (computed before, and shown nowhere)."""
+    import dataclasses
+    from studio.tabs import speech as tab
+    archive = tmp_path / "speakers.zip"
+    loud = tmp_path / "loud.wav"
+    subprocess.run(["sox", str(CLIPS / "cat.wav"), "-r", "48000", "-c", "2", str(loud)], check=True)
+    silent = tmp_path / "silent.wav"
+    soundfile.write(silent, np.zeros(2 * SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(loud, "speakers/anna/001.wav")
+        zf.write(silent, "speakers/ben/001.wav")
+        zf.writestr("speakers/metadata.csv", "file_name,transcription\nanna/001.wav,The cat sat on the mat.\n"
+                                             "ben/001.wav,Nothing.\nben/002.wav,Not there.\n")
+    settings = dataclasses.asdict(config())
+    summary, problems, preview, *_ = tab.check_data([str(archive)], None, "tiny-whisper", "",
+                                                    *[settings[key] for key in tab.FORM])
+    rows = problems["value"].to_dict("records")
+    assert rows[0] == {"file": "metadata.csv", "row": 3, "problem": "names 'ben/002.wav', which is not among the "
+                                                                   "audio files"}
+    assert rows[1]["file"] == "ben/001.wav" and rows[1]["problem"].startswith("is silent") and rows[1]["row"] == ""
+    assert "Sample rates: 16000 Hz (1), 48000 Hz (1)." in summary
+    assert "Converted for Whisper:\n- anna/001.wav: 48000 Hz stereo" in summary
+    assert preview["value"].to_dict("records")[0]["clip"] == "anna/001.wav"

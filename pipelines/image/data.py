@@ -187,6 +187,9 @@ def _read_metadata(path: Path, report: DataReport, by_name: dict[str, list[Path]
         if not caption:
             report.problem(path, f"the {text_column} for '{name}' is empty", row)
             continue
+        if target in found:  # the first row stands, as in the speech tables
+            report.problem(path, f"names '{name}' again (already in row {found[target][1]}): this row is skipped", row)
+            continue
         found[target] = (caption, row)
     return found
 
@@ -270,11 +273,9 @@ def load_examples(config: ImageConfig, report: DataReport | None = None, *, keep
     files, base = collect_files(config, report)
     files = list(dict.fromkeys(files))
 
-    def shown(path: Path) -> str:
-        try:
-            return str(path.relative_to(base)) if base else path.name
-        except ValueError:
-            return path.name
+    if base:
+        report.roots.append(base)
+    shown = report.shown  # a file by its path in the uploaded folder or zip
 
     images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     captions = {f.with_suffix(""): f for f in files if f.suffix.lower() in CAPTION_SUFFIXES}
@@ -297,6 +298,12 @@ def load_examples(config: ImageConfig, report: DataReport | None = None, *, keep
         elif (f.suffix.lower() not in IMAGE_SUFFIXES | set(CAPTION_SUFFIXES)
               and f.name.lower() not in METADATA_NAMES):
             report.problem(shown(f), "is not an image file: skipped")
+    if config.caption_source in ("auto", "files"):  # a misnamed caption would otherwise vanish unnoticed
+        stems, names = {f.with_suffix("") for f in images}, {f.stem for f in images}
+        for key, f in captions.items():
+            if key not in stems and not (f.stem in names and len(by_stem[f.stem]) == 1):
+                report.problem(shown(f), "matches no image (a caption goes with the image of the same name): "
+                                         "not used")
     if config.caption_source == "metadata" and not any(f.name.lower() in METADATA_NAMES for f in files):
         report.problem("metadata", "caption source is metadata, but no metadata.csv or metadata.jsonl was found")
     if config.caption_source == "instance_prompt" and not config.instance_prompt.strip():

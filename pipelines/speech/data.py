@@ -99,10 +99,12 @@ def _expand(paths: list[str], report: DataReport) -> list[Path]:
         if not path.exists():
             report.problem(path, "was not found")
         elif path.is_dir():
+            report.roots.append(path)
             files += sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
         elif path.suffix.lower() == ".zip":
             root = _unpack(path, report)
             if root is not None:
+                report.roots.append(root)
                 files += sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p, root))
         else:
             files.append(path)
@@ -262,7 +264,7 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
             stats.setdefault("channels", Counter())[str(sound.channels)] += 1
             stats.setdefault("encodings", Counter())[sound.encoding] += 1
             if sound.converted:
-                stats.setdefault("converted", []).append(f"{path.name}: {sound.describe()} -> 16000 Hz mono")
+                stats.setdefault("converted", []).append(f"{report.shown(path)}: {sound.describe()} -> 16000 Hz mono")
         if len(sound.samples) == 0:
             report.problem(path, "holds no audio (0 seconds long)")
             continue
@@ -335,7 +337,8 @@ def load_clips(config: SpeechConfig, report: DataReport | None = None, keep_audi
 def inspect_data(config: SpeechConfig) -> DataReport:
     """The data check the UI and CLI show before training: clips, transcripts, problems, durations."""
     report, train, validation = load_clips(config, keep_audio=False)
-    report.preview = [{"audio": c.audio, "text": c.text, "seconds": round(c.seconds, 2),
+    report.preview = [{"audio": c.audio, "name": report.shown(c.audio), "text": c.text,
+                       "seconds": round(c.seconds, 2),
                        **({"start": round(c.start, 2), "part": c.source} if c.source != Path(c.audio).name else {})}
                       for c in (train + validation)[:20]]
     stats = report.stats

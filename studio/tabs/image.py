@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import gradio as gr
@@ -50,7 +51,8 @@ def check_data(*args):
     config = ImageConfig.from_dict(values, check=False)
     report = inspect_data(config)
     summary = ("**Images:** " if report.ok else "**No usable images.** ") + report.summary()
-    problems = widgets.shown_if_any([{"file": p.file, "problem": p.reason} for p in report.problems])
+    summary += widgets.noted("Used as follows:", report.stats.get("notes", []))
+    problems = widgets.problems_table(report)
     gallery = widgets.shown_if_any([(p["image"], p.get("caption", "")) for p in report.preview], as_value=list)
     return summary, problems, gallery, gr.update(interactive=report.ok)
 
@@ -62,6 +64,8 @@ def try_prompt(run_id, checkpoint, prompt, negative, seed, steps, guidance, size
     if run is None:
         raise gr.Error("Train a run first, then try it here.")
     checkpoint = None if checkpoint in (None, "", "final") else checkpoint
+    if seed is None or seed < 0:  # empty or -1: a new seed each time, named under the images to draw them again
+        seed = random.randrange(2**31)
     options = dict(negative_prompt=negative or "", seed=int(seed), steps=int(steps), guidance=float(guidance),
                    width=int(size) or None, height=int(size) or None)
     try:
@@ -70,7 +74,8 @@ def try_prompt(run_id, checkpoint, prompt, negative, seed, steps, guidance, size
                                      lora_scale=float(strength), **options)
     except Exception as err:
         raise gr.Error(f"Generation failed: {getattr(err, 'cause', None) or err}") from None
-    return base, tuned
+    return (gr.update(value=base, label=f"Base model (seed {int(seed)})"),
+            gr.update(value=tuned, label=f"Tuned model (seed {int(seed)})"))
 
 
 def build() -> dict:
@@ -115,7 +120,7 @@ def build() -> dict:
         with gr.Row():
             checkpoint = gr.Dropdown(["final"], value="final", label="Checkpoint")
             strength = gr.Slider(0, 2, value=1, step=0.05, label="LoRA strength", info="0 = the base model")
-            seed = gr.Number(1234, label="Seed", precision=0, minimum=0)
+            seed = gr.Number(1234, label="Seed", precision=0, info="empty or -1 = a new one each time")
             steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
             guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
             size = gr.Slider(0, 1024, value=0, step=8, label="Size", info="0 = the model's native size")

@@ -93,8 +93,7 @@ def check_data(*args):
         if stats["over_max_length"]:
             summary += f"**{stats['over_max_length']} examples exceed the max length of {stats['max_length']}** " \
                        "and will be truncated."
-    problems = widgets.shown_if_any([{"file": p.file, "row": p.row if p.row is not None else "", "problem": p.reason}
-                                     for p in report.problems])
+    problems = widgets.problems_table(report)
     preview = widgets.shown_if_any(report.preview)
     histogram = _histogram(stats) if stats else None
     # The boxes keep the user's choice (empty: detect, file by file); what each file is read with shows below them.

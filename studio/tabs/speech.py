@@ -45,12 +45,17 @@ def check_data(*args):
     summary = ("**Clips:** " if report.ok else "**No usable clips.** ") + report.summary()
     stats = report.stats
     if stats.get("total_seconds"):
-        summary += f"\n\nTotal audio: {stats['total_seconds']:.1f} s."
-    problems = widgets.shown_if_any([{"file": p.file, "problem": p.reason} for p in report.problems])
-    table = widgets.shown_if_any([{"clip": Path(p["audio"]).name, "seconds": p.get("seconds"),
-                                   "transcript": p.get("text")} for p in report.preview])
-    clips = [p["audio"] for p in report.preview]
-    choices = [(Path(c).name, c) for c in clips]
+        rates = sorted(stats.get("sample_rates", {}).items(), key=lambda rate_and_count: int(rate_and_count[0]))
+        rates = ", ".join(f"{rate} Hz ({n})" for rate, n in rates)
+        summary += f"\n\nTotal audio: {stats['total_seconds']:.1f} s. Sample rates: {rates}."
+    summary += widgets.noted("Converted for Whisper:", stats.get("converted", []))
+    problems = widgets.problems_table(report)
+    # A clip split into pieces is one recording: named with its piece in the table, listed once in the player.
+    table = widgets.shown_if_any([{"clip": p["name"] + (f", {p['part'].split(', ', 1)[1]}" if "part" in p else ""),
+                                   "seconds": p.get("seconds"), "transcript": p.get("text")} for p in report.preview])
+    names = {p["audio"]: p["name"] for p in report.preview}
+    clips = list(names)
+    choices = [(name, clip) for clip, name in names.items()]
     return (summary, problems, table, gr.update(choices=choices, value=clips[0] if clips else None),
             clips[0] if clips else None, gr.update(interactive=report.ok))
 

@@ -225,6 +225,21 @@ def shown_if_any(rows: list, as_value=pd.DataFrame) -> dict:
     return gr.update(value=as_value(rows) if rows else None, visible=bool(rows))
 
 
+def noted(title: str, lines: list[str], most: int = 8) -> str:
+    """What the data check did on its own (conversions, rotations), as a short list under the summary."""
+    if not lines:
+        return ""
+    more = f"\n- … and {len(lines) - most} more" if len(lines) > most else ""
+    return f"\n\n{title}\n" + "\n".join(f"- {line}" for line in lines[:most]) + more
+
+
+def problems_table(report) -> dict:
+    """The data check's problems (a DataReport's) as the tabs show them: file, row where any has one, why."""
+    rows = any(p.row is not None for p in report.problems)
+    return shown_if_any([{"file": p.file, **({"row": "" if p.row is None else p.row} if rows else {}),
+                          "problem": p.reason} for p in report.problems])
+
+
 def upload_path(file) -> str:
     return file if isinstance(file, str) else getattr(file, "path", None) or getattr(file, "name", str(file))
 
