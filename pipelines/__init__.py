@@ -11,10 +11,19 @@ The studio looks modalities up here by name and imports their heavy parts only w
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
 from pipelines.config import ConfigError, RunConfig, read_yaml
+
+# accelerate and transformers import DeepSpeed where it is installed, and on a machine with no GPU it prints
+# "[WARNING] Setting accelerator to CPU ..." to standard output: into `studio train`'s own output (which
+# scripts read a run id from) and every run's log. Said in advance, on Linux with no GPU driver loaded, the
+# CPU is its choice all the same.
+if sys.platform == "linux" and not (Path("/dev/nvidiactl").exists() or Path("/dev/kfd").exists()):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 MODALITIES = {"llm": "Language model", "image": "Image (Stable Diffusion)", "speech": "Speech (Whisper)"}
 

@@ -40,7 +40,13 @@ class DataReport:
 
     @property
     def ok(self) -> bool:
-        return self.rows_usable > 0
+        return self.rows_usable > 0 and not self.validation_unusable
+
+    @property
+    def validation_unusable(self) -> bool:
+        """Validation data was uploaded and none of it is usable: measured on the training rows instead, the
+        run would show their loss as validation loss."""
+        return self.validation_from_files and not self.validation_rows
 
     def problem(self, file: str | Path, reason: str, row: int | None = None, kept: bool = False) -> None:
         self.problems.append(Problem(self.shown(file), reason, row, kept))
@@ -63,7 +69,9 @@ class DataReport:
         text = f"{self.rows_usable} of {self.rows_found} rows usable"
         if self.format:
             text += f" ({self.format})"
-        if self.validation_rows and self.validation_from_files:
+        if self.validation_unusable:
+            text += "; the validation data has nothing usable (see the problems)"
+        elif self.validation_rows and self.validation_from_files:
             text += f", plus {self.validation_rows} for validation from the validation data"
         elif self.validation_rows:
             text += f", {self.validation_rows} held out for validation"

@@ -32,14 +32,18 @@ from pipelines.events import STOP_FILE, Events, TrainingFailure, read_events, st
 from pipelines.threads import ThreadShare
 
 
-def require_data(problems: list, examples: list, what: str, log: Callable[[str], None]) -> None:
-    """Log each problem the data check found (those rows are skipped, warnings aside); fail when nothing is
-    usable."""
+def require_data(report, examples: list, what: str, log: Callable[[str], None]) -> None:
+    """Log each problem the data check (a DataReport) found (those rows are skipped, warnings aside); fail when
+    nothing is usable, for training or in the validation data given."""
+    problems = report.problems
     for problem in problems:
         log(f"{'Note' if problem.kept else 'Skipped'}: {problem}")
     if not examples:
         first = problems[0] if problems else f"no {what}s"
         raise TrainingFailure(f"The training data has no usable {what} ({first}).", "Fix the data and start again.")
+    if report.validation_unusable:
+        raise TrainingFailure(f"The validation data has no usable {what}.",
+                              "Fix it, or remove it to hold out a share of the training data instead.")
 
 
 # ---- checkpoints -----------------------------------------------------------------------------

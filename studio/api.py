@@ -40,9 +40,11 @@ def start_run(config_yaml: str, data_files: list[gr.FileData] | None = None) -> 
             resolved = [uploads[Path(n).name] for n in names]
             data[name] = resolved if isinstance(value, list) else resolved[0]
         config = config_from_dict(data)
+        return jobs.submit(config).id
     except ConfigError as err:
         raise gr.Error(f"invalid settings: {err}") from None
-    return jobs.submit(config).id
+    except jobs.UnusableData as err:
+        raise gr.Error(str(err)) from None
 
 
 def _path(file) -> str:

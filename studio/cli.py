@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TrainingFailure) as err:  # the last: a checkpoint that is not there
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `studio runs | head`: the reader has read enough; no traceback at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 # ---- commands --------------------------------------------------------------------------------

@@ -28,8 +28,24 @@ def max_concurrent_runs() -> int:
     return max(1, int_setting("STUDIO_MAX_CONCURRENT_RUNS", 1))
 
 
+class UnusableData(ValueError):
+    """The data check found nothing to train on (or nothing in the validation data given): no run is made."""
+
+    def __init__(self, report):
+        most = 5
+        listed = "".join(f"\n- {problem}" for problem in report.problems[:most])
+        more = f"\n- … and {len(report.problems) - most} more" if len(report.problems) > most else ""
+        super().__init__(f"No usable data: {report.summary()}{listed}{more}")
+        self.report = report
+
+
 def submit(config: RunConfig, registry: Registry | None = None) -> Run:
-    """Create a run and queue it; it starts now if a slot is free."""
+    """Check the data, then create a run and queue it; it starts now if a slot is free. Every way in (the
+    tabs, `studio train`, the API) comes through here, so none makes a run that can only fail."""
+    from pipelines import data_module
+    report = data_module(config.modality).inspect_data(config)
+    if not report.ok:
+        raise UnusableData(report)
     registry = registry or Registry()
     run = registry.create(config, status="queued")
     dispatch(registry)

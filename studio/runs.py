@@ -120,7 +120,11 @@ class Registry:
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{config.modality}-{secrets.token_hex(2)}"
         run_dir = self.home / "runs" / run_id
         run_dir.mkdir(parents=True)
-        config = _copy_data_into(config, run_dir)
+        try:
+            config = _copy_data_into(config, run_dir)
+        except BaseException:  # a file gone meanwhile, a full disk: no half-made run folder stays behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         if not config.name.strip():
             config = config.changed(name=f"{config.modality} run {time.strftime('%m-%d %H.%M.%S')}")
             config.check()

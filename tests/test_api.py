@@ -68,6 +68,9 @@ def test_api_errors_are_messages(server):
     with pytest.raises(Exception, match="lora_rank: must be at least 1"):
         client.predict(CONFIG.replace("lora_rank: 16", "lora_rank: 0"),
                        [handle_file(str(ROOT / "assets" / "llm" / "sample.csv"))], api_name="/start_run")
+    with pytest.raises(Exception, match="No usable data: 0 of 24 rows usable"):  # refused, no run made
+        client.predict(CONFIG + "data_format: chat\n",
+                       [handle_file(str(ROOT / "assets" / "llm" / "sample.csv"))], api_name="/start_run")
     with pytest.raises(Exception, match="no run"):
         client.predict("nope", api_name="/run_status")
 

@@ -149,7 +149,7 @@ def test_captions_duplicates_and_small_images(tmp_path):
     assert "16x16, smaller than the 32 px" in found["small.png"]
     assert sorted(p["caption"] for p in report.preview) == ["a red square", "a small one"]  # small ones still train
     logged = []
-    require_data(report.problems, ["the two usable images"], "image", logged.append)  # what a run logs of them
+    require_data(report, ["the two usable images"], "image", logged.append)  # what a run logs of them
     assert [line for line in logged if "small.png" in line] == [f"Note: small.png: {found['small.png']}"]
     assert sum(line.startswith("Skipped: ") for line in logged) == 3
 

@@ -185,6 +185,21 @@ def test_bad_settings_are_refused_with_the_field_name_and_no_run(home, tmp_path)
     assert not (home / "runs").exists() or not any((home / "runs").iterdir())
     missing = studio("train", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "file not found" in missing.stderr
+    # Data with nothing to train on is refused before a run is made (a failed run to 'resume' was made before),
+    # and so is validation data with nothing usable (its loss would have been the training rows').
+    empty = tmp_path / "empty.csv"
+    empty.write_text("instruction,output\n,nothing asked\n")
+    unusable = studio("train", str(config_file(tmp_path, train_files=[str(empty)])))
+    assert unusable.returncode == 2 and unusable.stderr == (
+        "error: No usable data: 0 of 1 rows usable (alpaca); 1 row dropped\n"
+        "- empty.csv, row 1: the 'instruction' column is empty\n")
+    no_validation = studio("train", str(config_file(tmp_path, validation_files=[str(empty)])))
+    assert no_validation.returncode == 2 and "the validation data has nothing usable" in no_validation.stderr
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+    # A data file gone between the check and the copy: the run folder made for it goes too.
+    with pytest.raises(FileNotFoundError):
+        Registry(home).create(load_config(config_file(tmp_path, train_files=[str(tmp_path / "gone.csv")])))
+    assert not any((home / "runs").iterdir())
 
 
 def test_ctrl_c_in_studio_train_stops_with_a_checkpoint(home, tmp_path):

@@ -207,7 +207,7 @@ def _train(config: ImageConfig, run_dir: str | Path, events: Events, should_stop
     run_dir = Path(run_dir)
     device = pick_device(config.device)
     report, examples = load_examples(config, keep_notes=False)
-    require_data(report.problems, examples, "image", log)
+    require_data(report, examples, "image", log)
     log(f"Loading {config.base_model} on {device.type}.")
     pipe = load_pipeline(config.base_model)
     weight_dtype = _weight_dtype(config, device, pipe.unet, log)

@@ -72,7 +72,7 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
     run_dir = Path(run_dir)
     device = pick_device(config.device)
     report, train_examples, validation_examples = load_examples(config)
-    require_data(report.problems, train_examples, "row", log)
+    require_data(report, train_examples, "row", log)
 
     log(f"Loading {config.base_model} on {device.type}.")
     tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)

@@ -123,7 +123,7 @@ def train(config: SpeechConfig, run_dir: str | Path, events: Events, should_stop
     run_dir = Path(run_dir)
     device = pick_device(config.device)
     report, train_clips, validation_clips = load_clips(config)
-    require_data(report.problems, train_clips, "clip", log)
+    require_data(report, train_clips, "clip", log)
 
     log(f"Loading {config.base_model} on {device.type}.")
     base = load_base_model(config.base_model, device)

@@ -139,14 +139,13 @@ class TabForm:
 
     def start(self, *args):
         """Train: validate every setting and the data, create the run (with its own copy of the data), queue it."""
-        from pipelines import data_module
         config, problems = build_config(self.config_cls, self.values(*args))
         if config is None:
             return gr.update(), problems
-        report = data_module(self.modality).inspect_data(config)
-        if not report.ok:
-            return gr.update(), f"**No usable data:** {report.summary()}"
-        run = jobs.submit(config)
+        try:
+            run = jobs.submit(config)
+        except jobs.UnusableData as err:
+            return gr.update(), str(err)
         return run.id, f"Started run `{run.id}`." if run.status != "queued" else f"Run `{run.id}` is queued."
 
     def save(self, *args):
@@ -422,7 +421,9 @@ def live_values(run_id: str | None, registry: Registry | None = None) -> list[An
     texts = [{k: v for k, v in s.items() if k not in ("type", "time")} for s in progress.samples if not s.get("image")]
     active = run.status in ACTIVE
     return [status_html(run, progress, registry), loss_curve(progress),
-            gr.update(value=metrics, visible=metrics is not None),
+            gr.update(value=metrics, visible=metrics is not None,
+                      title="Validation metrics" if progress.evaluated_on == "validation" else
+                      f"Metrics on the {progress.evaluated_on} data (no validation data)"),
             shown_if_any(texts[-12:][::-1]),
             shown_if_any(images[-12:], as_value=list),
             read_log_tail(run.dir),
