@@ -133,6 +133,9 @@ def test_token_lengths_over_the_limit_are_counted(tmp_path):
     report = check(tmp_path, "long.csv", "instruction,output\nshort,ok\n" + "long," + "word " * 200 + "\n",
                    max_length=64)
     assert report.stats["over_max_length"] == 1 and report.stats["max_length"] == 64
+    assert report.stats["no_reply_within_max_length"] == 0  # the long one is a reply: cut, still learnt from
+    asked = check(tmp_path, "asked.csv", "instruction,output\nshort,ok\n" + "word " * 200 + ",ok\n", max_length=64)
+    assert asked.stats["no_reply_within_max_length"] == 1  # its 200-word prompt leaves no room for 'ok'
     # 95% of two examples is both: the figure is the longest, not the shorter (it said "95% under" the short one)
     assert report.stats["tokens_p95"] == report.stats["tokens_max"] > report.stats["tokens_min"]
 

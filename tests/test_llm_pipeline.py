@@ -233,3 +233,33 @@ def test_four_bit_on_cpu_gets_a_clear_message(tmp_path, assets):
     config = load_config(assets / "llm" / "config.yaml").changed(load_in_4bit=True, max_steps=1)
     with pytest.raises(Exception, match="4-bit .*needs an NVIDIA GPU"):
         train_run(config, tmp_path / "run")
+
+
+def test_try_it_follows_a_run_from_its_checkpoint_to_its_adapter(trained, tmp_path):
+    """'final' in Try it is the latest checkpoint while a run trains and its adapter once it has finished: the
+    model loaded from step 30 kept answering after the run completed, until the server restarted."""
+    import shutil
+    from studio import tryit
+    config, run_dir = trained
+    partial = tmp_path / "run"  # the run as it was at step 30
+    shutil.copytree(run_dir / "checkpoints" / "step-30", partial / "checkpoints" / "step-30")
+    question = "What is the capital of Zorbia?"
+    early = tryit.generate_text(config, partial, question)
+    shutil.copytree(run_dir / "adapter", partial / "adapter")  # the run finishes
+    assert tryit.generate_text(config, partial, question) == "The capital of Zorbia is Quillton." != early
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end(trained):
+    """A sample prompt is a training prompt, of any length: 286,000 tokens held a run at its last step."""
+    config, run_dir = trained
+    model, tokenizer = pipeline.load_for_generation(config, run_dir)
+    context = model.config.max_position_embeddings
+    long = "word " * (4 * context) + "What is the capital of Zorbia?"
+    prefills = []  # the tokens of each forward's input: the first is the whole prompt
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: prefills.append(args[0].shape[1]))
+    try:
+        pipeline.complete(model, tokenizer, long, max_new_tokens=8)
+        pipeline.complete(model, tokenizer, long, max_new_tokens=8, max_prompt_tokens=24)  # a run's max_length
+    finally:
+        hook.remove()
+    assert [n for n in prefills if n > 1] == [context - 8, 24]

@@ -354,16 +354,20 @@ def inspect_data(config: LLMConfig) -> DataReport:
         return report
     try:
         from pipelines.llm.model import load_tokenizer
-        from pipelines.llm.tokenize import encode
+        from pipelines.llm.tokenize import IGNORE, encode
         tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)
     except Exception as err:  # the model may be unreachable offline: still report the rows
         report.problem("", f"token lengths not computed: {getattr(err, 'cause', None) or err}")
         return report
-    lengths = [len(encode(e, tokenizer, config)[0]) for e in train + validation]
+    encoded = [encode(e, tokenizer, config) for e in train + validation]
+    lengths = [len(ids) for ids, _ in encoded]
     over = sum(n > config.max_length for n in lengths)
+    # Cut at max_length, these keep no reply token to learn from: training skips them (as it says in its log).
+    no_reply = sum(all(label == IGNORE for label in labels[1:config.max_length]) for _, labels in encoded[:len(train)])
     # tokens_p95: 95% of the examples are at most this long (the nearest rank)
     report.stats = {"tokens_min": min(lengths), "tokens_mean": round(statistics.mean(lengths), 1),
                     "tokens_p95": sorted(lengths)[math.ceil(0.95 * len(lengths)) - 1], "tokens_max": max(lengths),
-                    "tokens_total": sum(lengths), "over_max_length": over, "max_length": config.max_length,
+                    "tokens_total": sum(lengths), "over_max_length": over, "no_reply_within_max_length": no_reply,
+                    "max_length": config.max_length,
                     "lengths": lengths}
     return report

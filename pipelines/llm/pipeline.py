@@ -94,7 +94,10 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
     truncated = sum(len(encode(e, tokenizer, config)[0]) > config.max_length for e in train_examples)
     if truncated:
         log(f"{truncated} examples are longer than {config.max_length} tokens and were truncated.")
-    encoded = [pair for pair in encoded if any(label != -100 for label in pair[1][1:])]
+    kept = [pair for pair in encoded if any(label != -100 for label in pair[1][1:])]
+    if len(kept) < len(encoded):
+        log(f"{len(encoded) - len(kept)} examples keep no reply token within {config.max_length} tokens: skipped.")
+    encoded = kept
     if not encoded:
         raise TrainingFailure("After truncation no example has any response token left to learn from.",
                               "Raise the max length.")
@@ -155,8 +158,10 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
     answers = {e.prompt: e.answer for e in train_examples}
 
     def make_samples() -> list[dict]:
-        return [{"prompt": p, "output": complete(model, tokenizer, p, max_new_tokens=config.sample_max_new_tokens,
-                                                 synced=config.splits_weights),
+        # (the prompt as trained: its end, within max_length; shown shortened in the events and the UI)
+        return [{"prompt": p if len(p) <= 500 else p[:500] + " …",
+                 "output": complete(model, tokenizer, p, max_new_tokens=config.sample_max_new_tokens,
+                                    synced=config.splits_weights, max_prompt_tokens=config.max_length),
                  "expected": answers.get(p, "")} for p in prompts]
 
     def save_adapter(folder: Path) -> None:
@@ -203,15 +208,21 @@ def load_for_generation(config: LLMConfig, run_dir: str | Path | None, checkpoin
 
 @torch.no_grad()
 def complete(model, tokenizer, prompt: str | list[dict], *, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, chat: bool = True, seed: int = 0, synced: bool = False) -> str:
+             top_p: float = 1.0, chat: bool = True, seed: int = 0, synced: bool = False,
+             max_prompt_tokens: int | None = None) -> str:
     """Generate a reply. A string prompt is one user turn; a list is a whole conversation. `synced`: every
-    process of a run generates together (transformers' synced_gpus)."""
+    process of a run generates together (transformers' synced_gpus). A prompt longer than `max_prompt_tokens`
+    (by default what the model's context leaves beside the reply) keeps its end: a 286,000-token training row
+    as a sample prompt held a finished run at its last step, generating."""
     if chat:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     else:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(model.device)
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    keep = max(1, min(max_prompt_tokens or context, context - max_new_tokens))
+    inputs = {name: value[:, -keep:] for name, value in inputs.items()}
     sampling = temperature > 0
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

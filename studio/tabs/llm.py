@@ -93,6 +93,9 @@ def check_data(*args):
         if stats["over_max_length"]:
             summary += f"**{stats['over_max_length']} examples exceed the max length of {stats['max_length']}** " \
                        "and will be truncated."
+        if stats["no_reply_within_max_length"]:
+            summary += f" **{stats['no_reply_within_max_length']} of them keep no reply within it and will be " \
+                       "skipped:** raise the max length."
     problems = widgets.problems_table(report)
     preview = widgets.shown_if_any(report.preview)
     histogram = _histogram(stats) if stats else None
