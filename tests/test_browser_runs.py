@@ -47,6 +47,10 @@ def test_list_select_compare_clone_and_delete(server, page, tmp_path):
     expect(table).to_contain_text("run-b")
     expect(table).to_contain_text("6/6 (100%)")
     expect(table).to_contain_text("completed")
+    # Clone with nothing selected: said, where a raised error covered every field of the tab with error frames
+    page.locator("#runs-clone").click()
+    expect(page.locator("#runs-message")).to_contain_text("Select a run first.")
+    expect(page.locator(".error")).to_have_count(0)
 
     # select one: its summary, config, files, curve and log
     row_cell(page, "run-a").click()

@@ -26,6 +26,7 @@ COLUMNS = ["id", "name", "modality", "base model", "status", "progress", "best v
 STATUSES = ["queued", "running", "completed", "stopped", "failed", "interrupted", "cancelled", "starting"]
 TRAIN_LOSS, TRAIN_SMOOTHED = "train loss", "train loss (smoothed)"
 NO_SELECTION = "Select a run in the table to see it here."
+NOTHING_SELECTED = "Select a run first."
 
 
 # ---- the table ---------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def rename_run(run_id: str | None, name: str, registry: Registry | None = None) 
     registry = registry or Registry()
     run = registry.get(run_id) if run_id else None
     if run is None:
-        raise ValueError("Select a run first.")
+        raise ValueError(NOTHING_SELECTED)
     name = (name or "").strip()
     if not name:
         raise ValueError("Type the new name first.")
@@ -154,7 +155,7 @@ def delete_run(run_id: str | None, registry: Registry | None = None) -> str:
     registry = registry or Registry()
     run = registry.get(run_id) if run_id else None
     if run is None:
-        raise ValueError("Select a run first.")
+        raise ValueError(NOTHING_SELECTED)
     if run.status == "queued":
         jobs.request_stop(run.id, registry)  # off the queue first, so no dispatcher starts it meanwhile
     registry.delete(run.id)
@@ -261,7 +262,7 @@ def clone_values(run_id: str | None, registry: Registry | None = None) -> tuple[
     registry = registry or Registry()
     run = registry.get(run_id) if run_id else None
     if run is None:
-        raise ValueError("Select a run first.")
+        raise ValueError(NOTHING_SELECTED)
     form = _tab_form(run.modality)
     values = list(form.load(str(run.dir / "config.yaml")))
     values[len(form.upload_fields) + 1] = f"{run.name[:74]}-clone"  # a valid name: no brackets, 80 characters
@@ -388,10 +389,13 @@ def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None) -
         frame = runs_table(modality_value, status_value)
         return [text, frame, frame.to_json(), gr.update(choices=run_choices()), *show_run(run_id)]
 
+    # With nothing selected, a toast and the message only (as for Rename): a gr.Error put error frames over
+    # every output, for Clone over every field of the tab it fills.
     def ask_delete(run_id):
         run = Registry().get(run_id) if run_id else None
         if run is None:
-            raise gr.Error("Select a run first.")
+            gr.Warning(NOTHING_SELECTED)
+            return gr.update(visible=False), "", NOTHING_SELECTED
         if run.status in ("starting", "running"):
             text = f"Run {run.id} is {run.status}: stop or cancel it before deleting it."
             gr.Warning(text)
@@ -414,7 +418,8 @@ def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None) -
     def do_export(run_id):
         run = Registry().get(run_id) if run_id else None
         if run is None:
-            raise gr.Error("Select a run first.")
+            gr.Warning(NOTHING_SELECTED)
+            return NOTHING_SELECTED
         folder = tracking.export_tensorboard(run.dir)
         return f"TensorBoard files written to `{folder}`. View them with `tensorboard --logdir {folder}`."
 
@@ -491,7 +496,8 @@ def _wire_clone(clone: gr.Button, selected: gr.State, message: gr.Markdown, clon
         try:
             modality, values = clone_values(run_id)
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            gr.Warning(str(err))
+            return {message: str(err)}
         run = Registry().get(run_id)
         if modality in targets and tabs is not None:
             update = dict(zip(targets[modality], values))
