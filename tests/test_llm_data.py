@@ -67,6 +67,8 @@ BAD = [
     ("empty.csv", b"", "the file is empty", None),
     ("header.csv", "instruction,output\n", "has a header row but no data rows", None),
     ("ragged.csv", "instruction,output\na,b\nc,d,e\nf,g\n", "has 3 fields but the header has 2", 2),
+    ("unclosed.csv", "instruction,output\na,b\n\"c,d\ne,f\ng,h\n",
+     "a quote opened in this row is never closed, so the 2 lines after it were read as one cell", 2),
     ("garbage.csv", bytes(range(256)) * 40, "looks like a binary file", None),
     ("latin1.csv", "instruction,output\ncaf\xe9,ok\n".encode("latin-1"), "is not UTF-8 text", None),
     ("broken.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "c", \n', "is not valid JSON", 2),
@@ -88,6 +90,15 @@ def test_bad_files_are_reported_not_raised(tmp_path, name, content, message, row
     matching = [p for p in report.problems if message in p.reason]
     assert matching, [str(p) for p in report.problems]
     assert matching[0].file == name and matching[0].row == row
+
+
+def test_rows_that_cannot_be_read_count_as_dropped(tmp_path):
+    """A row with a stray delimiter, or a JSON line that is not an object, is found and dropped: '3 of 5' for a
+    file of 7 data rows said otherwise."""
+    ragged = check(tmp_path, "ragged.csv", "instruction,output\na,b\nc,d,e\nf,g\n")
+    assert ragged.summary() == "2 of 3 rows usable (alpaca); 1 row dropped"
+    lines = check(tmp_path, "lines.jsonl", '{"prompt": "a", "completion": "b"}\n[1, 2]\n{"prompt": "c", \n')
+    assert lines.summary() == "1 of 3 rows usable (prompt_completion); 2 rows dropped"
 
 
 def test_truncated_parquet(tmp_path):
@@ -167,6 +178,13 @@ def test_the_tab_s_data_check_detects_anew_where_the_column_boxes_name_columns_t
     assert check["input_column"] == ("", "")
     assert ("Not in these files, so left to detection: prompt column 'instruction', input column 'input', "
             "response column 'output'.") in check["summary"]
+
+
+def test_the_tab_says_no_usable_data_once(tmp_path):
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes("instruction,output\ncaf\xe9,ok\n".encode("latin-1"))
+    assert tab_check([latin])["summary"] == ("**No usable data: latin1.csv: is not UTF-8 text (byte 0xe9 at position "
+                                             "22); save it as UTF-8 and upload again**")  # not "No usable data." first
 
 
 def test_the_tab_s_column_boxes_keep_what_the_user_picks(tmp_path, assets):

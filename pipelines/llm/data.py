@@ -137,8 +137,14 @@ def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -
         if not any(c.strip() for c in cells):
             continue
         if len(cells) != len(header):
-            report.problem(name, f"has {len(cells)} fields but the header has {len(header)}"
-                                 " (a stray delimiter or a missing quote?)", number)
+            swallowed = max((c.rstrip("\n").count("\n") for c in cells), default=0)
+            if swallowed > 1:  # a quote never closed takes every line after it into one cell, to the file's end
+                report.problem(name, f"a quote opened in this row is never closed, so the {swallowed} lines after "
+                                     "it were read as one cell: close it (a quote inside a cell is written \"\")",
+                               number)
+            else:
+                report.problem(name, f"has {len(cells)} fields but the header has {len(header)}"
+                                     " (a stray delimiter or a missing quote?)", number)
             continue
         rows.append((number, dict(zip(header, cells))))
     if not rows and number <= 1 and not report.problems:
@@ -302,9 +308,10 @@ def _examples_from(files: list[str], config: LLMConfig, report: DataReport, coun
     examples: list[Example] = []
     for file in files:
         path = Path(file)
+        before = len(report.problems)
         rows = read_table(path, report)
-        if count:
-            report.rows_found += len(rows)
+        if count:  # rows that could not be read at all count as found, and dropped
+            report.rows_found += len(rows) + sum(p.row is not None for p in report.problems[before:])
         if not rows:
             continue
         columns = list(dict.fromkeys(k for _, record in rows[:200] for k in record))

@@ -50,7 +50,7 @@ def check_data(*args):
             gr.update(visible=False), gr.update(value=None, visible=False), gr.update(interactive=False)
     config = ImageConfig.from_dict(values, check=False)
     report = inspect_data(config)
-    summary = ("**Images:** " if report.ok else "**No usable images.** ") + report.summary()
+    summary = widgets.headline(report, "images")
     summary += widgets.noted("Used as follows:", report.stats.get("notes", []))
     problems = widgets.problems_table(report)
     gallery = widgets.shown_if_any([(p["image"], p.get("caption", "")) for p in report.preview], as_value=list)

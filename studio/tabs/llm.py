@@ -82,7 +82,7 @@ def check_data(*args):
     if stale and report.columns:
         config = config.changed(**stale)
         report = inspect_data(config)
-    summary = ("**Data:** " if report.ok else "**No usable data.** ") + report.summary()
+    summary = widgets.headline(report, "data")
     if stale and report.columns:  # said, as a name typed into a box by hand would otherwise vanish unexplained
         named = ", ".join(f"{key.replace('_', ' ')} '{values[key]}'" for key in stale)
         summary += f"\n\nNot in these files, so left to detection: {named}."

@@ -42,7 +42,7 @@ def check_data(*args):
                 gr.update(visible=False), gr.update(value=None, visible=False), gr.update(choices=[], value=None), None,
                 gr.update(interactive=False))
     report = inspect_data(SpeechConfig.from_dict(values, check=False))
-    summary = ("**Clips:** " if report.ok else "**No usable clips.** ") + report.summary()
+    summary = widgets.headline(report, "clips")
     stats = report.stats
     if stats.get("total_seconds"):
         rates = sorted(stats.get("sample_rates", {}).items(), key=lambda rate_and_count: int(rate_and_count[0]))

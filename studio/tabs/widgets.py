@@ -224,6 +224,15 @@ def shown_if_any(rows: list, as_value=pd.DataFrame) -> dict:
     return gr.update(value=as_value(rows) if rows else None, visible=bool(rows))
 
 
+def headline(report, what: str) -> str:
+    """The data check's first line: "**Images:** 8 of 8 rows usable", or "**No usable images.** ..." (not
+    "No usable images. No usable data: ..." where the summary says so itself)."""
+    text = report.summary()
+    if report.ok:
+        return f"**{what.capitalize()}:** {text}"
+    return f"**{text}**" if text.startswith("No usable") else f"**No usable {what}.** {text}"
+
+
 def noted(title: str, lines: list[str], most: int = 8) -> str:
     """What the data check did on its own (conversions, rotations), as a short list under the summary."""
     if not lines:
