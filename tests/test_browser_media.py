@@ -112,3 +112,19 @@ def test_bad_images_get_a_message_and_no_empty_preview(server, page, tmp_path):
     expect(page.locator("#image-problems")).to_contain_text("photo.png")
     expect(page.locator("#image-preview")).to_be_hidden()
     expect(page.locator("#image-train")).to_be_disabled()
+
+
+def test_a_folder_upload_takes_the_place_of_the_sample_drawings(server, page, tmp_path):
+    """The tab opens with the sample drawings in its files box: a folder uploaded beside them trained with
+    them ('11 of 11' for 3 images of one's own)."""
+    from PIL import Image
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i, colour in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
+        Image.new("RGB", (64, 64), colour).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a plain colour, number {i}")
+    open_tab(page, server, "Image (Stable Diffusion)")
+    expect(page.locator("#image-data-summary")).to_contain_text("8 of 8")
+    page.locator("#image-folder input[type=file]").set_input_files(str(folder))
+    expect(page.locator("#image-data-summary")).to_contain_text("3 of 3 rows usable")
+    expect(page.locator("#image-preview img")).to_have_count(3)

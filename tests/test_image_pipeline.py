@@ -75,8 +75,10 @@ def test_training_lowers_the_loss_and_writes_samples(trained):
     assert started["unit"] == "images" and started["trainable_parameters"] > 0
     samples = [e for e in events if e["type"] == "sample"]
     # The base model's picture first (step 0), then the tuned one, same prompt and seed.
+    second = "a zqx drawing of a blue square on a white background"  # no sample prompts set: the first captions
     assert [(s["step"], s["prompt"], s["image"]) for s in samples] == [
-        (0, PROMPT, "samples/step-0-0.png"), (60, PROMPT, "samples/step-60-0.png")]
+        (0, PROMPT, "samples/step-0-0.png"), (0, second, "samples/step-0-1.png"),
+        (60, PROMPT, "samples/step-60-0.png"), (60, second, "samples/step-60-1.png")]
     assert image_size(run_dir / samples[1]["image"]) == (32, 32)
     for folder in (run_dir / "adapter", run_dir / "checkpoints" / "step-30" / "adapter"):
         assert (folder / "pytorch_lora_weights.safetensors").is_file()
@@ -144,7 +146,7 @@ def test_stop_and_resume_continue_exactly(sample_config, tmp_path):
 
     # Sampling mid-run must not change the training either: this run also draws samples every 2 steps.
     calls = []
-    interrupted = config.changed(sample_every=2, sample_steps=2)
+    interrupted = config.changed(sample_every=2, sample_steps=2, sample_prompts=[PROMPT])
     status, _ = train(interrupted, tmp_path / "parts", should_stop=lambda: calls.append(1) or len(calls) >= 3)
     assert status == "stopped"
     assert (tmp_path / "parts" / "checkpoints" / "step-3" / "adapter" / "pytorch_lora_weights.safetensors").is_file()

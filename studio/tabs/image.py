@@ -35,6 +35,15 @@ def sample_files() -> list[str]:
     return [str(p) for p in sorted(ASSETS.iterdir()) if p.suffix in (".png", ".txt")]
 
 
+def folder_replaces_the_sample(folder, files):
+    """A folder uploaded while the files box still holds the sample drawings takes their place: the user's
+    images, not theirs mixed with eight zqx shapes. Files the user chose stay beside it."""
+    names = sorted(Path(widgets.upload_path(f)).name for f in files or [])
+    if folder and names == sorted(Path(p).name for p in sample_files()):
+        return None
+    return gr.update()
+
+
 def model_choices() -> list[tuple[str, str]]:
     choices = [("tiny-sd — built-in, offline, 32 px", "tiny-sd")]
     return choices + [(f"{m['label']} — {m['id']}, {m['download_gb']} GB download, {m['resolution']} px", m["id"])
@@ -64,6 +73,11 @@ def try_prompt(run_id, checkpoint, prompt, negative, seed, steps, guidance, size
     if run is None:
         raise gr.Error("Train a run first, then try it here.")
     checkpoint = None if checkpoint in (None, "", "final") else checkpoint
+    if not (prompt or "").strip():  # the run's own sample prompt: one of its captions, not the demo's
+        from studio.progress import read_progress
+        prompt = next((s["prompt"] for s in read_progress(run.dir).samples if s.get("prompt")), "")
+        if not prompt:
+            raise gr.Error("Type a prompt first.")
     if seed is None or seed < 0:  # empty or -1: a new seed each time, named under the images to draw them again
         seed = random.randrange(2**31)
     options = dict(negative_prompt=negative or "", seed=int(seed), steps=int(steps), guidance=float(guidance),
@@ -93,7 +107,8 @@ def build() -> dict:
         with gr.Row():
             files = gr.File(value=sample_files(), file_count="multiple", file_types=UPLOAD_TYPES, height=160,
                             label="Images, captions (.txt / metadata.csv) or a zip", elem_id="image-files")
-            folder = gr.File(file_count="directory", label="…or a whole folder", height=160)
+            folder = gr.File(file_count="directory", label="…or a whole folder", height=160,
+                             elem_id="image-folder")
         data_summary = gr.Markdown(elem_id="image-data-summary")
         problems = gr.Dataframe(label="Problems found", wrap=True, max_height=200, visible=False,
                                 elem_id="image-problems")
@@ -125,8 +140,8 @@ def build() -> dict:
             guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
             size = gr.Slider(0, 1024, value=0, step=8, label="Size", info="0 = the model's native size")
         with gr.Row():
-            prompt = gr.Textbox(label="Prompt", value=(defaults.sample_prompts or [""])[0], scale=3,
-                                elem_id="image-prompt")
+            prompt = gr.Textbox(label="Prompt", placeholder="empty: the run's sample prompt (its first caption)",
+                                scale=3, elem_id="image-prompt")
             negative = gr.Textbox(label="Negative prompt", scale=2)
         generate = gr.Button("Generate", elem_id="image-generate")
         with gr.Row():
@@ -144,6 +159,7 @@ def build() -> dict:
     form = [inputs[k] for k in FORM]
     everything = [files, folder, base_model, name, *form]
     check_outputs = [data_summary, problems, preview, section.train]
+    folder.upload(folder_replaces_the_sample, [folder, files], files, api_visibility="private")
     for trigger in (files.change, folder.change, base_model.change, inputs["caption_source"].change,
                     inputs["instance_prompt"].blur, inputs["resolution"].change):
         trigger(check_data, everything, check_outputs, api_visibility="private", trigger_mode="always_last")
