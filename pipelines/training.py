@@ -73,9 +73,15 @@ def adapter_dir(run_dir: str | Path, checkpoint: str | None = None, marker: str 
     else:
         latest = latest_checkpoint(run_dir)
         folder = latest / "adapter" if latest else run_dir / "adapter"
-    if not (folder / marker).exists():
-        raise TrainingFailure(f"No adapter found at {folder}.", "Train the run (or wait for its first checkpoint).")
-    return folder
+    if (folder / marker).exists():
+        return folder
+    saved = [p.name for p in checkpoint_dirs(run_dir) if (p / "adapter" / marker).exists()]
+    saved += ["final"] if (run_dir / "adapter" / marker).exists() else []
+    if checkpoint:  # (one pruned by keep_checkpoints, or mistyped)
+        raise TrainingFailure(f"This run has no checkpoint {checkpoint}; it has: {', '.join(saved) or 'none yet'}.",
+                              "Choose one of those.")
+    raise TrainingFailure("This run has no adapter yet: it saves one at each checkpoint and when it ends.",
+                          "Wait for its first checkpoint.")
 
 
 def _optimizer_to_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -68,7 +68,8 @@ def test_train_then_generate_from_the_command_line(home):
     assert tuned.stdout.strip() == "The capital of Zorbia is Quillton."
     assert base.returncode == 0 and "Quillton" not in base.stdout
     missing = studio("generate", run_id, "--checkpoint", "step-7", "--prompt", "Hi")  # one line, no traceback
-    assert missing.returncode == 2 and missing.stderr.startswith("error: No adapter found at ")
+    assert missing.returncode == 2 and missing.stderr.startswith(
+        "error: This run has no checkpoint step-7; it has: step-30, step-60, step-90, final.")
     assert "Traceback" not in missing.stderr
     listed = json.loads(studio("runs", "--json").stdout)
     assert [(r["id"], r["status"], r["step"]) for r in listed] == [(run_id, "completed", 90)]

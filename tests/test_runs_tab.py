@@ -1,6 +1,7 @@
 """The Runs tab's functions over real runs: real worker processes started by the CLI, a real SQLite index,
 real TensorBoard event files read back by TensorBoard's own reader."""
 
+import re
 import subprocess
 import sys
 import time
@@ -327,3 +328,5 @@ def test_the_curve_leaves_out_values_that_are_not_finite():
     svg = curve.curve_svg({"train": [(1, 2.0), (2, float("nan")), (3, float("inf")), (4, 1.0)]}, "Loss")
     assert "nan" not in svg and "inf" not in svg and svg.count("<polyline") == 1
     assert "appears with the first" in curve.curve_svg({"train": []}, "Loss")
+    short = curve.curve_svg({"train": [(1, 2.0), (2, 1.5), (3, 1.0)]}, "Loss")  # labelled 1 2 2 2 3 before
+    assert re.findall(r'text-anchor="middle">(\d+)</text>', short) == ["1", "2", "3"]

@@ -63,7 +63,7 @@ def curve_svg(series: dict[str, list[tuple[float, float]]], title: str, y_title:
         parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y(value):.1f}" y2="{y(value):.1f}" '
                      'stroke="#e5e7eb"/>'
                      f'<text x="{LEFT - 6}" y="{y(value) + 4:.1f}" text-anchor="end">{_label(value)}</text>')
-    for step in _ticks(x0, x1):
+    for step in sorted({round(step) for step in _ticks(x0, x1)}):  # whole steps, each once (a 3-step run: 1 2 3)
         parts.append(f'<text x="{x(step):.1f}" y="{HEIGHT - 14}" text-anchor="middle">{step:.0f}</text>')
     parts.append(f'<text x="{WIDTH - RIGHT}" y="{HEIGHT - 1}" text-anchor="end">step</text>'
                  f'<text x="12" y="{TOP + plot_h / 2:.0f}" transform="rotate(-90 12 {TOP + plot_h / 2:.0f})" '
