@@ -140,8 +140,12 @@ def test_the_table_follows_a_training_run_without_a_gradio_event_each_tick(serve
     assert sum("/queue/join" in url for url in requests) <= 1, requests
     wait_row(lambda row: (m := progress.search(row)) and int(m.group(1)) > shown, timeout=30)  # it moves on
 
+    row_cell(page, "run-live").click()
+    expect(page.locator("#runs-selected")).to_contain_text("running")
+
     # A change of status shows at once, not at the next progress refresh.
     cancel = subprocess.run([sys.executable, "-m", "studio.cli", "cancel", run_id], cwd=ROOT, capture_output=True,
                             text=True, timeout=60, env=dict(os.environ, STUDIO_HOME=str(server.home)))
     assert cancel.returncode == 0, cancel.stdout + cancel.stderr
     wait_row(lambda row: "cancelled" in row, timeout=10)
+    expect(page.locator("#runs-selected")).to_contain_text("cancelled", timeout=15_000)  # not left at running

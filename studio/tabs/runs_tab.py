@@ -462,6 +462,9 @@ def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None) -
                  compare_plot, **private)
     track.input(set_tracking, track, None, **private)
     widgets.wire_controls(panel, selected)
+    # The selected run's line follows its status as the panel under it does (it said running over a stopped run).
+    for button in (panel.refresh, panel.stop, panel.cancel, panel.resume):
+        button.click(lambda run_id: run_details(run_id)[0], selected, summary, show_progress="hidden", **private)
     root = gr.context.Context.root_block
     if root is not None:  # a page opened or reloaded shows the table at once, not at the first tick
         root.load(refresh_table, [modality, status, shown], table_outputs, **private).then(
