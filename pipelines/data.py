@@ -37,10 +37,11 @@ class DataReport:
     validation_rows: int = 0
     validation_from_files: bool = False  # the validation rows come from their own upload, not the training rows
     roots: list[Path] = field(default_factory=list)  # uploaded folders and unpacked zips: files are named inside them
+    blocker: str = ""  # why no run could start with usable rows all the same (the base model cannot be loaded)
 
     @property
     def ok(self) -> bool:
-        return self.rows_usable > 0 and not self.validation_unusable
+        return self.rows_usable > 0 and not self.validation_unusable and not self.blocker
 
     @property
     def validation_unusable(self) -> bool:
@@ -80,6 +81,8 @@ class DataReport:
         dropped = max(0, self.rows_found - self.rows_usable)
         if dropped:
             text += f"; {dropped} {'row' if dropped == 1 else 'rows'} dropped"
+        if self.blocker:
+            text += f"; but {self.blocker}"
         return text
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,7 +35,8 @@ class UnusableData(ValueError):
         most = 5
         listed = "".join(f"\n- {problem}" for problem in report.problems[:most])
         more = f"\n- … and {len(report.problems) - most} more" if len(report.problems) > most else ""
-        super().__init__(f"No usable data: {report.summary()}{listed}{more}")
+        headline = "Cannot train yet" if report.rows_usable else "No usable data"
+        super().__init__(f"{headline}: {report.summary()}{listed}{more}")
         self.report = report
 
 

@@ -200,3 +200,16 @@ def test_the_tab_s_column_boxes_keep_what_the_user_picks(tmp_path, assets):
     mapped = tab_check([custom], prompt_column="q", response_column="a", name="my run (v2)")  # an invalid name
     assert "2 of 2 rows usable (prompt_completion)" in mapped["summary"] and mapped["train"]
     assert mapped["prompt_column"] == ("q", "q.") and mapped["response_column"] == ("a", "a.")
+
+
+def test_a_base_model_that_cannot_be_loaded_stops_train_before_a_run(tmp_path, assets):
+    """The check loads the tokenizer as a run would: a folder the studio may not load from (or a hub id
+    offline) is said with its advice and keeps Train off, where the run was made and failed."""
+    from studio.tabs import widgets
+    report = inspect_data(LLMConfig(train_files=[str(assets / "llm" / "sample.csv")], validation_fraction=0,
+                                    base_model="/opt/not-allowed-model"))
+    assert not report.ok and report.rows_usable == 24
+    assert widgets.headline(report, "data") == (
+        "**Cannot train yet.** 24 of 24 rows usable (alpaca); but the base model cannot be used: The folder "
+        "/opt/not-allowed-model is outside the folders models may be loaded from. Move it under your home or "
+        "workspace folder, or add its parent to STUDIO_MODEL_DIRS.")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.data import MAX_CELL_CHARS, MAX_TABLE_BYTES, DataReport
+from pipelines.events import TrainingFailure
 from pipelines.llm.config import LLMConfig
 
 TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet"}
@@ -363,7 +364,10 @@ def inspect_data(config: LLMConfig) -> DataReport:
         from pipelines.llm.model import load_tokenizer
         from pipelines.llm.tokenize import IGNORE, encode
         tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)
-    except Exception as err:  # the model may be unreachable offline: still report the rows
+    except TrainingFailure as err:  # unreachable offline, a folder not allowed: a run could not load it either
+        report.blocker = f"the base model cannot be used: {err}"
+        return report
+    except Exception as err:  # anything else: still report the rows
         report.problem("", f"token lengths not computed: {getattr(err, 'cause', None) or err}")
         return report
     encoded = [encode(e, tokenizer, config) for e in train + validation]

@@ -230,6 +230,8 @@ def headline(report, what: str) -> str:
     text = report.summary()
     if report.ok:
         return f"**{what.capitalize()}:** {text}"
+    if report.rows_usable:  # usable rows, but the validation data or the base model stands in the way
+        return f"**Cannot train yet.** {text}"
     return f"**{text}**" if text.startswith("No usable") else f"**No usable {what}.** {text}"
 
 
