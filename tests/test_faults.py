@@ -7,6 +7,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -67,11 +68,25 @@ def test_out_of_memory_fails_with_advice_and_the_advice_works(home, tmp_path):
 
 
 def test_missing_base_model_fails_in_one_sentence(home, tmp_path):
-    result = studio("train", str(config_file(tmp_path, base_model=str(home / "models" / "gone"))))
-    assert result.returncode == 1
-    run_id = run_id_of(result.stdout)
-    status = final_status(home, run_id)
-    assert status["error"] == f"The model path {home / 'models' / 'gone'} does not exist."
+    gone = home / "models" / "gone"
+    config = config_file(tmp_path, base_model=str(gone))
+    refused = studio("train", str(config))  # the data check loads the tokenizer as the run would: no run made
+    assert refused.returncode == 2 and refused.stderr == (
+        f"error: Cannot train yet: 24 of 24 rows usable (alpaca); but the base model cannot be used: The model "
+        f"path {gone} does not exist. Check the folder name.\n")
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+    # A model folder gone after the run was queued: the run fails in one sentence.
+    from pipelines import load_config
+    from studio import jobs
+    registry = Registry(home)
+    run = registry.create(load_config(config))
+    jobs.dispatch(registry)
+    deadline = time.monotonic() + 240
+    while registry.get(run.id).status not in ("failed", "completed"):
+        assert time.monotonic() < deadline, registry.get(run.id).status
+        time.sleep(0.3)
+    status = final_status(home, run.id)
+    assert status["error"] == f"The model path {gone} does not exist."
     assert "Traceback" not in status["error"] + status["advice"]
 
 
