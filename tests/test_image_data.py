@@ -252,6 +252,10 @@ def test_config_rules():
     assert names == {"data_path", "instance_prompt", "resolution"}
     config = ImageConfig.from_dict({"data_path": "x", "sample_prompts": "a, b"})
     assert config.sample_prompts == ["a", "b"] and config.base_model == "tiny-sd"
+    # far above the model's native size (a run at 2048 px on the 32 px preset made no step in minutes)
+    with pytest.raises(ConfigError, match="2048 px is over 4 times this model's native 32 px.*at most 128"):
+        ImageConfig.from_dict({"data_path": "x", "resolution": 2048})
+    assert ImageConfig.from_dict({"data_path": "x", "resolution": 128}).resolution == 128
 
 
 def test_the_tab_names_files_inside_the_zip_and_says_what_it_did(tmp_path):

@@ -101,6 +101,11 @@ class ImageConfig(RunConfig):
             problems.append(("instance_prompt", "is empty but the caption source is instance_prompt"))
         if self.resolution and self.resolution % 8:
             problems.append(("resolution", f"must be a multiple of 8 (got {self.resolution})"))
+        native = native_resolution(self.base_model)
+        if self.resolution > 4 * native:  # 2048 on the 32 px preset held a run at its first step for minutes
+            problems.append(("resolution", f"{self.resolution} px is over 4 times this model's native {native} px: "
+                                           f"each step would take very long for images it cannot draw; choose at "
+                                           f"most {4 * native} (0 = {native})"))
         path = self.data_path.strip()
         if path and Path(path).suffix.lower() not in ("", ".zip") and Path(path).is_file():
             problems.append(("data_path", "must be a folder or a .zip file"))
