@@ -232,6 +232,8 @@ def _coerce(value: Any, kind: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ValueError(f"must be true or false (got {value!r})")
+    if kind in (int, float) and (value is None or (isinstance(value, str) and not value.strip())):
+        raise ValueError("is empty: enter a number")  # a number box cleared in the form ("got None" said before)
     if kind is int:
         if isinstance(value, bool):
             raise ValueError(f"must be a whole number (got {value!r})")

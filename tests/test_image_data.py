@@ -256,6 +256,8 @@ def test_config_rules():
     with pytest.raises(ConfigError, match="2048 px is over 4 times this model's native 32 px.*at most 128"):
         ImageConfig.from_dict({"data_path": "x", "resolution": 2048})
     assert ImageConfig.from_dict({"data_path": "x", "resolution": 128}).resolution == 128
+    with pytest.raises(ConfigError, match="learning_rate: is empty: enter a number"):  # a number box cleared
+        ImageConfig.from_dict({"data_path": "x", "learning_rate": None})
 
 
 def test_the_tab_names_files_inside_the_zip_and_says_what_it_did(tmp_path):

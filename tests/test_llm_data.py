@@ -101,6 +101,13 @@ def test_rows_that_cannot_be_read_count_as_dropped(tmp_path):
     assert lines.summary() == "1 of 3 rows usable (prompt_completion); 2 rows dropped"
 
 
+def test_json_values_keep_json_s_spelling(tmp_path):
+    """A JSONL answer that is a list or a boolean is trained as JSON writes it, not as Python prints it."""
+    report = check(tmp_path, "types.jsonl", '{"prompt": "List two", "completion": ["a", "b"]}\n'
+                                            '{"prompt": "Is it?", "completion": true}\n')
+    assert [row["response"] for row in report.preview] == ['["a", "b"]', "true"]
+
+
 def test_truncated_parquet(tmp_path):
     path = tmp_path / "cut.parquet"
     pq.write_table(pa.table({"prompt": ["a"] * 100, "completion": ["b"] * 100}), path)

@@ -234,7 +234,12 @@ def _cell(record: dict, column: str) -> str:
     value = record.get(column)
     if value is None or (isinstance(value, float) and value != value):  # None or NaN
         return ""
-    return value if isinstance(value, str) else str(value)
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "tolist"):  # a Parquet list arrives as a numpy array
+        value = value.tolist()
+    # JSON's own spelling, not Python's: a JSONL answer ["a", "b"] trained as "['a', 'b']", true as "True"
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict, bool)) else str(value)
 
 
 def to_example(record: dict, fmt: str, mapping: dict[str, str], system_prompt: str) -> Example | str:
