@@ -101,6 +101,16 @@ def test_rows_that_cannot_be_read_count_as_dropped(tmp_path):
     assert lines.summary() == "1 of 3 rows usable (prompt_completion); 2 rows dropped"
 
 
+def test_columns_without_a_name_are_left_out_not_refused(tmp_path):
+    """pandas writes its index as a first column with no name, Excel empty columns at the end: the file was
+    refused for them ('empty or repeated column names')."""
+    pandas = check(tmp_path, "pandas.csv", ",instruction,output\n0,Q1,A1\n1,Q2,A2\n")
+    assert pandas.rows_usable == 2 and [str(p) for p in pandas.problems] == [
+        "pandas.csv: column 1 of the header has no name: ignored"]
+    excel = check(tmp_path, "excel.csv", "instruction,output,,\nQ1,A1,,\nQ2,A2,,\n")
+    assert excel.rows_usable == 2 and excel.columns == ["instruction", "output"]
+
+
 def test_json_values_keep_json_s_spelling(tmp_path):
     """A JSONL answer that is a list or a boolean is trained as JSON writes it, not as Python prints it."""
     report = check(tmp_path, "types.jsonl", '{"prompt": "List two", "completion": ["a", "b"]}\n'

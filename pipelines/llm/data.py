@@ -118,10 +118,15 @@ def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -
         report.problem(name, f"the header row cannot be read: {err}")
         return []
     header = [h.strip() for h in header]
-    if len(set(header)) != len(header) or any(not h for h in header):
+    named = [h for h in header if h]
+    if len(set(named)) != len(named) or not named:
         report.problem(name, f"the header row has empty or repeated column names: {header}")
         return []
-    report.columns = report.columns or header
+    if len(named) < len(header):  # pandas' index column, Excel's empty columns at the end: nothing to map
+        unnamed = [str(i) for i, h in enumerate(header, start=1) if not h]
+        report.problem(name, f"column{'s' if len(unnamed) > 1 else ''} {', '.join(unnamed)} of the header "
+                             f"{'have' if len(unnamed) > 1 else 'has'} no name: ignored", kept=True)
+    report.columns = report.columns or named
     number = 0
     while True:
         number += 1
@@ -147,7 +152,7 @@ def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -
                 report.problem(name, f"has {len(cells)} fields but the header has {len(header)}"
                                      " (a stray delimiter or a missing quote?)", number)
             continue
-        rows.append((number, dict(zip(header, cells))))
+        rows.append((number, {h: cell for h, cell in zip(header, cells) if h}))
     if not rows and number <= 1 and not report.problems:
         report.problem(name, "has a header row but no data rows")
     return rows
