@@ -279,6 +279,10 @@ def cmd_export(args) -> int:
     from pipelines import pipeline_module
     run = _find_run(args.run)
     kind, destination = ("adapter", args.adapter) if args.adapter else ("merged", args.merged)
+    target = Path(destination)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        # An adapter written into a merged model's folder turns it into an adapter folder for from_pretrained.
+        raise ValueError(f"{destination} already exists and is not an empty folder: choose a new one.")
     path = pipeline_module(run.modality).export(run.config(), run.dir, kind, destination, checkpoint=args.checkpoint)
     print(path)
     return EXIT_OK

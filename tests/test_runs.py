@@ -58,7 +58,7 @@ def steps(home, run_id):
     return [e["step"] for e in read_events(home / "runs" / run_id)[0] if e["type"] == "step"]
 
 
-def test_train_then_generate_from_the_command_line(home):
+def test_train_then_generate_from_the_command_line(home, tmp_path):
     result = studio("train", str(ROOT / "assets" / "llm" / "config.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
     run_id = run_id_of(result.stdout)
@@ -77,6 +77,11 @@ def test_train_then_generate_from_the_command_line(home):
     assert (run_dir / "data" / "sample.csv").exists()  # the run folder alone replays the run
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train_files"] == ["data/sample.csv"]
     assert "completed" in (run_dir / "log.txt").read_text()
+    exported = studio("export", run_id, "--adapter", str(tmp_path / "adapter"))
+    assert exported.returncode == 0 and (tmp_path / "adapter" / "adapter_config.json").is_file()
+    again = studio("export", run_id, "--adapter", str(tmp_path / "adapter"))  # never into a folder with files
+    assert again.returncode == 2 and again.stderr == (
+        f"error: {tmp_path / 'adapter'} already exists and is not an empty folder: choose a new one.\n")
 
 
 def test_stop_checkpoints_and_resume_continues(home, tmp_path):
