@@ -215,3 +215,16 @@ def test_the_tab_names_files_inside_the_zip_and_says_what_it_converted(tmp_path)
     assert "Sample rates: 16000 Hz (1), 48000 Hz (1)." in summary
     assert "Converted for Whisper:\n- anna/001.wav: 48000 Hz stereo" in summary
     assert preview["value"].to_dict("records")[0]["clip"] == "anna/001.wav"
+
+
+def test_an_unreadable_transcript_is_named_once_and_the_user_s_table_by_its_name(tmp_path):
+    shutil.copy(CLIPS / "cat.wav", tmp_path / "good.wav")
+    shutil.copy(CLIPS / "window.wav", tmp_path / "bad.wav")
+    (tmp_path / "bad.txt").write_bytes("Caf\xe9 au lait.".encode("latin-1"))
+    shutil.copy(CLIPS / "apples.wav", tmp_path / "lone.wav")
+    (tmp_path / "cv.csv").write_text("file_name,transcription\ngood.wav,The cat sat on the mat.\n")
+    found = reasons(inspect_data(config(data_path=str(tmp_path))))
+    assert found["bad.txt"] == "is not UTF-8 text; save it as UTF-8 and upload again"
+    assert "bad.wav" not in found  # it was also said to have no transcript, beside the .txt it has
+    assert found["lone.wav"] == "has no transcript: add a row for it to cv.csv (file_name, transcription) or a " \
+                                "lone.txt beside it"

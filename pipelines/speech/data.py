@@ -55,6 +55,7 @@ class _Transcript:
     text: str
     origin: str                     # the table or .txt file it came from
     row: int | None = None
+    readable: bool = True           # False: its .txt could not be read (reported once, for the .txt)
 
 
 # ---- finding files ---------------------------------------------------------------------------
@@ -201,6 +202,7 @@ def _transcripts(tables: list[Path], texts: list[Path], audio: list[Path], other
             text = candidates[0].read_text(encoding="utf-8-sig").strip()
         except (UnicodeDecodeError, OSError):
             report.problem(candidates[0], "is not UTF-8 text; save it as UTF-8 and upload again")
+            found[clip] = _Transcript("", candidates[0].name, readable=False)
             continue
         found[clip] = _Transcript(" ".join(text.split()), candidates[0].name)
     used = {t.origin for t in found.values()}
@@ -247,8 +249,11 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
     for path in audio:
         transcript = transcripts.get(path)
         if transcript is None:
-            report.problem(path, f"has no transcript: add a row for it to metadata.csv (file_name, transcription) "
+            table = tables[0].name if tables else "metadata.csv"  # the user's own table, where there is one
+            report.problem(path, f"has no transcript: add a row for it to {table} (file_name, transcription) "
                                  f"or a {path.stem}.txt beside it")
+            continue
+        if not transcript.readable:  # (its .txt is named in the problems already)
             continue
         where = (transcript.origin, transcript.row) if transcript.row else (path, None)
         if not transcript.text:
