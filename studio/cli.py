@@ -262,14 +262,18 @@ def cmd_generate(args) -> int:
     elif run.modality == "image":
         if not args.prompt:
             raise ValueError("--prompt is required for an image run")
+        out = Path(args.out or f"{run.id}-{'base' if args.base else 'tuned'}.png")
+        if not out.parent.is_dir() or out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):  # before drawing
+            raise ValueError(f"--out {out}: give a .png, .jpg or .webp file in a folder that exists")
         image = tryit.generate_image(config, None if args.base else run.dir, args.prompt, checkpoint=args.checkpoint,
                                      seed=args.seed)
-        out = args.out or Path(f"{run.id}-{'base' if args.base else 'tuned'}.png")
         image.save(out)
         print(out)
     else:
         if not args.audio:
             raise ValueError("--audio is required for a speech run")
+        if not Path(args.audio).is_file():
+            raise ValueError(f"--audio {args.audio}: there is no such file")
         text, seconds = tryit.transcribe(config, None if args.base else run.dir, args.audio, checkpoint=args.checkpoint)
         print(text)
     return EXIT_OK

@@ -142,6 +142,9 @@ def test_missing_file_and_validation_split(tmp_path, assets):
     report, train, validation = load_examples(config)
     assert (len(train), len(validation)) == (18, 6) and report.validation_rows == 6
     assert report.summary() == "24 of 24 rows usable (alpaca), 6 held out for validation"
+    few = inspect_data(LLMConfig(train_files=[str(pairs_file(tmp_path))], validation_fraction=0.25))
+    assert few.validation_rows == 0 and [str(p) for p in few.problems] == [  # it was silently not done
+        "validation: 2 rows are too few to hold some out (5 or more are needed): the run measures no validation loss"]
     # Rows of a validation file of their own are not taken from the training rows, and the summary says so.
     separate = inspect_data(config.changed(validation_files=[str(assets / "llm" / "sample.csv")]))
     assert separate.summary() == "24 of 24 rows usable (alpaca), plus 24 for validation from the validation data"

@@ -244,3 +244,12 @@ def test_training_threads_follow_the_cores_this_process_may_use():
     assert one_cpu.stdout.strip() == "1"
     every_cpu = subprocess.run(probe, capture_output=True, text=True, check=True)
     assert 1 <= int(every_cpu.stdout) <= len(os.sched_getaffinity(0))  # fewer where cores have hyperthreads
+
+
+def test_generate_checks_where_it_writes_before_drawing(home, tmp_path):
+    """A picture to a folder that is not there failed only after the model had loaded and drawn it."""
+    run = Registry(home).create(load_config(ROOT / "assets" / "image" / "config.yaml"), status="completed")
+    out = tmp_path / "missing" / "cat.png"
+    refused = studio("generate", run.id, "--prompt", "a zqx drawing", "--out", str(out))
+    assert refused.returncode == 2 and refused.stderr == (
+        f"error: --out {out}: give a .png, .jpg or .webp file in a folder that exists\n")

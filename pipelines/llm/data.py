@@ -304,6 +304,9 @@ def load_examples(config: LLMConfig, report: DataReport | None = None
     validation: list[Example] = []
     if config.validation_files:
         validation = _examples_from(config.validation_files, config, report, count=False)
+    elif config.validation_fraction > 0 and 0 < len(train) < 5:
+        report.problem("validation", f"{len(train)} rows are too few to hold some out (5 or more are needed): "
+                                     "the run measures no validation loss", kept=True)
     elif config.validation_fraction > 0 and len(train) >= 5:
         shuffled = train[:]
         random.Random(config.seed).shuffle(shuffled)

@@ -112,8 +112,8 @@ def build() -> dict:
         data_summary = gr.Markdown(elem_id="image-data-summary")
         problems = gr.Dataframe(label="Problems found", wrap=True, max_height=200, visible=False,
                                 elem_id="image-problems")
-        preview = gr.Gallery(label="Preview (as trained, with captions)", columns=8, height=220, visible=False,
-                             elem_id="image-preview")
+        preview = gr.Gallery(label="Preview (with captions)", columns=8, height=220, visible=False,
+                             object_fit="contain", elem_id="image-preview")  # whole images, not their top halves
 
     inputs = widgets.config_inputs(ImageConfig, FORM, defaults)
     with gr.Group():
