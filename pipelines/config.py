@@ -22,8 +22,9 @@ import yaml
 def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
            choices: list | None = None, step: float | None = None, advanced: bool = False,
            one_per_line: bool = False) -> Any:
-    """A config field with the metadata the UI and validation read. one_per_line: a list whose items are
-    sentences (prompts), which may hold commas, so the form takes them one per line."""
+    """A config field with the metadata the UI and validation read. choices: the values allowed, or a dict of
+    them to what the form shows for each. one_per_line: a list whose items are sentences (prompts), which may
+    hold commas, so the form takes them one per line."""
     meta = {"help": help, "min": min, "max": max, "choices": choices, "step": step, "advanced": advanced,
             "one_per_line": one_per_line}
     if isinstance(default, list):

@@ -12,7 +12,7 @@ import whisper
 
 from pipelines import ConfigError, config_from_dict, load_config
 from pipelines.hub import ModelUnavailable, workspace
-from pipelines.speech.config import BASE_MODELS, LANGUAGE_CODES, SpeechConfig
+from pipelines.speech.config import BASE_MODELS, LANGUAGES, SpeechConfig
 from pipelines.speech.model import NAMED_MODELS, load_base_model, lora_targets, materialise_preset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,7 +20,10 @@ CPU = torch.device("cpu")
 
 
 def test_language_choices_are_whispers():
-    assert LANGUAGE_CODES == list(whisper.tokenizer.LANGUAGES)
+    assert list(LANGUAGES.items()) == list(whisper.tokenizer.LANGUAGES.items())  # in the tokens' order
+    from studio.tabs import widgets
+    box = widgets.config_inputs(SpeechConfig, ["language"], SpeechConfig())["language"]
+    assert box.choices[0] == ("English (en)", "en") and ("Hawaiian (haw)", "haw") in box.choices  # not bare codes
     assert set(NAMED_MODELS) <= set(whisper.available_models())
     assert {"tiny-whisper", "tiny", "base", "small", "medium", "large-v3", "turbo", "small.en"} <= set(BASE_MODELS)
 

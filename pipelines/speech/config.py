@@ -8,13 +8,21 @@ from typing import ClassVar
 
 from pipelines.config import RunConfig, option
 
-# Whisper's language codes, in the order of its language tokens (whisper.tokenizer.LANGUAGES; a test
-# keeps the two equal). Copied so this module needs no torch import. "yue" exists in large-v3 only.
-LANGUAGE_CODES = (
-    "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg lt la "
-    "mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so af oc ka be "
-    "tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue"
-).split()
+# Whisper's languages, code and name, in the order of its language tokens (whisper.tokenizer.LANGUAGES; a
+# test keeps the two equal). Copied so this module needs no torch import. "yue" exists in large-v3 only.
+LANGUAGES = {code: name.replace("_", " ") for code, name in (pair.split(":") for pair in (
+    "en:english zh:chinese de:german es:spanish ru:russian ko:korean fr:french ja:japanese pt:portuguese "
+    "tr:turkish pl:polish ca:catalan nl:dutch ar:arabic sv:swedish it:italian id:indonesian hi:hindi fi:finnish "
+    "vi:vietnamese he:hebrew uk:ukrainian el:greek ms:malay cs:czech ro:romanian da:danish hu:hungarian ta:tamil "
+    "no:norwegian th:thai ur:urdu hr:croatian bg:bulgarian lt:lithuanian la:latin mi:maori ml:malayalam cy:welsh "
+    "sk:slovak te:telugu fa:persian lv:latvian bn:bengali sr:serbian az:azerbaijani sl:slovenian kn:kannada "
+    "et:estonian mk:macedonian br:breton eu:basque is:icelandic hy:armenian ne:nepali mn:mongolian bs:bosnian "
+    "kk:kazakh sq:albanian sw:swahili gl:galician mr:marathi pa:punjabi si:sinhala km:khmer sn:shona yo:yoruba "
+    "so:somali af:afrikaans oc:occitan ka:georgian be:belarusian tg:tajik sd:sindhi gu:gujarati am:amharic "
+    "yi:yiddish lo:lao uz:uzbek fo:faroese ht:haitian_creole ps:pashto tk:turkmen nn:nynorsk mt:maltese "
+    "sa:sanskrit lb:luxembourgish my:myanmar bo:tibetan tl:tagalog mg:malagasy as:assamese tt:tatar haw:hawaiian "
+    "ln:lingala ha:hausa ba:bashkir jw:javanese su:sundanese yue:cantonese"
+).split())}
 
 # Base models for the dropdown: the offline preset first, then OpenAI's checkpoints, which download
 # from OpenAI on first use into ~/.cache/whisper (parameters, download size).
@@ -54,7 +62,7 @@ class SpeechConfig(RunConfig):
                                              "given (only with 5 clips or more).", min=0.0, max=0.5, step=0.05)
 
     language: str = option("en", "Language spoken in the clips. Pinned in training and transcription, so the "
-                                 "tuned model never guesses it.", choices=LANGUAGE_CODES)
+                                 "tuned model never guesses it.", choices=LANGUAGES)
     task: str = option("transcribe", "transcribe: text in the spoken language; translate: English text.",
                        choices=["transcribe", "translate"])
     long_clips: str = option("reject", "Clips over 30 s (Whisper's window): reject them, or split them at quiet "

@@ -67,7 +67,10 @@ def _input_for(field: dataclasses.Field, kind: Any, value: Any) -> gr.Component:
     info, render = meta.get("help"), False
     low, high, step = meta.get("min"), meta.get("max"), meta.get("step")
     if meta.get("choices"):
-        return gr.Dropdown(meta["choices"], value=value, label=label, info=info, render=render)
+        choices = meta["choices"]  # a dict names its values: "English (en)", not a bare "en"
+        shown = [(f"{name.capitalize()} ({key})", key) for key, name in choices.items()] if isinstance(choices, dict) \
+            else choices
+        return gr.Dropdown(shown, value=value, label=label, info=info, render=render)
     if kind is bool:
         return gr.Checkbox(value=value, label=label, info=info, render=render)
     if kind in (int, float):
