@@ -111,6 +111,14 @@ def test_columns_without_a_name_are_left_out_not_refused(tmp_path):
     assert excel.rows_usable == 2 and excel.columns == ["instruction", "output"]
 
 
+def test_a_json_file_of_splits_is_read_for_its_train_split(tmp_path):
+    splits = {"train": [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}],
+              "test": [{"prompt": "e", "completion": "f"}]}
+    report = check(tmp_path, "splits.json", json.dumps(splits))  # was one row, of no known columns
+    assert report.summary() == "2 of 2 rows usable (prompt_completion)"
+    assert "the 'train' split is read" in report.problems[0].reason and report.problems[0].kept
+
+
 def test_json_values_keep_json_s_spelling(tmp_path):
     """A JSONL answer that is a list or a boolean is trained as JSON writes it, not as Python prints it."""
     report = check(tmp_path, "types.jsonl", '{"prompt": "List two", "completion": ["a", "b"]}\n'

@@ -181,9 +181,14 @@ def _read_json(name: str, text: str, report: DataReport) -> list[tuple[int, dict
     except json.JSONDecodeError as err:
         report.problem(name, f"is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})")
         return []
-    if isinstance(data, dict):  # {"data": [...]} and similar wrappers
-        lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 else [data]
+    if isinstance(data, dict):  # {"data": [...]} and similar wrappers; {"train": [...], "test": [...]} splits
+        lists = {k: v for k, v in data.items() if isinstance(v, list)}
+        if len(lists) > 1 and "train" in lists:
+            report.problem(name, f"holds the splits {', '.join(lists)}: the 'train' split is read (upload another "
+                                 "split as the validation file)", kept=True)
+            data = lists["train"]
+        else:
+            data = next(iter(lists.values())) if len(lists) == 1 else [data]
     if not isinstance(data, list):
         report.problem(name, "must hold a list of objects")
         return []
