@@ -111,6 +111,14 @@ def test_columns_without_a_name_are_left_out_not_refused(tmp_path):
     assert excel.rows_usable == 2 and excel.columns == ["instruction", "output"]
 
 
+def test_an_input_column_the_chosen_format_leaves_out_is_said(assets):
+    report = inspect_data(LLMConfig(train_files=[str(assets / "llm" / "sample.csv")], validation_fraction=0,
+                                    data_format="prompt_completion"))
+    assert report.rows_usable == 24 and [(p.reason, p.kept) for p in report.problems] == [
+        ("the 'input' column is not used by the prompt_completion format: choose alpaca (or auto) to add it to "
+         "each prompt", True)]
+
+
 def test_a_json_file_of_splits_is_read_for_its_train_split(tmp_path):
     splits = {"train": [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}],
               "test": [{"prompt": "e", "completion": "f"}]}

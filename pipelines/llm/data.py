@@ -353,6 +353,10 @@ def _examples_from(files: list[str], config: LLMConfig, report: DataReport, coun
             report.problem(path, f"no known columns among {columns}: expected instruction/output, prompt/completion, "
                                  "question/answer, messages or text; or map the columns yourself")
             continue
+        unused_input = next((c for c in columns if c.lower() in ROLE_NAMES["input"] and c not in mapping.values()), "")
+        if fmt == "prompt_completion" and unused_input:  # alpaca's 'input' would be dropped unseen
+            report.problem(path, f"the '{unused_input}' column is not used by the prompt_completion format: choose "
+                                 "alpaca (or auto) to add it to each prompt", kept=True)
         lacking = [role for role in FORMAT_ROLES[fmt] if role not in mapping]
         if lacking:  # a format chosen by hand that this file's columns do not fit
             report.problem(path, f"the {fmt} format needs a {' and a '.join(lacking)} column, and none was found "
