@@ -263,3 +263,13 @@ def test_a_prompt_longer_than_the_context_keeps_its_end(trained):
     finally:
         hook.remove()
     assert [n for n in prefills if n > 1] == [context - 8, 24]
+
+
+def test_a_custom_module_the_model_lacks_names_those_it_has(assets):
+    from pipelines.training import TrainingFailure
+    config = load_config(assets / "llm" / "config.yaml").changed(target_modules="custom",
+                                                                 custom_target_modules=["nonexistent_proj"])
+    with pytest.raises(TrainingFailure) as err:
+        pipeline.attach_lora(load_base_model("tiny-llama", torch.device("cpu")), config)
+    assert err.value.advice == ("This model's linear layers are: down_proj, gate_proj, k_proj, o_proj, q_proj, "
+                                "up_proj, v_proj.")  # it said "Check the target modules" after peft had said so

@@ -32,8 +32,11 @@ def attach_lora(model: torch.nn.Module, config: LLMConfig) -> torch.nn.Module:
         model = prepare_model_for_kbit_training(model)
     try:
         return get_peft_model(model, lora)
-    except ValueError as err:
-        raise TrainingFailure(f"LoRA could not be attached: {err}", "Check the target modules.") from None
+    except ValueError as err:  # a custom module name the model lacks: name the ones it has
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear)} - {"lm_head"})
+        raise TrainingFailure(f"LoRA could not be attached: {err}",
+                              f"This model's linear layers are: {', '.join(linear)}.") from None
 
 
 def holds_bf16_on_cpu(model: torch.nn.Module) -> bool:
