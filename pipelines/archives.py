@@ -8,7 +8,10 @@ byte is written.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import secrets
 import shutil
 import stat
 import zipfile
@@ -21,6 +24,39 @@ MAX_UNPACKED_BYTES = int_setting("STUDIO_MAX_ARCHIVE_MB", 4096) * 2**20
 MAX_RATIO = int_setting("STUDIO_MAX_COMPRESSION_RATIO", 200)
 NESTED = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"}
 JUNK = {".DS_Store", "Thumbs.db", "desktop.ini"}  # operating-system clutter, skipped silently
+
+
+def unpack_once(archive: Path, folder: Path, report: DataReport) -> Path | None:
+    """Unpack an uploaded zip once into folder/<its content hash>/ and reuse it afterwards: the data check and
+    the run see the same files, and the preview plays from there. What unpacking found wrong is replayed on
+    every call. Two checks of one new upload at once (a config loaded into both of a tab's boxes) each unpack
+    into a folder of their own and the first to finish is kept: a shared temporary folder had one delete
+    the other's files mid-way. Returns the data's folder, or None when nothing could be unpacked."""
+    digest = hashlib.sha256()
+    try:
+        with open(archive, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        report.problem(archive, f"cannot be read ({err.strerror or err})")
+        return None
+    target = folder / digest.hexdigest()[:20]
+    record = target / "unpacked.json"
+    if not record.exists():
+        tmp = folder / f".tmp-{target.name}-{os.getpid()}-{secrets.token_hex(4)}"
+        local = DataReport()
+        root = extract_zip(archive, tmp / "files", local)
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "unpacked.json").write_text(json.dumps({"root": str(root.relative_to(tmp)) if root else None,
+                                                       "problems": [[p.file, p.reason] for p in local.problems]}))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # unpacked meanwhile by another check: the same files
+            shutil.rmtree(tmp, ignore_errors=True)
+    state = json.loads(record.read_text())
+    for file, reason in state["problems"]:
+        report.problem(file, reason)
+    return target / state["root"] if state["root"] else None
 
 
 def extract_zip(archive: str | Path, destination: str | Path, report: DataReport) -> Path | None:

@@ -228,3 +228,14 @@ def test_an_unreadable_transcript_is_named_once_and_the_user_s_table_by_its_name
     assert "bad.wav" not in found  # it was also said to have no transcript, beside the .txt it has
     assert found["lone.wav"] == "has no transcript: add a row for it to cv.csv (file_name, transcription) or a " \
                                 "lone.txt beside it"
+
+
+def test_checks_of_one_new_zip_at_once_each_see_every_clip(tmp_path, monkeypatch):
+    """Load config fills a tab's two boxes, and two data checks unpack the same new zip at once: in one
+    temporary folder, one deleted the other's files ('[Errno 2] No such file', a clip lost)."""
+    from concurrent.futures import ThreadPoolExecutor
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "ws"))
+    archive = shutil.make_archive(str(tmp_path / "clips"), "zip", CLIPS)
+    with ThreadPoolExecutor(4) as pool:
+        reports = list(pool.map(lambda _: inspect_data(config(data_files=[archive])), range(4)))
+    assert [(r.rows_usable, r.problems) for r in reports] == [(8, [])] * 4

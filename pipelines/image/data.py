@@ -12,10 +12,8 @@ This module imports no torch, so the UI can check data without loading the ML st
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import shutil
 import statistics
 import warnings
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipelines.archives import extract_zip
+from pipelines.archives import unpack_once
 from pipelines.data import DataReport, int_setting
 from pipelines.image.config import ImageConfig, training_resolution
 
@@ -196,37 +194,6 @@ def _read_metadata(path: Path, report: DataReport, by_name: dict[str, list[Path]
 
 # ---- finding the files -----------------------------------------------------------------------
 
-def unpack_upload(archive: Path, report: DataReport) -> Path | None:
-    """Unpack a zip once into the workspace, keyed by its content, and reuse it afterwards (the data check
-    and the training run see the same files). Problems found while unpacking are replayed each time."""
-    from pipelines.hub import workspace  # imported here: it pulls in torch, which checking a folder does not need
-
-    digest = hashlib.sha256()
-    with open(archive, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    target = workspace() / "uploads" / f"images-{digest.hexdigest()[:16]}"
-    record = target / "unpacked.json"
-    if not record.exists():
-        tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        local = DataReport()
-        root = extract_zip(archive, tmp / "files", local)
-        info = {"root": str(root.relative_to(tmp)) if root else None,
-                "problems": [[p.file, p.reason] for p in local.problems]}
-        (tmp / "unpacked.json").write_text(json.dumps(info))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # unpacked by another process meanwhile: identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    info = json.loads(record.read_text())
-    for file, reason in info["problems"]:
-        report.problem(file, reason)
-    return target / info["root"] if info["root"] else None
-
-
 def _walk(folder: Path) -> list[Path]:
     """Every file under `folder`, sorted, skipping hidden files and macOS clutter."""
     found = []
@@ -247,7 +214,8 @@ def collect_files(config: ImageConfig, report: DataReport) -> tuple[list[Path], 
             report.problem(path, "not found" + (" (the folder does not exist)" if not path.suffix else ""))
             continue
         if path.is_file() and path.suffix.lower() == ".zip":
-            folder = unpack_upload(path, report)
+            from pipelines.hub import workspace  # (it pulls in torch, which checking a folder does not need)
+            folder = unpack_once(path, workspace() / "uploads", report)
             if folder is None:
                 continue
             report.stats["unpacked_to"] = str(folder)

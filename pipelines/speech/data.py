@@ -8,11 +8,7 @@ check accepts is exactly what trains. Bad files are reported with their name and
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import random
-import shutil
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.archives import JUNK, extract_zip
+from pipelines.archives import JUNK, unpack_once
 from pipelines.data import DataReport
 from pipelines.hub import workspace
 from pipelines.llm.data import read_table
@@ -60,38 +56,6 @@ class _Transcript:
 
 # ---- finding files ---------------------------------------------------------------------------
 
-def _unpack(archive: Path, report: DataReport) -> Path | None:
-    """Unpack a zip once into workspace/unpacked/<content hash>/ (kept: the preview plays files from
-    there) and replay the archive's problems on later checks of the same file."""
-    digest = hashlib.sha256()
-    try:
-        with open(archive, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as err:
-        report.problem(archive, f"cannot be read ({err.strerror or err})")
-        return None
-    target = workspace() / "unpacked" / digest.hexdigest()[:20]
-    marker = target / "unpacked.json"
-    if not marker.exists():
-        tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        local = DataReport()
-        root = extract_zip(archive, tmp / "files", local)
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "unpacked.json").write_text(json.dumps({
-            "root": str(root.relative_to(tmp)) if root else None,
-            "problems": [p.reason for p in local.problems]}))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # unpacked meanwhile by another process: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    state = json.loads(marker.read_text())
-    for reason in state["problems"]:
-        report.problem(archive, reason)
-    return target / state["root"] if state["root"] else None
-
-
 def _expand(paths: list[str], report: DataReport) -> list[Path]:
     """Every file named, or inside a named folder or zip."""
     files: list[Path] = []
@@ -103,7 +67,7 @@ def _expand(paths: list[str], report: DataReport) -> list[Path]:
             report.roots.append(path)
             files += sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
         elif path.suffix.lower() == ".zip":
-            root = _unpack(path, report)
+            root = unpack_once(path, workspace() / "unpacked", report)
             if root is not None:
                 report.roots.append(root)
                 files += sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p, root))
