@@ -32,11 +32,14 @@ class UnusableData(ValueError):
     """The data check found nothing to train on (or nothing in the validation data given): no run is made."""
 
     def __init__(self, report):
-        most = 5
-        listed = "".join(f"\n- {problem}" for problem in report.problems[:most])
-        more = f"\n- … and {len(report.problems) - most} more" if len(report.problems) > most else ""
-        headline = "Cannot train yet" if report.rows_usable else "No usable data"
-        super().__init__(f"{headline}: {report.summary()}{listed}{more}")
+        most, summary, problems = 5, report.summary(), report.problems
+        if report.rows_found or not problems:
+            summary = f"{'Cannot train yet' if report.rows_usable else 'No usable data'}: {summary}"
+        else:  # no file had a row: the summary is "No usable data: <the first problem>" already
+            problems = problems[1:]
+        listed = "".join(f"\n- {problem}" for problem in problems[:most])
+        more = f"\n- … and {len(problems) - most} more" if len(problems) > most else ""
+        super().__init__(f"{summary}{listed}{more}")
         self.report = report
 
 

@@ -66,6 +66,8 @@ def test_parquet_and_explicit_column_mapping(tmp_path):
 BAD = [
     ("empty.csv", b"", "the file is empty", None),
     ("header.csv", "instruction,output\n", "has a header row but no data rows", None),
+    ("blankrows.csv", 'instruction,output\n,\n"",""\n', "has a header row but no data rows, only 2 empty ones",
+     None),
     ("ragged.csv", "instruction,output\na,b\nc,d,e\nf,g\n", "has 3 fields but the header has 2", 2),
     ("unclosed.csv", "instruction,output\na,b\n\"c,d\ne,f\ng,h\n",
      "a quote opened in this row is never closed, so the 2 lines after it were read as one cell", 2),

@@ -199,6 +199,10 @@ def test_bad_settings_are_refused_with_the_field_name_and_no_run(home, tmp_path)
     assert unusable.returncode == 2 and unusable.stderr == (
         "error: No usable data: 0 of 1 rows usable (alpaca); 1 row dropped\n"
         "- empty.csv, row 1: the 'instruction' column is empty\n")
+    header = tmp_path / "header.csv"
+    header.write_text("instruction,output\n")
+    no_rows = studio("train", str(config_file(tmp_path, train_files=[str(header)])))  # said once, not twice
+    assert no_rows.stderr == "error: No usable data: header.csv: has a header row but no data rows\n"
     no_validation = studio("train", str(config_file(tmp_path, validation_files=[str(empty)])))
     assert no_validation.returncode == 2 and "the validation data has nothing usable" in no_validation.stderr
     assert not (home / "runs").exists() or not any((home / "runs").iterdir())

@@ -127,7 +127,7 @@ def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -
         report.problem(name, f"column{'s' if len(unnamed) > 1 else ''} {', '.join(unnamed)} of the header "
                              f"{'have' if len(unnamed) > 1 else 'has'} no name: ignored", kept=True)
     report.columns = report.columns or named
-    number = 0
+    number, before, blank = 0, len(report.problems), 0
     while True:
         number += 1
         try:
@@ -141,6 +141,7 @@ def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -
             report.problem(name, f"cannot be read: {reason}; the rest of the file was skipped", number)
             break
         if not any(c.strip() for c in cells):
+            blank += 1
             continue
         if len(cells) != len(header):
             swallowed = max((c.rstrip("\n").count("\n") for c in cells), default=0)
@@ -153,8 +154,8 @@ def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -
                                      " (a stray delimiter or a missing quote?)", number)
             continue
         rows.append((number, {h: cell for h, cell in zip(header, cells) if h}))
-    if not rows and number <= 1 and not report.problems:
-        report.problem(name, "has a header row but no data rows")
+    if not rows and len(report.problems) == before:  # (rows with every cell empty are no data either)
+        report.problem(name, "has a header row but no data rows" + (f", only {blank} empty ones" if blank else ""))
     return rows
 
 
