@@ -13,6 +13,7 @@ from typing import Any
 
 from pipelines import pipeline_module
 from pipelines.config import RunConfig
+from pipelines.events import TrainingFailure
 
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {"key": None, "value": None}
@@ -26,19 +27,18 @@ def _cached(key: tuple, load) -> Any:
     return _loaded["value"]
 
 
-def _key(modality: str, config: RunConfig, run_dir: str | Path | None, checkpoint: str | None) -> tuple:
+def _key(pipeline, config: RunConfig, run_dir: str | Path | None, checkpoint: str | None) -> tuple:
     """What a loaded model stands for, down to the adapter files it was made from: "final" is the latest
     checkpoint while a run trains and its adapter once it is done (a run resumed writes it again), so the
     model loaded at step 40 must not keep answering after the run has finished."""
-    key: tuple = (modality, config.base_model, str(run_dir), checkpoint)
+    key: tuple = (pipeline.__name__, config.base_model, str(run_dir), checkpoint)
     if run_dir is None:
         return key
-    from pipelines.training import latest_checkpoint
-    folder = Path(run_dir) / "checkpoints" / checkpoint / "adapter" if checkpoint else Path(run_dir) / "adapter"
-    if not checkpoint and not folder.is_dir() and (latest := latest_checkpoint(run_dir)):
-        folder = latest / "adapter"
-    files = sorted(folder.iterdir()) if folder.is_dir() else []
-    return key + (str(folder), *((f.name, f.stat().st_mtime_ns) for f in files))
+    try:
+        folder = pipeline.adapter_dir(run_dir, checkpoint)  # where loading looks, by the same rule
+    except TrainingFailure:
+        return key  # no adapter yet: loading says so
+    return key + (str(folder), *((f.name, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())))
 
 
 def _adapter_switch(model, use_adapter: bool):
@@ -49,7 +49,7 @@ def generate_text(config: RunConfig, run_dir: str | Path | None, prompt: str, *,
                   use_adapter: bool = True, **options) -> str:
     """The run's answer (run_dir given and use_adapter), or the base model's."""
     llm = pipeline_module("llm")
-    key = _key("llm", config, run_dir, checkpoint)
+    key = _key(llm, config, run_dir, checkpoint)
     with _lock:
         model, tokenizer = _cached(key, lambda: llm.load_for_generation(config, run_dir, checkpoint))
         with _adapter_switch(model, use_adapter and run_dir is not None):
@@ -59,7 +59,7 @@ def generate_text(config: RunConfig, run_dir: str | Path | None, prompt: str, *,
 def generate_image(config: RunConfig, run_dir: str | Path | None, prompt: str, *, checkpoint: str | None = None,
                    lora_scale: float = 1.0, **options):
     image = pipeline_module("image")
-    key = _key("image", config, run_dir, checkpoint)
+    key = _key(image, config, run_dir, checkpoint)
     with _lock:
         pipe = _cached(key, lambda: image.load_for_generation(config, run_dir, checkpoint))
         return image.generate(pipe, prompt, lora_scale=lora_scale if run_dir is not None else 0.0, **options)
@@ -68,7 +68,7 @@ def generate_image(config: RunConfig, run_dir: str | Path | None, prompt: str, *
 def transcribe(config: RunConfig, run_dir: str | Path | None, audio: str | Path, *, checkpoint: str | None = None,
                use_adapter: bool = True) -> tuple[str, float]:
     speech = pipeline_module("speech")
-    key = _key("speech", config, run_dir, checkpoint)
+    key = _key(speech, config, run_dir, checkpoint)
     with _lock:
         model = _cached(key, lambda: speech.load_for_transcription(config, run_dir, checkpoint))
         with _adapter_switch(model, use_adapter and run_dir is not None):
