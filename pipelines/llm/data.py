@@ -385,7 +385,7 @@ def inspect_data(config: LLMConfig) -> DataReport:
         return report
     try:
         from pipelines.llm.model import load_tokenizer
-        from pipelines.llm.tokenize import IGNORE, encode
+        from pipelines.llm.tokenize import encode, keeps_a_reply
         tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)
     except TrainingFailure as err:  # unreachable offline, a folder not allowed: a run could not load it either
         report.blocker = f"the base model cannot be used: {err}"
@@ -396,8 +396,7 @@ def inspect_data(config: LLMConfig) -> DataReport:
     encoded = [encode(e, tokenizer, config) for e in train + validation]
     lengths = [len(ids) for ids, _ in encoded]
     over = sum(n > config.max_length for n in lengths)
-    # Cut at max_length, these keep no reply token to learn from: training skips them (as it says in its log).
-    no_reply = sum(all(label == IGNORE for label in labels[1:config.max_length]) for _, labels in encoded[:len(train)])
+    no_reply = sum(not keeps_a_reply(labels, config.max_length) for _, labels in encoded[:len(train)])
     # tokens_p95: 95% of the examples are at most this long (the nearest rank)
     report.stats = {"tokens_min": min(lengths), "tokens_mean": round(statistics.mean(lengths), 1),
                     "tokens_p95": sorted(lengths)[math.ceil(0.95 * len(lengths)) - 1], "tokens_max": max(lengths),

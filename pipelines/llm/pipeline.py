@@ -18,7 +18,7 @@ from pipelines.llm.config import LLMConfig
 from pipelines.llm.data import load_examples
 from pipelines.llm.loss import output_layer, reply_loss, with_reply_positions
 from pipelines.llm.model import base_location, builtin_base, load_base_model, load_tokenizer, lora_targets
-from pipelines.llm.tokenize import collate, counted_tokens, encode
+from pipelines.llm.tokenize import collate, counted_tokens, encode, keeps_a_reply
 from pipelines.training import (Events, TrainingFailure, TrainingTask, adapter_dir, iterate_in_batches, require_data,
                                 native_bf16, pick_device, run_training, seed_everything, shuffled)
 
@@ -93,14 +93,14 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
         if stored:
             log(f"Holding the {stored} frozen linear layers in bf16 (what autocast computes with): half their memory.")
 
-    encoded = [encode(e, tokenizer, config, truncate=True) for e in train_examples]
-    truncated = sum(len(encode(e, tokenizer, config)[0]) > config.max_length for e in train_examples)
+    whole = [encode(e, tokenizer, config) for e in train_examples]  # (tokenised once, then cut at max_length)
+    truncated = sum(len(ids) > config.max_length for ids, _ in whole)
     if truncated:
         log(f"{truncated} examples are longer than {config.max_length} tokens and were truncated.")
-    kept = [pair for pair in encoded if any(label != -100 for label in pair[1][1:])]
-    if len(kept) < len(encoded):
-        log(f"{len(encoded) - len(kept)} examples keep no reply token within {config.max_length} tokens: skipped.")
-    encoded = kept
+    encoded = [(ids[:config.max_length], labels[:config.max_length]) for ids, labels in whole
+               if keeps_a_reply(labels, config.max_length)]
+    if len(encoded) < len(whole):
+        log(f"{len(whole) - len(encoded)} examples keep no reply token within {config.max_length} tokens: skipped.")
     if not encoded:
         raise TrainingFailure("After truncation no example has any response token left to learn from.",
                               "Raise the max length.")

@@ -52,6 +52,12 @@ def encode(example: Example, tokenizer: PreTrainedTokenizerBase, config: LLMConf
     return ids, labels
 
 
+def keeps_a_reply(labels: list[int], max_length: int) -> bool:
+    """Whether an example cut at max_length still has a token to learn from (the first never counts:
+    nothing comes before it to predict it). Training skips those that do not; the data check counts them."""
+    return any(label != IGNORE for label in labels[1:max_length])
+
+
 def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, packing: bool,
             row_length: int = 0) -> dict[str, torch.Tensor]:
     """One forward pass worth of examples.
