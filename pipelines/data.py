@@ -63,6 +63,16 @@ class DataReport:
         root = next((r for r in self.roots if path.is_relative_to(r)), None)
         return str(path.relative_to(root)) if root else path.name
 
+    def verdict(self, what: str = "data") -> str:
+        """What the check's first line leads with: "Data" when it can train, "Cannot train yet" when usable rows
+        are held back (the validation data, the base model), else "No usable <what>"; nothing where the summary
+        says so itself ("No usable data: <the first problem>", when no file had a row)."""
+        if self.ok:
+            return what.capitalize()
+        if self.rows_usable:
+            return "Cannot train yet"
+        return "" if not self.rows_found and self.problems else f"No usable {what}"
+
     def summary(self) -> str:
         """One line for the UI and the CLI."""
         if not self.rows_found and self.problems:

@@ -32,10 +32,10 @@ class UnusableData(ValueError):
     """The data check found nothing to train on (or nothing in the validation data given): no run is made."""
 
     def __init__(self, report):
-        most, summary, problems = 5, report.summary(), report.problems
-        if report.rows_found or not problems:
-            summary = f"{'Cannot train yet' if report.rows_usable else 'No usable data'}: {summary}"
-        else:  # no file had a row: the summary is "No usable data: <the first problem>" already
+        most, lead, summary, problems = 5, report.verdict(), report.summary(), report.problems
+        if lead:
+            summary = f"{lead}: {summary}"
+        else:  # the summary is "No usable data: <the first problem>": listed once
             problems = problems[1:]
         listed = "".join(f"\n- {problem}" for problem in problems[:most])
         more = f"\n- … and {len(problems) - most} more" if len(problems) > most else ""

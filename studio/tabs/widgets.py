@@ -230,12 +230,10 @@ def shown_if_any(rows: list, as_value=pd.DataFrame) -> dict:
 def headline(report, what: str) -> str:
     """The data check's first line: "**Images:** 8 of 8 rows usable", or "**No usable images.** ..." (not
     "No usable images. No usable data: ..." where the summary says so itself)."""
-    text = report.summary()
+    lead, text = report.verdict(what), report.summary()
     if report.ok:
-        return f"**{what.capitalize()}:** {text}"
-    if report.rows_usable:  # usable rows, but the validation data or the base model stands in the way
-        return f"**Cannot train yet.** {text}"
-    return f"**{text}**" if text.startswith("No usable") else f"**No usable {what}.** {text}"
+        return f"**{lead}:** {text}"
+    return f"**{lead}.** {text}" if lead else f"**{text}**"
 
 
 def noted(title: str, lines: list[str], most: int = 8) -> str:
