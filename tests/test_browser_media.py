@@ -128,3 +128,17 @@ def test_a_folder_upload_takes_the_place_of_the_sample_drawings(server, page, tm
     page.locator("#image-folder input[type=file]").set_input_files(str(folder))
     expect(page.locator("#image-data-summary")).to_contain_text("3 of 3 rows usable")
     expect(page.locator("#image-preview img")).to_have_count(3)
+
+
+def test_typing_the_instance_prompt_enables_train_at_once(server, page):
+    """Checked on blur, the instance prompt left Train disabled until the box lost focus, so the first click on
+    Train after typing did nothing."""
+    open_tab(page, server, "Image (Stable Diffusion)")
+    expect(page.locator("#image-data-summary")).to_contain_text("8 of 8")
+    page.get_by_label("Caption source", exact=True).click()
+    page.get_by_role("option", name="instance_prompt", exact=True).click()
+    expect(page.locator("#image-problems")).to_contain_text("instance prompt is empty")
+    expect(page.locator("#image-train")).to_be_disabled()
+    page.get_by_role("textbox", name=re.compile("^Instance prompt")).press_sequentially("a drawing of zqx shapes")
+    expect(page.locator("#image-train")).to_be_enabled()  # the box still has the focus
+    expect(page.get_by_role("textbox", name=re.compile("^Instance prompt"))).to_be_focused()

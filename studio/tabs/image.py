@@ -160,8 +160,10 @@ def build() -> dict:
     everything = [files, folder, base_model, name, *form]
     check_outputs = [data_summary, problems, preview, section.train]
     folder.upload(folder_replaces_the_sample, [folder, files], files, api_visibility="private")
+    # The instance prompt is checked as it is typed, not on blur: Train stays disabled while it is empty, and a
+    # click on Train straight after typing landed on the still-disabled button.
     for trigger in (files.change, folder.change, base_model.change, inputs["caption_source"].change,
-                    inputs["instance_prompt"].blur, inputs["resolution"].change):
+                    inputs["instance_prompt"].change, inputs["resolution"].change):
         trigger(check_data, everything, check_outputs, api_visibility="private", trigger_mode="always_last")
     generate.click(try_prompt, [run_state, checkpoint, prompt, negative, seed, steps, guidance, size, strength],
                    [base_image, tuned_image], api_visibility="private")
