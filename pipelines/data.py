@@ -18,6 +18,7 @@ class Problem:
     reason: str
     row: int | None = None  # 1-based data row (or line, for JSONL); None for the whole file
     kept: bool = False      # a warning: the file or row still trains (an image smaller than the training size)
+    rows: int = 1           # the data rows it lost, where a row is named: a quote never closed takes the lines after
 
     def __str__(self) -> str:
         where = f"{self.file}, row {self.row}" if self.row is not None else self.file
@@ -49,8 +50,9 @@ class DataReport:
         run would show their loss as validation loss."""
         return self.validation_from_files and not self.validation_rows
 
-    def problem(self, file: str | Path, reason: str, row: int | None = None, kept: bool = False) -> None:
-        self.problems.append(Problem(self.shown(file), reason, row, kept))
+    def problem(self, file: str | Path, reason: str, row: int | None = None, kept: bool = False,
+                rows: int = 1) -> None:
+        self.problems.append(Problem(self.shown(file), reason, row, kept, rows))
 
     def shown(self, file: str | Path) -> str:
         """A file as the user knows it: its path inside the folder or zip they uploaded (two speakers' 001.wav

@@ -101,6 +101,12 @@ def test_rows_that_cannot_be_read_count_as_dropped(tmp_path):
     assert ragged.summary() == "2 of 3 rows usable (alpaca); 1 row dropped"
     lines = check(tmp_path, "lines.jsonl", '{"prompt": "a", "completion": "b"}\n[1, 2]\n{"prompt": "c", \n')
     assert lines.summary() == "1 of 3 rows usable (prompt_completion); 2 rows dropped"
+    # a quote never closed: the lines it swallowed are rows lost too ('1 of 2 rows usable' for 4 data rows)
+    unclosed = check(tmp_path, "unclosed.csv", "instruction,output\na,b\n\"c,d\ne,f\ng,h\n")
+    assert unclosed.summary() == "1 of 4 rows usable (alpaca); 3 rows dropped"
+    one_line = check(tmp_path, "one.csv", "instruction,output\na,b\n\"c,d\ne,f\n")
+    assert one_line.summary() == "1 of 3 rows usable (alpaca); 2 rows dropped"
+    assert "so the line after it was read as one cell" in one_line.problems[0].reason
 
 
 def test_columns_without_a_name_are_left_out_not_refused(tmp_path):

@@ -145,10 +145,10 @@ def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -
             continue
         if len(cells) != len(header):
             swallowed = max((c.rstrip("\n").count("\n") for c in cells), default=0)
-            if swallowed > 1:  # a quote never closed takes every line after it into one cell, to the file's end
-                report.problem(name, f"a quote opened in this row is never closed, so the {swallowed} lines after "
-                                     "it were read as one cell: close it (a quote inside a cell is written \"\")",
-                               number)
+            if swallowed:  # a quote never closed takes every line after it into one cell, to the file's end
+                lines = f"the {swallowed} lines after it were" if swallowed > 1 else "the line after it was"
+                report.problem(name, f"a quote opened in this row is never closed, so {lines} read as one cell: "
+                                     "close it (a quote inside a cell is written \"\")", number, rows=1 + swallowed)
             else:
                 report.problem(name, f"has {len(cells)} fields but the header has {len(header)}"
                                      " (a stray delimiter or a missing quote?)", number)
@@ -331,7 +331,7 @@ def _examples_from(files: list[str], config: LLMConfig, report: DataReport, coun
         before = len(report.problems)
         rows = read_table(path, report)
         if count:  # rows that could not be read at all count as found, and dropped
-            report.rows_found += len(rows) + sum(p.row is not None for p in report.problems[before:])
+            report.rows_found += len(rows) + sum(p.rows for p in report.problems[before:] if p.row is not None)
         if not rows:
             continue
         columns = list(dict.fromkeys(k for _, record in rows[:200] for k in record))
