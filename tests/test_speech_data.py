@@ -239,3 +239,20 @@ def test_checks_of_one_new_zip_at_once_each_see_every_clip(tmp_path, monkeypatch
     with ThreadPoolExecutor(4) as pool:
         reports = list(pool.map(lambda _: inspect_data(config(data_files=[archive])), range(4)))
     assert [(r.rows_usable, r.problems) for r in reports] == [(8, [])] * 4
+
+
+def test_the_summary_tells_the_validation_upload_s_audio_from_the_training_audio(tmp_path):
+    """'Total audio' counted a validation upload's clips while 'Sample rates' counted the training files' only."""
+    import dataclasses
+    from studio.tabs import speech as tab
+    held = tmp_path / "held"
+    held.mkdir()
+    subprocess.run(["sox", str(CLIPS / "cat.wav"), "-r", "48000", str(held / "cat.wav")], check=True)
+    (held / "cat.txt").write_text("The cat sat on the mat.")
+    settings = dataclasses.asdict(config(validation_path=str(held)))
+    summary, *_ = tab.check_data([str(CLIPS / n) for n in ("window.wav", "apples.wav", "metadata.csv")], str(held),
+                                 "tiny-whisper", "", *[settings[key] for key in tab.FORM])
+    seconds = {c.audio.split("/")[-1]: c.seconds for c in load_clips(config(data_path=str(CLIPS)))[1]}
+    training, validation = seconds["window.wav"] + seconds["apples.wav"], seconds["cat.wav"]
+    assert f"Total audio: {training:.1f} s, plus {validation:.1f} s to validate on. Sample rates: 16000 Hz (2)." \
+        in summary

@@ -319,8 +319,13 @@ def inspect_data(config: SpeechConfig) -> DataReport:
         durations = [round(c.seconds, 2) for c in clips]
         tokens = [c.tokens for c in clips]
         stats.update({"clips": len(clips), "train_clips": len(train), "validation_clips": len(validation),
-                      "total_seconds": round(sum(durations), 1), "seconds_min": min(durations),
+                      "seconds_min": min(durations),
                       "seconds_mean": round(statistics.mean(durations), 2), "seconds_max": max(durations),
                       "tokens_max": max(tokens), "tokens_mean": round(statistics.mean(tokens), 1),
                       "durations": durations})
+        # The training files' audio (sample rates are counted over these), and a validation upload's on its own
+        training_files = train if report.validation_from_files else clips
+        stats["total_seconds"] = round(sum(c.seconds for c in training_files), 1)
+        if report.validation_from_files:
+            stats["validation_seconds"] = round(sum(c.seconds for c in validation), 1)
     return report
