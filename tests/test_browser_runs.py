@@ -47,6 +47,14 @@ def test_list_select_compare_clone_and_delete(server, page, tmp_path):
     expect(table).to_contain_text("run-b")
     expect(table).to_contain_text("6/6 (100%)")
     expect(table).to_contain_text("completed")
+    # The whole table fits the page: fitted to content, its last column ran off the right edge, and "best
+    # validation" stood one letter a line (on a small laptop's 1024 px)
+    page.set_viewport_size({"width": 1024, "height": 1000})
+    width = 1024
+    for header in ("duration", "best validation"):
+        box = table.locator("th", has_text=header).first.bounding_box()
+        assert box["x"] + box["width"] <= width and box["height"] < 80, (header, box, width)
+    page.set_viewport_size({"width": 1400, "height": 1000})
     # Clone with nothing selected: said, where a raised error covered every field of the tab with error frames
     page.locator("#runs-clone").click()
     expect(page.locator("#runs-message")).to_contain_text("Select a run first.")

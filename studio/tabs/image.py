@@ -110,8 +110,7 @@ def build() -> dict:
             folder = gr.File(file_count="directory", label="…or a whole folder", height=160,
                              elem_id="image-folder")
         data_summary = gr.Markdown(elem_id="image-data-summary")
-        problems = gr.Dataframe(label="Problems found", wrap=True, max_height=200, visible=False,
-                                elem_id="image-problems")
+        problems = widgets.problems_box("image")
         preview = gr.Gallery(label="Preview (with captions)", columns=8, height=220, visible=False,
                              object_fit="contain", elem_id="image-preview")  # whole images, not their top halves
 

@@ -184,10 +184,9 @@ def build() -> None:
             validation_files = gr.File(file_count="multiple", label="Validation data (optional)",
                                        file_types=[".csv", ".tsv", ".jsonl", ".json", ".parquet"], height=140)
         data_summary = gr.Markdown(elem_id="llm-data-summary")
-        with gr.Row():
-            problems = gr.Dataframe(label="Problems found", wrap=True, max_height=200, visible=False,
-                                    elem_id="llm-problems")
-            histogram = gr.BarPlot(None, x="tokens", y="examples", color="fits", sort=None, height=220,
+        with gr.Row():  # the problems' reasons are long: they get twice the histogram's width
+            problems = widgets.problems_box("llm", scale=2)
+            histogram = gr.BarPlot(None, x="tokens", y="examples", color="fits", sort=None, height=220, scale=1,
                                    title="Token lengths", x_title="tokens per example", x_label_angle=-45)
         preview = gr.Dataframe(label="Preview (as the model will see it)", wrap=True, max_height=240, visible=False)
 

@@ -97,8 +97,7 @@ def build() -> dict:
             validation = gr.File(file_count="single", file_types=[".zip"], height=160,
                                  label="Validation clips (optional zip)")
         data_summary = gr.Markdown(elem_id="speech-data-summary")
-        problems = gr.Dataframe(label="Problems found", wrap=True, max_height=200, visible=False,
-                                elem_id="speech-problems")
+        problems = widgets.problems_box("speech")
         with gr.Row():
             preview = gr.Dataframe(label="Preview", wrap=True, max_height=240, scale=2, visible=False)
             with gr.Column(scale=1):

@@ -244,11 +244,19 @@ def noted(title: str, lines: list[str], most: int = 8) -> str:
     return f"\n\n{title}\n" + "\n".join(f"- {line}" for line in lines[:most]) + more
 
 
+def problems_box(modality: str, **layout) -> gr.Dataframe:
+    """Where a tab shows its data check's problems (problems_table fills it)."""
+    return gr.Dataframe(label="Problems found", wrap=True, max_height=200, visible=False,
+                        elem_id=f"{modality}-problems", **layout)
+
+
 def problems_table(report) -> dict:
-    """The data check's problems (a DataReport's) as the tabs show them: file, row where any has one, why."""
+    """The data check's problems (a DataReport's) as the tabs show them: file, row where any has one, why.
+    The reason gets most of the width: left to fit their content, the columns cut it off at the right edge."""
     rows = any(p.row is not None for p in report.problems)
-    return shown_if_any([{"file": p.file, **({"row": "" if p.row is None else p.row} if rows else {}),
-                          "problem": p.reason} for p in report.problems])
+    table = shown_if_any([{"file": p.file, **({"row": "" if p.row is None else p.row} if rows else {}),
+                           "problem": p.reason} for p in report.problems])
+    return {**table, "column_widths": ["28%", "8%", "64%"] if rows else ["28%", "72%"]}
 
 
 def upload_path(file) -> str:
