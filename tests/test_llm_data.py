@@ -257,3 +257,19 @@ def test_a_base_model_that_cannot_be_loaded_stops_train_before_a_run(tmp_path, a
         "**Cannot train yet.** 24 of 24 rows usable (alpaca); but the base model cannot be used: The folder "
         "/opt/not-allowed-model is outside the folders models may be loaded from. Move it under your home or "
         "workspace folder, or add its parent to STUDIO_MODEL_DIRS.")
+
+
+def test_custom_target_modules_the_model_lacks_stop_train_before_a_run(assets):
+    """The check read the tokenizer only: a custom module name the model has no layer for passed, and the run
+    loaded the model only to fail. Names are matched as peft matches them: a layer's name or its dotted end."""
+    from studio import jobs
+    base = LLMConfig(train_files=[str(assets / "llm" / "sample.csv")], validation_fraction=0,
+                     target_modules="custom")
+    for fits in (["q_proj", "v_proj"], ["self_attn.o_proj", "down_proj"]):
+        assert inspect_data(base.changed(custom_target_modules=fits)).ok, fits
+    report = inspect_data(base.changed(custom_target_modules=["q_proj", "query", "mlp"]))
+    assert not report.ok and report.rows_usable == 24
+    assert report.blocker == ("the custom target modules query, mlp are not layers of this model, whose linear "
+                              "layers are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+    with pytest.raises(jobs.UnusableData, match="query, mlp are not layers"):
+        jobs.submit(base.changed(custom_target_modules=["q_proj", "query", "mlp"]))

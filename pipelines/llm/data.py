@@ -393,6 +393,8 @@ def inspect_data(config: LLMConfig) -> DataReport:
     except Exception as err:  # anything else: still report the rows
         report.problem("", f"token lengths not computed: {getattr(err, 'cause', None) or err}")
         return report
+    if config.target_modules == "custom" and config.custom_target_modules:
+        report.blocker = _custom_targets_blocker(config)
     encoded = [encode(e, tokenizer, config) for e in train + validation]
     lengths = [len(ids) for ids, _ in encoded]
     over = sum(n > config.max_length for n in lengths)
@@ -404,3 +406,18 @@ def inspect_data(config: LLMConfig) -> DataReport:
                     "max_length": config.max_length,
                     "lengths": lengths}
     return report
+
+
+def _custom_targets_blocker(config: LLMConfig) -> str:
+    """Custom target modules the base model has no layer for: a run would load the model only to fail."""
+    from pipelines.llm.model import linear_layer_names, missing_targets, model_skeleton
+    try:
+        skeleton = model_skeleton(config.base_model, config.trust_remote_code)
+    except Exception:  # a config transformers cannot build: the run's own failure will say more
+        return ""
+    missing = missing_targets(skeleton, config.custom_target_modules)
+    if not missing:
+        return ""
+    return (f"the custom target module{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"{'are not layers' if len(missing) > 1 else 'is not a layer'} of this model, whose linear layers are: "
+            f"{', '.join(linear_layer_names(skeleton))}")

@@ -132,6 +132,30 @@ def builtin_base(model: torch.nn.Module) -> torch.nn.Module | None:
     return base if type(base).__module__.startswith("transformers.models.") else None
 
 
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """The names a custom target module can take: each linear layer's own name (q_proj, down_proj...)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear)} - {"lm_head"})
+
+
+def missing_targets(model: torch.nn.Module, custom: list[str]) -> list[str]:
+    """The custom target modules no layer of the model answers to, matched as peft matches a list: a layer's
+    whole name, or its end after a dot ('q_proj', 'self_attn.q_proj'), of a kind LoRA can adapt."""
+    adaptable = [name for name, module in model.named_modules()
+                 if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d))
+                 or type(module).__name__ in ("Conv1D", "Linear4bit")]
+    return [key for key in custom if not any(name == key or name.endswith("." + key) for name in adaptable)]
+
+
+def model_skeleton(base_model: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The base model's layers without its weights (on the meta device): what LoRA could attach to, known in a
+    moment from config.json alone, for the data check."""
+    from transformers import AutoConfig
+    config = _load(AutoConfig.from_pretrained, base_location(base_model), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def lora_targets(model: torch.nn.Module, choice: str, custom: list[str]) -> list[str] | str:
     if choice == "all-linear":
         return "all-linear"

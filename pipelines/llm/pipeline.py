@@ -17,7 +17,8 @@ from pipelines.llm.compiled import compile_layers, compiled
 from pipelines.llm.config import LLMConfig
 from pipelines.llm.data import load_examples
 from pipelines.llm.loss import output_layer, reply_loss, with_reply_positions
-from pipelines.llm.model import base_location, builtin_base, load_base_model, load_tokenizer, lora_targets
+from pipelines.llm.model import (base_location, builtin_base, linear_layer_names, load_base_model, load_tokenizer,
+                                 lora_targets)
 from pipelines.llm.tokenize import collate, counted_tokens, encode, keeps_a_reply
 from pipelines.training import (Events, TrainingFailure, TrainingTask, adapter_dir, iterate_in_batches, require_data,
                                 native_bf16, pick_device, run_training, seed_everything, shuffled)
@@ -33,10 +34,8 @@ def attach_lora(model: torch.nn.Module, config: LLMConfig) -> torch.nn.Module:
     try:
         return get_peft_model(model, lora)
     except ValueError as err:  # a custom module name the model lacks: name the ones it has
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if isinstance(module, torch.nn.Linear)} - {"lm_head"})
         raise TrainingFailure(f"LoRA could not be attached: {err}",
-                              f"This model's linear layers are: {', '.join(linear)}.") from None
+                              f"This model's linear layers are: {', '.join(linear_layer_names(model))}.") from None
 
 
 def holds_bf16_on_cpu(model: torch.nn.Module) -> bool:
