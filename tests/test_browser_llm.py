@@ -192,3 +192,25 @@ def test_two_processes_from_the_advanced_settings_show_each_rank(server, page):
     run_dir = max((server.home / "runs").iterdir())
     assert "strategy: fsdp" in (run_dir / "config.yaml").read_text()
     assert "FSDP: 4 blocks of the base model are split between 2 processes" in (run_dir / "log.txt").read_text()
+
+
+def test_load_config_keeps_the_data_just_uploaded(server, page, tmp_path):
+    """A config.yaml loaded in the browser arrives without its data: the file it names that the user has just
+    uploaded stays in the box, where it was cleared ('not found next to it')."""
+    mine = tmp_path / "mine.csv"
+    mine.write_text("instruction,output\n" + "".join(f"Say {i},{i}\n" for i in range(6)), encoding="utf-8")
+    config = tmp_path / "config.yaml"
+    config.write_text("modality: llm\ntrain_files: [/elsewhere/mine.csv]\nlora_rank: 4\n", encoding="utf-8")
+    page.goto(server.url)
+    expect(page.locator("#llm-data-summary")).to_contain_text("24 of 24")
+    page.locator("#llm-train-files button[aria-label='Clear']").first.click()
+    page.locator("#llm-train-files input[type=file]").set_input_files(str(mine))
+    expect(page.locator("#llm-data-summary")).to_contain_text("6 of 6 rows usable")
+    with page.expect_file_chooser() as chooser:
+        page.locator("button:visible", has_text="Load config").first.click()
+    chooser.value.set_files(str(config))
+    expect(page.locator("#llm-message")).to_have_text("Settings loaded from the config file.")
+    expect(page.get_by_role("spinbutton", name="number input for LoRA rank").first).to_have_value("4")
+    expect(page.locator("#llm-train-files")).to_contain_text("mine")  # (shown as "mine .csv")
+    expect(page.locator("#llm-data-summary")).to_contain_text("6 of 6 rows usable")
+    expect(page.locator("#llm-train")).to_be_enabled()

@@ -330,3 +330,23 @@ def test_the_curve_leaves_out_values_that_are_not_finite():
     assert "appears with the first" in curve.curve_svg({"train": []}, "Loss")
     short = curve.curve_svg({"train": [(1, 2.0), (2, 1.5), (3, 1.0)]}, "Loss")  # labelled 1 2 2 2 3 before
     assert re.findall(r'text-anchor="middle">(\d+)</text>', short) == ["1", "2", "3"]
+
+
+def test_load_config_keeps_the_uploaded_data_it_names(tmp_path):
+    """A config.yaml loaded in the browser arrives alone in an upload folder: the data it names was never next
+    to it, and the files the user had just uploaded were cleared ('not found next to it: upload the data')."""
+    from studio.tabs import llm
+    uploaded = tmp_path / "upload-1" / "mine.csv"
+    uploaded.parent.mkdir()
+    uploaded.write_text("instruction,output\nSay hi,hi\n")
+    other = tmp_path / "upload-2" / "other.csv"
+    other.parent.mkdir()
+    other.write_text("instruction,output\nSay bye,bye\n")
+    config = tmp_path / "upload-3" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text("modality: llm\ntrain_files: [/home/someone/data/mine.csv, gone.csv]\nlora_rank: 4\n")
+    values = llm.FORM_SPEC.load(str(config), [str(uploaded), str(other)], None)
+    assert values[0] == [str(uploaded)] and values[1] is None  # what it names, and no file it does not
+    assert values[-1] == ("Settings loaded from the config file. The data it names (gone.csv) is not found next "
+                          "to it: upload the data above.")
+    assert dict(zip(llm.FORM, values[4:-1]))["lora_rank"] == 4

@@ -12,6 +12,7 @@ import html
 import re
 import shutil
 import typing
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -161,10 +162,12 @@ class TabForm:
         config.save(folder / "config.yaml")
         return gr.update(value=str(folder / "config.yaml"), visible=True), ""
 
-    def load(self, upload):
+    def load(self, upload, *uploaded):
         """Load config (and a run's Clone): fill the form from a config.yaml. The uploads hold the data files it
         names that exist, and a data folder's files (image and speech runs; no input of its own in the tabs) go
-        into the first, as if the user had picked them. Paths are read relative to the config file."""
+        into the first, as if the user had picked them. Paths are read relative to the config file; a file not
+        found there that the tab's boxes already hold (`uploaded`, matched by name) stays: a config.yaml loaded
+        in the browser arrives alone, without the data beside it that the user has just uploaded."""
         from pipelines.config import read_yaml
         unchanged = [gr.update()] * (len(self.upload_fields) + 2 + len(self.form))
         try:
@@ -180,13 +183,17 @@ class TabForm:
             text = "; ".join(f"`{n}` {w}" for n, w in err.problems)
             return unchanged + [f"**This config.yaml cannot be used:** {text}"]
         config_file = Path(upload_path(upload)).resolve()
+        names = Counter(Path(p).name for p in _paths(uploaded))
+        held = {Path(p).name: p for p in _paths(uploaded) if names[Path(p).name] == 1}  # a name two files share: neither
         found: dict[str, list[str]] = {}
         missing = []
         for field in dict.fromkeys(self.upload_fields):
             value = getattr(config, field)
             named = [p for p in (value if isinstance(value, list) else [value]) if p]
-            found[field] = [str((config_file.parent / p).resolve()) for p in named if (config_file.parent / p).exists()]
-            missing += [p for p in named if not (config_file.parent / p).exists()]
+            beside = {p: (config_file.parent / p).resolve() for p in named}
+            found[field] = [str(beside[p]) if beside[p].exists() else held[Path(p).name] for p in named
+                            if beside[p].exists() or Path(p).name in held]
+            missing += [p for p in named if not beside[p].exists() and Path(p).name not in held]
         if getattr(config, "data_path", ""):
             source = (config_file.parent / config.data_path).resolve()
             files = ([str(p) for p in sorted(source.rglob("*")) if p.is_file() and p != config_file
@@ -209,6 +216,11 @@ class TabForm:
             f" The data it names ({', '.join(missing)}) is not found next to it: upload the data above."
             if missing else "")
         return uploads + [config.base_model, config.name, *config_to_form(config, self.form), message]
+
+
+def _paths(uploads) -> list[str]:
+    """The files of upload boxes' values (each None, one file or a list)."""
+    return [upload_path(f) for value in uploads if value for f in (value if isinstance(value, list) else [value])]
 
 
 def _one_upload(path: str) -> str:
@@ -563,7 +575,7 @@ def wire_run_section(section: RunSection, form: TabForm, run_state: gr.State, in
     section.train.click(form.start, inputs, [run_state, section.message], **private)
     run_state.change(live_values, run_state, section.panel.outputs(), **private)
     section.save.click(form.save, inputs, [section.config_file, section.message], **private)
-    section.load.upload(form.load, section.load, load_outputs, **private)
+    section.load.upload(form.load, [section.load, *inputs[:len(form.upload_fields)]], load_outputs, **private)
     wire_controls(section.panel, run_state)
     run_state.change(lambda r: gr.update(choices=checkpoint_choices(r), value="final"), run_state, checkpoint,
                      **private)
