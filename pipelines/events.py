@@ -72,6 +72,15 @@ def read_events(run_dir: str | Path, offset: int = 0) -> tuple[list[dict], int]:
     return events, offset + end
 
 
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder without its state.json, written last, is half-made)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
 def stop_requested(run_dir: str | Path) -> Callable[[], bool]:
     """The should_stop callback the worker passes in: true once someone wrote the STOP file."""
     flag = Path(run_dir) / STOP_FILE

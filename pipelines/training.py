@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from pipelines import distributed
 from pipelines.config import RunConfig
 # (re-exported: the pipelines import these from here with the loop)
-from pipelines.events import STOP_FILE, Events, TrainingFailure, read_events, stop_requested  # noqa: F401
+from pipelines.events import (STOP_FILE, Events, TrainingFailure, checkpoint_dirs, read_events,  # noqa: F401
+                              stop_requested)
 from pipelines.threads import ThreadShare
 
 
@@ -47,15 +48,6 @@ def require_data(report, examples: list, what: str, log: Callable[[str], None]) 
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
-
-def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = checkpoint_dirs(run_dir)

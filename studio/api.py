@@ -61,7 +61,7 @@ def run_status(run_id: str) -> dict:
     return {"id": run.id, "name": run.name, "modality": run.modality, "status": run.status,
             "step": progress.step, "total_steps": progress.total_steps, "loss": progress.last_loss,
             "losses": progress.losses, "evals": [{k: v for k, v in e.items() if k != "type"} for e in progress.evals],
-            "error": run.error, "advice": run.advice}
+            "error": run.error, "advice": run.advice, "queue_position": Registry().queue_position(run.id)}
 
 
 def generate(run_id: str, prompt: str, base: bool = False) -> str:

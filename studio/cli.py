@@ -121,7 +121,9 @@ def cmd_train(args) -> int:
         run = jobs.submit(config, registry)
         print(f"Run {run.id} ({run.name})")
     if run.status == "queued":
-        print(f"Queued: waiting for {len(registry.list(status='running'))} running run(s) to finish.")
+        ahead = registry.queue_position(run.id) - 1
+        print(f"Queued (position {ahead + 1}): waiting for {len(registry.list(status='running'))} running run(s)"
+              + (f" and {ahead} queued before it" if ahead else "") + ".")
     if args.detach:
         print(f"Training in the background. Follow with: studio runs; log: {run.dir / 'log.txt'}")
         return EXIT_OK
@@ -185,8 +187,8 @@ def follow(run_id: str, registry) -> int:
             status = progress.status or status
             if status in ("completed", "stopped", "failed", "cancelled", "interrupted"):
                 break
-            if time.monotonic() - last_check > 5:  # notice a worker that died without saying so
-                jobs.reconcile(registry)
+            if time.monotonic() - last_check > 5:  # notice a worker that died without saying so, and with
+                jobs.dispatch(registry)                 # no server running start the next run in its place
                 last_check = time.monotonic()
             time.sleep(0.3)
         except KeyboardInterrupt:
@@ -221,7 +223,7 @@ def cmd_runs(args) -> int:
     registry = Registry()
     if args.rebuild:
         print(f"Indexed {registry.rebuild()} runs.", file=sys.stderr)
-    jobs.reconcile(registry)
+    jobs.dispatch(registry)  # a run found lost frees its slot: with no server running, the next starts here
     rows = []
     for run in registry.list():
         progress = read_progress(run.dir)

@@ -61,7 +61,7 @@ def resume(run_id: str, registry: Registry | None = None) -> Run:
     registry = registry or Registry()
     run = registry.get(run_id)
     if run is None:
-        raise ValueError(f"There is no run {run_id}.")
+        raise ValueError(f"There is no run {run_id!r}.")
     if run.status not in RESUMABLE:
         raise ValueError(f"Run {run_id} is {run.status}; only {', '.join(RESUMABLE)} runs can be resumed.")
     (run.dir / STOP_FILE).unlink(missing_ok=True)
@@ -193,8 +193,14 @@ def worker_alive(run: Run) -> bool:
 
 
 def reconcile(registry: Registry | None = None) -> list[str]:
-    """Mark runs whose process is gone as interrupted: no run is shown running without a process."""
+    """Mark runs whose process is gone as interrupted: no run is shown running without a process. A run whose
+    folder was deleted by hand leaves the index (the folder is the run; one still training stays, to be
+    cancelled): kept, it was offered a resume that could never work, and dispatched, it failed another run's
+    worker on its missing log.txt."""
     registry = registry or Registry()
+    for run in registry.list():
+        if not run.dir.is_dir() and not (run.status in ("starting", "running") and worker_alive(run)):
+            registry.forget(run.id)
     lost = []
     for status in ("starting", "running"):
         for run in registry.list(status=status):
@@ -214,7 +220,7 @@ def request_stop(run_id: str, registry: Registry | None = None) -> str:
     registry = registry or Registry()
     run = registry.get(run_id)
     if run is None:
-        raise ValueError(f"There is no run {run_id}.")
+        raise ValueError(f"There is no run {run_id!r}.")
     if run.status == "queued":
         registry.set_status(run_id, "stopped", expect=("queued",))
         return "stopped"
@@ -229,7 +235,7 @@ def cancel(run_id: str, registry: Registry | None = None) -> str:
     registry = registry or Registry()
     run = registry.get(run_id)
     if run is None:
-        raise ValueError(f"There is no run {run_id}.")
+        raise ValueError(f"There is no run {run_id!r}.")
     # Marked cancelled before the process is ended: a server that meanwhile sees the process gone
     # (reconcile) would otherwise call the run interrupted, "ended unexpectedly", and keep it so.
     if not registry.set_status(run_id, "cancelled", expect=ACTIVE):

@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import sqlite3
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -97,8 +98,38 @@ class Registry:
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "runs").mkdir(exist_ok=True)
         self.db_path = self.home / "studio.db"
+        self._sql(SCHEMA, script=True)
+
+    def _sql(self, query: str, args: list | tuple = (), *, script: bool = False) -> Any:
+        """One statement on a connection of its own: the rows it returns, or for a change the number of rows
+        changed. A damaged studio.db (overwritten, a disk fault) is set aside and the index rebuilt from the run
+        folders, which hold the truth, and the statement runs again: the documented way out used to fail on
+        the damaged file itself, and every page, command and worker with it."""
+        for attempt in (1, 2):
+            try:
+                with self._db() as db:
+                    if script:
+                        return db.executescript(query)
+                    cursor = db.execute(query, args)
+                    return cursor.fetchall() if cursor.description else cursor.rowcount
+            except sqlite3.DatabaseError as err:
+                if attempt == 2 or isinstance(err, sqlite3.OperationalError):  # (locked, busy: not damage)
+                    raise
+                self._replace_damaged(err)
+
+    def _replace_damaged(self, err: sqlite3.DatabaseError) -> int:
+        kept = self.db_path.with_name(f"studio.db.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.replace(f"{self.db_path}{suffix}", f"{kept}{suffix}")
+            except FileNotFoundError:
+                pass  # another process set it aside first
         with self._db() as db:
             db.executescript(SCHEMA)
+        found = self._index_folders()
+        print(f"studio.db could not be read ({err}): it was set aside as {kept.name}, and the index of runs was "
+              f"rebuilt from the {found} run folders.", file=sys.stderr)
+        return found
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -130,12 +161,11 @@ class Registry:
             config.check()
         config.save(run_dir / "config.yaml")
         now = time.time()
-        with self._db() as db:
-            db.execute("INSERT INTO runs (id, name, modality, base_model, status, created, queued_at, config_hash)"
-                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (run_id, config.name, config.modality, config.base_model, status, now,
-                        now if status == "queued" else None, config_hash(config)))
-        append_event(run_dir, "status", status=status)
+        append_event(run_dir, "status", status=status)  # first: a rebuild made meanwhile finds the run queued
+        self._sql("INSERT OR REPLACE INTO runs (id, name, modality, base_model, status, created, queued_at, "
+                  "config_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                  (run_id, config.name, config.modality, config.base_model, status, now,
+                   now if status == "queued" else None, config_hash(config)))
         return self.get(run_id)
 
     # ---- reading -----------------------------------------------------------------------------
@@ -143,9 +173,8 @@ class Registry:
     def get(self, run_id: str) -> Run | None:
         if not valid_run_id(run_id):
             return None
-        with self._db() as db:
-            row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return Run(**dict(row)) if row else None
+        rows = self._sql("SELECT * FROM runs WHERE id = ?", (run_id,))
+        return Run(**dict(rows[0])) if rows else None
 
     def list(self, modality: str | None = None, status: str | None = None) -> list[Run]:
         query, args = "SELECT * FROM runs WHERE 1=1", []
@@ -153,15 +182,17 @@ class Registry:
             query, args = query + " AND modality = ?", args + [modality]
         if status:
             query, args = query + " AND status = ?", args + [status]
-        with self._db() as db:
-            rows = db.execute(query + " ORDER BY created DESC", args).fetchall()
-        return [Run(**dict(r)) for r in rows]
+        return [Run(**dict(r)) for r in self._sql(query + " ORDER BY created DESC", args)]
 
     def queue(self) -> list[Run]:
         """Queued runs in the order they will start."""
-        with self._db() as db:
-            rows = db.execute("SELECT * FROM runs WHERE status = 'queued' ORDER BY queued_at, created").fetchall()
+        rows = self._sql("SELECT * FROM runs WHERE status = 'queued' ORDER BY queued_at, created")
         return [Run(**dict(r)) for r in rows]
+
+    def queue_position(self, run_id: str) -> int:
+        """1 for the next run to start; 0 for a run not queued."""
+        ids = [r.id for r in self.queue()]
+        return ids.index(run_id) + 1 if run_id in ids else 0
 
     # ---- changing ----------------------------------------------------------------------------
 
@@ -178,11 +209,11 @@ class Registry:
         if expect:
             query += f" AND status IN ({', '.join('?' * len(expect))})"
             args += list(expect)
-        with self._db() as db:
-            changed = db.execute(query, args).rowcount == 1
-        if changed:
-            extra = {k: v for k, v in values.items() if k in ("error", "advice", "pid") and v not in (None, "")}
-            append_event(runs_root() / run_id, "status", status=status, **extra)
+        changed = self._sql(query, args) == 1
+        if changed:  # (resume: a rebuild of the index keeps a queued resume a resume)
+            extra = {k: v for k, v in values.items()
+                     if k in ("error", "advice", "pid", "resume") and v not in (None, "", 0)}
+            append_event(self.home / "runs" / run_id, "status", status=status, **extra)
         return changed
 
     def rename(self, run_id: str, name: str) -> None:
@@ -190,8 +221,7 @@ class Registry:
         config = run.config().changed(name=name)
         config.check()
         _save_config(run.dir, config)
-        with self._db() as db:
-            db.execute("UPDATE runs SET name = ? WHERE id = ?", (config.name, run_id))
+        self._sql("UPDATE runs SET name = ? WHERE id = ?", (config.name, run_id))
 
     def delete(self, run_id: str) -> None:
         run = self.get(run_id)
@@ -200,22 +230,32 @@ class Registry:
         if run.status in ("starting", "running"):
             raise ValueError(f"Run {run_id} is {run.status}: stop or cancel it before deleting it.")
         shutil.rmtree(run.dir, ignore_errors=True)
-        with self._db() as db:
-            db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+        self.forget(run_id)
+
+    def forget(self, run_id: str) -> None:
+        """Drop a run from the index (its folder is gone)."""
+        self._sql("DELETE FROM runs WHERE id = ?", (run_id,))
 
     def rebuild(self) -> int:
-        """Re-create the index from the run folders (after losing or corrupting studio.db)."""
-        found = 0
+        """Re-create the index from the run folders (after losing or corrupting studio.db). Returns the number
+        of runs found."""
+        try:
+            return self._index_folders()
+        except sqlite3.DatabaseError as err:
+            if isinstance(err, sqlite3.OperationalError):
+                raise
+            return self._replace_damaged(err)
+
+    def _index_folders(self) -> int:
+        rows = [row for row in map(_row_from_folder, sorted((self.home / "runs").iterdir())) if row]
         with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")  # one change: no reader sees the index empty halfway
             db.execute("DELETE FROM runs")
-            for run_dir in sorted((self.home / "runs").iterdir()):
-                row = _row_from_folder(run_dir)
-                if row is None:
-                    continue
+            for row in rows:
                 db.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                            list(row.values()))
-                found += 1
-        return found
+            db.execute("COMMIT")
+        return len(rows)
 
 
 def config_hash(config: RunConfig) -> str:
@@ -278,7 +318,7 @@ def _row_from_folder(run_dir: Path) -> dict[str, Any] | None:
         config = config_from_dict(yaml.safe_load(config_file.read_text()))
     except Exception:
         return None
-    status, pid, error, advice = "interrupted", None, "", ""
+    status, pid, error, advice, resume = "interrupted", None, "", "", 0
     created = started = ended = queued_at = None
     events_file = run_dir / "events.jsonl"
     if events_file.exists():
@@ -295,12 +335,13 @@ def _row_from_folder(run_dir: Path) -> dict[str, Any] | None:
                 if status == "running":
                     started = event.get("time")
                 if status == "queued":
-                    queued_at = event.get("time")
+                    queued_at, resume = event.get("time"), event.get("resume", 0)
                 if status in FINAL:
                     ended = event.get("time")
     if config.modality not in MODALITIES:
         return None
+    resume = resume if status == "queued" else 0  # (a worker that starts the run resets it)
     return {"id": run_dir.name, "name": config.name, "modality": config.modality, "base_model": config.base_model,
-            "status": status, "pid": pid, "resume": 0, "queued_at": queued_at,
+            "status": status, "pid": pid, "resume": resume, "queued_at": queued_at,
             "created": created or config_file.stat().st_mtime, "started": started, "ended": ended,
             "config_hash": config_hash(config), "error": error, "advice": advice}

@@ -26,7 +26,7 @@ from pipelines.config import ConfigError, RunConfig
 from pipelines.threads import usable_cores
 from pipelines.training import STOP_FILE, Events, TrainingFailure, pick_device, stop_requested
 from studio import jobs, tracking
-from studio.runs import Registry
+from studio.runs import Registry, append_event
 
 
 def explain(error: BaseException) -> tuple[str, str]:
@@ -113,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         (run_dir / STOP_FILE).unlink(missing_ok=True)
         # Not over a Cancel that came too late to end this process ("interrupted": a server that could not see
         # this process, and took it for gone, is corrected).
-        registry.set_status(run_id, status, expect=("running", "interrupted"), error=error, advice=advice)
+        try:
+            registry.set_status(run_id, status, expect=("running", "interrupted"), error=error, advice=advice)
+        except Exception as err:  # the index unwritable: the run folder still says how the run ended, for a rebuild
+            append_event(run_dir, "status", status=status, **({"error": error, "advice": advice} if error else {}))
+            log(f"The index of runs (studio.db) could not be updated: {err}")
         log(f"Run {run_id} {status}.")
         try:
             tracking.sync(run_dir)  # TensorBoard / MLflow copies of the run, when switched on

@@ -257,3 +257,78 @@ def test_generate_checks_where_it_writes_before_drawing(home, tmp_path):
     refused = studio("generate", run.id, "--prompt", "a zqx drawing", "--out", str(out))
     assert refused.returncode == 2 and refused.stderr == (
         f"error: --out {out}: give a .png, .jpg or .webp file in a folder that exists\n")
+
+
+def test_a_damaged_index_is_set_aside_and_rebuilt_from_the_run_folders(home, tmp_path):
+    """studio.db overwritten (a disk fault, a stray write): `studio runs --rebuild`, the documented way out,
+    failed on the damaged file itself ('file is not a database'), as did every page and command; a run that
+    ended meanwhile was rebuilt as interrupted, and a queued resume as a fresh start."""
+    registry = Registry(home)
+    done = run_id_of(studio("train", str(config_file(tmp_path, max_steps=3, sample_every=0))).stdout)
+    ahead = run_id_of(studio("train", str(config_file(tmp_path, max_steps=100000, sample_every=0,
+                                                      checkpoint_every=1000)), "--detach").stdout)
+    wait_for(lambda: steps(home, ahead), what="the first step")
+    behind = registry.create(load_config(config_file(tmp_path, max_steps=3, sample_every=0)), status="stopped")
+    assert jobs.resume(behind.id, registry).status == "queued"  # behind the run training: a resume, queued
+
+    def damage():
+        (home / "studio.db").write_bytes(b"not a database " * 1000)
+
+    damage()
+    listed = studio("runs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert "studio.db could not be read (file is not a database): it was set aside as studio.db.damaged-" \
+           in listed.stderr and "rebuilt from the 3 run folders" in listed.stderr
+    assert {r["id"]: r["status"] for r in json.loads(listed.stdout)} == {
+        done: "completed", ahead: "running", behind.id: "queued"}
+    assert Registry(home).get(behind.id).resume == 1
+    assert list(home.glob("studio.db.damaged-*"))  # kept, for whoever wants to look into it
+
+    damage()  # again, and the run ahead ends now: its worker finds the index damaged as it records the end
+    (home / "runs" / ahead / STOP_FILE).touch()
+    wait_for(lambda: Registry(home).get(ahead).status == "stopped", what="the run ahead to stop")
+    wait_for(lambda: Registry(home).get(behind.id).status == "completed", what="the queued run to train")
+    assert studio("runs", "--rebuild").returncode == 0
+    statuses = {r.id: r.status for r in Registry(home).list()}
+    assert statuses == {done: "completed", ahead: "stopped", behind.id: "completed"}
+
+
+def test_a_run_folder_deleted_by_hand_leaves_the_index(home, tmp_path):
+    """Kept, a queued run whose folder was deleted was called interrupted and offered a resume that could not
+    work, and the next dispatch failed on its missing log.txt (in another run's worker)."""
+    import shutil
+    registry = Registry(home)
+    queued = registry.create(load_config(config_file(tmp_path, max_steps=3, sample_every=0)))
+    finished = registry.create(load_config(config_file(tmp_path, max_steps=3, sample_every=0)), status="completed")
+    for run in (queued, finished):
+        shutil.rmtree(run.dir)
+    assert jobs.dispatch(registry) == []
+    assert registry.list() == []
+
+
+def test_with_no_server_a_waiting_studio_train_starts_when_the_run_ahead_dies(home, tmp_path):
+    """Only the dead run was marked: the run queued behind it waited for ever ('Queued: waiting for 1 running
+    run(s)'), until something else started the queue."""
+    registry = Registry(home)
+    ahead = run_id_of(studio("train", str(config_file(tmp_path, max_steps=100000, sample_every=0)),
+                             "--detach").stdout)
+    wait_for(lambda: steps(home, ahead), what="the first step")
+    waiting = subprocess.Popen([sys.executable, "-m", "studio.cli", "train",
+                                str(config_file(tmp_path, max_steps=3, sample_every=0))],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    wait_for(lambda: registry.queue(), what="the second run to queue")
+    os.kill(registry.get(ahead).pid, signal.SIGKILL)
+    output, _ = waiting.communicate(timeout=180)
+    assert waiting.returncode == 0, output
+    assert "Queued (position 1): waiting for 1 running run(s)." in output and "Completed." in output
+    assert registry.get(ahead).status == "interrupted"
+
+
+def test_a_page_opened_shows_the_run_training_before_a_queued_one(home, tmp_path):
+    from studio.tabs import widgets
+    registry = Registry(home)
+    training = registry.create(load_config(config_file(tmp_path)), status="running")
+    queued = registry.create(load_config(config_file(tmp_path)))
+    assert widgets.latest_run_id("llm", registry) == training.id
+    registry.set_status(training.id, "completed")
+    assert widgets.latest_run_id("llm", registry) == queued.id

@@ -21,6 +21,7 @@ import pandas as pd
 
 from pipelines.config import ConfigError, RunConfig
 from pipelines.distributed import read_ranks
+from pipelines.events import checkpoint_dirs
 from studio import jobs
 from studio.progress import Progress, format_seconds
 from studio.runs import ACTIVE, FINAL, RESUMABLE, Registry
@@ -378,20 +379,15 @@ def live_version(run, progress: Progress, registry: Registry) -> str:
     """Changes whenever the status line, the curve or the log would: the run's status, its events, its place
     in the queue, the log's length."""
     log = run.dir / "log.txt"
-    return (f"{run.status}:{progress.offset}:{queue_position(run, registry) if run.status == 'queued' else ''}:"
+    return (f"{run.status}:{progress.offset}:{registry.queue_position(run.id) if run.status == 'queued' else ''}:"
             f"{log.stat().st_size if log.exists() else 0}")
-
-
-def queue_position(run, registry: Registry) -> int:
-    ids = [r.id for r in registry.queue()]
-    return ids.index(run.id) + 1 if run.id in ids else 0
 
 
 def status_markdown(run, progress: Progress, registry: Registry) -> str:
     status = run.status
     head = f"**{run.name}** · `{run.id}` · **{status}**"
     if status == "queued":
-        return (f"{head} — waiting in the queue (position {queue_position(run, registry)}); it starts by itself "
+        return (f"{head} — waiting in the queue (position {registry.queue_position(run.id)}); it starts by itself "
                 "when a slot is free.")
     parts = []
     if progress.total_steps:
@@ -419,8 +415,10 @@ def status_markdown(run, progress: Progress, registry: Registry) -> str:
         text += f"\n\n**Why it failed:** {run.error or progress.error}\n\n**What to change:** {run.advice or progress.advice}"
     elif status == "interrupted":
         text += f"\n\n{run.error} {run.advice}"
-    elif status == "stopped":
+    elif status == "stopped" and checkpoint_dirs(run.dir):
         text += "\n\nStopped with a checkpoint: press **Resume** to continue."
+    elif status == "stopped":  # taken off the queue, or stopped before its first checkpoint
+        text += "\n\nStopped before any checkpoint: **Resume** starts it from the beginning."
     elif status in ("starting",) or (status == "running" and not progress.losses):
         text += "\n\nLoading the model and data…"
     return text
@@ -505,10 +503,11 @@ def wire_controls(panel: LivePanel, run_state: gr.State) -> None:
 
 
 def latest_run_id(modality: str, registry: Registry | None = None) -> str | None:
-    """The run a freshly opened page shows: the newest active run of this tab, else the newest run."""
+    """The run a freshly opened page shows: the newest training run of this tab, else its newest queued run,
+    else its newest run (a queued run newer than the one training took its place once)."""
     runs = (registry or Registry()).list(modality=modality)
-    active = [r for r in runs if r.status not in FINAL]
-    chosen = active or runs
+    training = [r for r in runs if r.status in ("starting", "running")]
+    chosen = training or [r for r in runs if r.status not in FINAL] or runs
     return chosen[0].id if chosen else None
 
 
@@ -592,9 +591,7 @@ def checkpoint_choices(run_id: str | None) -> list[str]:
     run = registry.get(run_id) if run_id else None
     if run is None:
         return ["final"]
-    found = sorted((p.name for p in (run.dir / "checkpoints").glob("step-*") if (p / "state.json").exists()),
-                   key=lambda n: int(n.split("-")[1]))
-    return ["final"] + found[::-1]
+    return ["final"] + [p.name for p in reversed(checkpoint_dirs(run.dir))]
 
 
 def export_zip(run_id: str | None, kind: str, checkpoint: str | None) -> str:
