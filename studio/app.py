@@ -46,7 +46,8 @@ def build_app() -> gr.Blocks:
                 with gr.Tab(MODALITIES[modality], id=modality) as items[modality]:
                     tabs[modality] = module.build()
             with gr.Tab("Runs", id="runs") as runs_item:
-                runs_parts = runs_tab.build(tab_set, {m: parts["load_outputs"] for m, parts in tabs.items()})
+                runs_parts = runs_tab.build(tab_set, {m: parts["load_outputs"] for m, parts in tabs.items()},
+                                            {m: parts["run_state"] for m, parts in tabs.items()})
         runs_tab.poll_while_shown(runs_parts, runs_item, list(items.values()))
         _api()
         for modality, parts in tabs.items():

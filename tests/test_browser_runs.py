@@ -1,10 +1,12 @@
 """The Runs tab in a real browser against a real server, over runs made by the real CLI."""
 
+import json
 import os
 import re
 import subprocess
 import sys
 import time
+import zipfile
 
 import yaml
 from playwright.sync_api import expect
@@ -99,6 +101,22 @@ def test_list_select_compare_clone_and_delete(server, page, tmp_path):
     expect(page.get_by_label("Run name")).to_have_value("run-b-clone")
     expect(page.get_by_role("spinbutton", name="LoRA rank").first).to_have_value("4")
     expect(page.locator("#llm-train")).to_be_enabled()  # the run's own copy of the data passed the check
+
+    # open the older run in its tab, to export (and try) it there: the tabs only ever showed their newest run
+    page.get_by_role("tab", name="Runs").click()
+    row_cell(page, "run-a").click()
+    expect(page.locator("#runs-selected")).to_contain_text("run-a")
+    page.locator("#runs-open").click()
+    expect(page.locator("#llm-run-status")).to_contain_text("run-a")
+    page.get_by_role("button", name="Adapter (zip)").click()
+    link = page.locator("#llm-download a").first
+    expect(link).to_be_visible(timeout=120_000)
+    with page.expect_download() as download:
+        link.click()
+    download.value.save_as(tmp_path / "adapter.zip")
+    with zipfile.ZipFile(tmp_path / "adapter.zip") as archive:
+        settings = next(n for n in archive.namelist() if n.endswith("adapter_config.json"))
+        assert json.loads(archive.read(settings))["r"] == 8  # run-a's rank (run-b, the newest, has 4)
 
     # delete, with confirmation
     page.get_by_role("tab", name="Runs").click()

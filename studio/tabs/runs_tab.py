@@ -296,10 +296,12 @@ def _panel_values(run_id: str | None) -> list[Any]:
     return values
 
 
-def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None) -> dict[str, Any]:
+def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None,
+          run_states: dict[str, gr.State] | None = None) -> dict[str, Any]:
     """`tabs` and `targets` (per modality, the components its Load config fills, in TabForm.load's order)
-    let Clone switch to the run's tab with its settings filled in."""
-    targets = targets or {}
+    let Clone switch to the run's tab with its settings filled in; `run_states` (per modality, the run its
+    tab shows) let Open show the run there, to try and export it."""
+    targets, run_states = targets or {}, run_states or {}
     selected = gr.State(None)
     shown = gr.State("")  # the table last sent, so the timer sends it again only when it changed
 
@@ -327,6 +329,7 @@ def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None) -
     with gr.Row():
         new_name = gr.Textbox(label="Name", scale=2, elem_id="runs-name")
         rename = gr.Button("Rename", scale=0, elem_id="runs-rename")
+        open_run = gr.Button("Open in its tab", scale=0, elem_id="runs-open", visible=bool(run_states))
         clone = gr.Button("Clone", scale=0, elem_id="runs-clone")
         export_tb = gr.Button("Export to TensorBoard", scale=0, elem_id="runs-export-tensorboard")
         delete = gr.Button("Delete", variant="stop", scale=0, elem_id="runs-delete")
@@ -472,6 +475,8 @@ def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None) -
         root.load(refresh_table, [modality, status, shown], table_outputs, **private).then(
             lambda: gr.update(choices=run_choices()), None, compare_runs, **private)
     _wire_clone(clone, selected, message, clone_file, tabs, targets, [table_timer, panel.timer])
+    if run_states and tabs is not None:
+        _wire_open(open_run, selected, message, tabs, run_states, [table_timer, panel.timer])
     return {"run_state": selected, "table": (refresh_table, [modality, status, shown], table_outputs),
             "panel": (_panel_values, selected, panel.outputs()), "timers": [table_timer, panel.timer]}
 
@@ -515,3 +520,19 @@ def _wire_clone(clone: gr.Button, selected: gr.State, message: gr.Markdown, clon
                 clone_file: gr.update(value=str(run.dir / "config.yaml"), visible=True)}
 
     clone.click(do_clone, selected, outputs, api_visibility="private")
+
+
+def _wire_open(open_run: gr.Button, selected: gr.State, message: gr.Markdown, tabs: gr.Tabs,
+               run_states: dict[str, gr.State], timers: list[gr.Timer]) -> None:
+    """Open shows the selected run in its tab, as if it were the tab's newest: its live panel, and Try it and
+    Export on it (they act on the tab's run, which was only ever its newest or the one just trained)."""
+    def do_open(run_id):
+        run = Registry().get(run_id) if run_id else None
+        if run is None:
+            gr.Warning(NOTHING_SELECTED)
+            return {message: NOTHING_SELECTED}
+        return {run_states[run.modality]: run.id, tabs: gr.Tabs(selected=run.modality),
+                message: f"Opened **{run.name}** in the {MODALITIES[run.modality]} tab.",
+                **{timer: gr.Timer(active=False) for timer in timers}}  # as showing another tab does
+
+    open_run.click(do_open, selected, [message, tabs, *timers, *run_states.values()], api_visibility="private")
