@@ -15,7 +15,7 @@ from pipelines import config_class, config_from_dict
 from pipelines.config import ConfigError
 from studio import jobs
 from studio.progress import read_progress
-from studio.runs import Registry
+from studio.runs import ACTIVE, Registry
 
 
 def start_run(config_yaml: str, data_files: list[gr.FileData] | None = None) -> str:
@@ -75,7 +75,10 @@ def generate(run_id: str, prompt: str, base: bool = False) -> str:
 
 
 def stop_run(run_id: str) -> str:
-    try:
-        return jobs.request_stop(run_id)
-    except ValueError as err:
-        raise gr.Error(str(err)) from None
+    """'stopping' (a checkpoint at the next step), or 'stopped' for a queued run taken off the queue."""
+    run = Registry().get(run_id)
+    if run is None:
+        raise gr.Error(f"There is no run {run_id!r}.")
+    if run.status not in ACTIVE:  # as `studio stop` says: not answered as if the stop had been done
+        raise gr.Error(f"Run {run_id} has already ended ({run.status}); there is nothing to stop.")
+    return jobs.request_stop(run_id)

@@ -59,6 +59,9 @@ def test_upload_start_poll_and_generate(server):
     assert status["losses"][-1][1] < status["losses"][0][1]
     answer = client.predict(run_id, "What is the capital of Zorbia?", False, api_name="/generate")
     assert answer == "The capital of Zorbia is Quillton."
+    assert status["queue_position"] == 0
+    with pytest.raises(Exception, match=r"has already ended \(completed\); there is nothing to stop"):
+        client.predict(run_id, api_name="/stop_run")  # answered 'completed', as if it had stopped it
 
 
 def test_api_errors_are_messages(server):

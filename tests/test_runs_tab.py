@@ -350,3 +350,31 @@ def test_load_config_keeps_the_uploaded_data_it_names(tmp_path):
     assert values[-1] == ("Settings loaded from the config file. The data it names (gone.csv) is not found next "
                           "to it: upload the data above.")
     assert dict(zip(llm.FORM, values[4:-1]))["lora_rank"] == 4
+
+
+def test_a_run_asked_to_stop_says_so_until_it_ends(tmp_path, monkeypatch):
+    """After Stop, the status line said 'running' until the checkpoint was saved, and users pressed it again."""
+    from pipelines import load_config
+    from pipelines.events import STOP_FILE
+    from studio.progress import read_progress
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "ws"))
+    registry = Registry()
+    config = load_config(ROOT / "assets" / "llm" / "config.yaml")
+    run = registry.create(config.changed(train_files=[str(ROOT / "assets" / "llm" / "sample.csv")]),
+                          status="running")
+    before = widgets.live_version(run, read_progress(run.dir), registry)
+    assert "**running**" in widgets.status_markdown(run, read_progress(run.dir), registry)
+    (run.dir / STOP_FILE).touch()
+    shown = widgets.status_markdown(run, read_progress(run.dir), registry)
+    assert "**stopping**" in shown and "saves a checkpoint at the end of this step, then ends" in shown
+    assert widgets.live_version(run, read_progress(run.dir), registry) != before  # the page polls it at once
+    registry.set_status(run.id, "stopped")
+    stopped = widgets.status_markdown(registry.get(run.id), read_progress(run.dir), registry)
+    assert "**stopped**" in stopped and "Stopped before any checkpoint: **Resume** starts it from the beginning" \
+        in stopped
+
+
+def test_settings_compared_read_as_typed():
+    """'epochs 1000.0', 'lora_alpha 32.0': the float settings showed their type, not the value typed."""
+    assert [runs_tab._shown(v) for v in (1000.0, 32.0, 0.0002, 1e-05, 3, None, [1.0, 0.5])] == [
+        "1000", "32", "0.0002", "1e-05", "3", "", "1, 0.5"]

@@ -204,7 +204,9 @@ def compare_frame(run_ids: list[str] | None, metric: str = TRAIN_SMOOTHED,
 
 def _shown(value: Any) -> str:
     if isinstance(value, list):
-        return ", ".join(map(str, value))
+        return ", ".join(map(_shown, value))
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))  # epochs 1000, lora_alpha 32: as typed, not 1000.0
     return "" if value is None else str(value)
 
 

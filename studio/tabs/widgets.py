@@ -21,7 +21,7 @@ import pandas as pd
 
 from pipelines.config import ConfigError, RunConfig
 from pipelines.distributed import read_ranks
-from pipelines.events import checkpoint_dirs
+from pipelines.events import STOP_FILE, checkpoint_dirs
 from studio import jobs
 from studio.progress import Progress, format_seconds
 from studio.runs import ACTIVE, FINAL, RESUMABLE, Registry
@@ -380,12 +380,17 @@ def live_version(run, progress: Progress, registry: Registry) -> str:
     in the queue, the log's length."""
     log = run.dir / "log.txt"
     return (f"{run.status}:{progress.offset}:{registry.queue_position(run.id) if run.status == 'queued' else ''}:"
-            f"{log.stat().st_size if log.exists() else 0}")
+            f"{log.stat().st_size if log.exists() else 0}:{int(stopping(run))}")
+
+
+def stopping(run) -> bool:
+    """Stop was pressed and the run has not ended yet: it finishes its step and saves a checkpoint first."""
+    return run.status in ("starting", "running") and (run.dir / STOP_FILE).exists()
 
 
 def status_markdown(run, progress: Progress, registry: Registry) -> str:
     status = run.status
-    head = f"**{run.name}** · `{run.id}` · **{status}**"
+    head = f"**{run.name}** · `{run.id}` · **{'stopping' if stopping(run) else status}**"
     if status == "queued":
         return (f"{head} — waiting in the queue (position {registry.queue_position(run.id)}); it starts by itself "
                 "when a slot is free.")
@@ -419,6 +424,8 @@ def status_markdown(run, progress: Progress, registry: Registry) -> str:
         text += "\n\nStopped with a checkpoint: press **Resume** to continue."
     elif status == "stopped":  # taken off the queue, or stopped before its first checkpoint
         text += "\n\nStopped before any checkpoint: **Resume** starts it from the beginning."
+    elif stopping(run):  # said at once: the line kept saying "running" until the checkpoint was saved
+        text += "\n\nStopping: the run saves a checkpoint at the end of this step, then ends."
     elif status in ("starting",) or (status == "running" and not progress.losses):
         text += "\n\nLoading the model and data…"
     return text
