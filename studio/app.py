@@ -49,6 +49,9 @@ def build_app() -> gr.Blocks:
                 runs_parts = runs_tab.build(tab_set, {m: parts["load_outputs"] for m, parts in tabs.items()},
                                             {m: parts["run_state"] for m, parts in tabs.items()})
         runs_tab.poll_while_shown(runs_parts, runs_item, list(items.values()))
+        for modality, item in items.items():  # (a finished run's panel is not polled: checked when shown)
+            item.select(widgets.still_there(modality), tabs[modality]["run_state"], tabs[modality]["run_state"],
+                        api_visibility="private")
         _api()
         for modality, parts in tabs.items():
             # A page opened or reloaded shows the newest run of each tab, with its whole curve so far,

@@ -130,6 +130,9 @@ def test_list_select_compare_clone_and_delete(server, page, tmp_path):
     expect(table).not_to_contain_text("run-a")
     expect(table).to_contain_text("run-b")
     assert not (server.home / "runs" / ids[0]).exists() and registry.get(ids[0]) is None
+    # the Language tab showed run-a (opened there above): it shows the tab's newest run now, not "No run yet"
+    page.get_by_role("tab", name="Language model").click()
+    expect(page.locator("#llm-run-status")).to_contain_text("run-b")
 
 
 def shown_row(page, run_id: str) -> str:

@@ -509,6 +509,15 @@ def wire_controls(panel: LivePanel, run_state: gr.State) -> None:
     panel.resume.click(act(jobs.resume), run_state, panel.outputs(), api_visibility="private")
 
 
+def still_there(modality: str):
+    """A handler for a tab's run_state: the tab's newest run in place of a run deleted since it was shown (in
+    the Runs tab, perhaps of another page), where the tab said "No run yet" beside a run training, and Try it
+    "Train a run first"."""
+    def newest_if_gone(run_id):
+        return latest_run_id(modality) if run_id and Registry().get(run_id) is None else gr.update()
+    return newest_if_gone
+
+
 def latest_run_id(modality: str, registry: Registry | None = None) -> str | None:
     """The run a freshly opened page shows: the newest training run of this tab, else its newest queued run,
     else its newest run (a queued run newer than the one training took its place once)."""
@@ -583,6 +592,7 @@ def wire_run_section(section: RunSection, form: TabForm, run_state: gr.State, in
     section.save.click(form.save, inputs, [section.config_file, section.message], **private)
     section.load.upload(form.load, [section.load, *inputs[:len(form.upload_fields)]], load_outputs, **private)
     wire_controls(section.panel, run_state)
+    section.panel.refresh.click(still_there(form.modality), run_state, run_state, **private)
     run_state.change(lambda r: gr.update(choices=checkpoint_choices(r), value="final"), run_state, checkpoint,
                      **private)
     checkpoint.focus(lambda r: gr.update(choices=checkpoint_choices(r)), run_state, checkpoint, **private)
