@@ -54,6 +54,11 @@ class DataReport:
                 rows: int = 1) -> None:
         self.problems.append(Problem(self.shown(file), reason, row, kept, rows))
 
+    def base_model_unusable(self, reason: str) -> None:
+        """Why the base model cannot be loaded (nothing when `reason` is empty): no run could start."""
+        if reason:
+            self.blocker = f"the base model cannot be used: {reason}"
+
     def shown(self, file: str | Path) -> str:
         """A file as the user knows it: its path inside the folder or zip they uploaded (two speakers' 001.wav
         are told apart), else its name (an upload's temporary folder means nothing to them)."""

@@ -86,6 +86,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return host_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
 
 
+# One preset built at a time in a process: the builds seed torch's global generator, and a build's temporary
+# name is the process's (two data checks of the tabs, in two threads, once built tiny-whisper at once).
+building_presets = threading.Lock()
+
+
 def publish_folder(target: Path, build: Callable[[Path], None]) -> Path:
     """Build a folder (a materialised preset) under a temporary name and rename it into place, so a
     half-written folder never looks complete and two processes building it at once both end up fine.
@@ -104,6 +109,13 @@ def publish_folder(target: Path, build: Callable[[Path], None]) -> Path:
     except OSError:  # another process built it first: theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def error_text(err: BaseException, limit: int = 240) -> str:
+    """A library's error as one sentence for a message: its lines joined (their first line alone stopped
+    mid-sentence: "...from one of: Check that..."), at most `limit` characters, without the closing stop."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return (text[:limit].rsplit(" ", 1)[0] + " …" if len(text) > limit else text).rstrip(".:")
 
 
 def load_from_hub(loader: Callable[..., T], repo_id: str, **kwargs) -> T:
@@ -126,5 +138,5 @@ def load_from_hub(loader: Callable[..., T], repo_id: str, **kwargs) -> T:
                                    "and the model is not in the local cache.",
                                    "Pick a built-in tiny preset, or download the model on a connected machine "
                                    "and choose its folder.") from None
-        raise ModelUnavailable(f"'{repo_id}' could not be loaded from the hub: {text.splitlines()[0] if text else name}.",
+        raise ModelUnavailable(f"'{repo_id}' could not be loaded from the hub: {error_text(err)}.",
                                "Check the id, your network and your disk space.") from None

@@ -29,8 +29,9 @@ CSS = """
 .hardware { opacity: 0.8; font-size: 0.9em; }
 .live-refresh { display: none !important; }
 .live-curve-empty { opacity: 0.7; }
+/* a disabled Cancel: grey, not a faded red, as there is nothing to cancel */
 button.stop:disabled { background: var(--button-secondary-background-fill); color: var(--body-text-color-subdued);
-                       border-color: var(--button-secondary-border-color); }  /* not a faded red: there is nothing to cancel */
+                       border-color: var(--button-secondary-border-color); }
 """
 MAX_UPLOAD_MB = int_setting("STUDIO_MAX_UPLOAD_MB", 2048)
 

@@ -47,7 +47,9 @@ def _adapter_switch(model, use_adapter: bool):
 
 def generate_text(config: RunConfig, run_dir: str | Path | None, prompt: str, *, checkpoint: str | None = None,
                   use_adapter: bool = True, **options) -> str:
-    """The run's answer (run_dir given and use_adapter), or the base model's."""
+    """The run's answer (run_dir given and use_adapter), or the base model's; after the run's system prompt
+    unless `system` is given (both sides get the same prompt)."""
+    options.setdefault("system", config.system_prompt)
     llm = pipeline_module("llm")
     key = _key(llm, config, run_dir, checkpoint)
     with _lock:

@@ -281,3 +281,35 @@ def test_the_tab_names_files_inside_the_zip_and_says_what_it_did(tmp_path):
     assert rows[("dogs/001.png", "")].startswith("is truncated")  # not "001.png", as the good cat is
     assert rows[("prnt.txt", "")] == "matches no image (a caption goes with the image of the same name): not used"
     assert "2 of 3 rows usable" in summary and "Used as follows:\n- print.jpg: is a CMYK" in summary
+
+
+def test_a_base_model_that_cannot_be_loaded_stops_train_before_a_run(tmp_path, monkeypatch):
+    """The Language tab refused such a model; the Image tab made a run that failed on loading it."""
+    import shutil
+    from pipelines import load_config
+    from pipelines.image.model import materialise_preset
+    monkeypatch.setenv("STUDIO_MODEL_DIRS", str(tmp_path))
+    config = load_config(Path(__file__).resolve().parent.parent / "assets" / "image" / "config.yaml")
+    half = tmp_path / "half-sd"
+    shutil.copytree(materialise_preset("tiny-sd"), half, ignore=shutil.ignore_patterns("unet"))
+    report = inspect_data(config.changed(base_model=str(half)))
+    assert not report.ok and report.rows_usable == 8
+    assert report.blocker == (f"the base model cannot be used: The pipeline folder {half} has no unet/: check that "
+                              "it was copied whole (unet, vae, text_encoder, tokenizer, scheduler).")
+    offline = inspect_data(config.changed(base_model="someone/sd-finetune"))  # no network here, nothing cached
+    assert "cannot be downloaded: this machine cannot reach the Hugging Face hub" in offline.blocker
+
+
+def test_try_it_refuses_a_size_the_model_cannot_draw(tmp_path, monkeypatch):
+    """A picture tried at 1000 px on the 32 px preset held the server for over 20 minutes, every other Try it
+    queued behind it."""
+    import gradio as gr
+    from pipelines import load_config
+    from studio.runs import Registry
+    from studio.tabs import image as tab
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "ws"))
+    config = load_config(Path(__file__).resolve().parent.parent / "assets" / "image" / "config.yaml")
+    run = Registry().create(config, status="completed")
+    with pytest.raises(gr.Error, match=r"Size: 1000 px is over 4 times this model's native 32 px: each image would "
+                                       r"take very long for images it cannot draw; choose at most 128 \(0 = 32\)"):
+        tab.try_prompt(run.id, "final", "a red circle", "", 1, 25, 7.5, 1000, 1.0)

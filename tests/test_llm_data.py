@@ -273,3 +273,98 @@ def test_custom_target_modules_the_model_lacks_stop_train_before_a_run(assets):
                               "layers are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
     with pytest.raises(jobs.UnusableData, match="query, mlp are not layers"):
         jobs.submit(base.changed(custom_target_modules=["q_proj", "query", "mlp"]))
+
+
+def test_a_sample_from_chat_data_is_asked_its_whole_conversation(tmp_path):
+    """The samples asked the last user turn alone, without the example's system turn and earlier turns."""
+    chat = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital of Zorbia?"},
+            {"role": "assistant", "content": "Quillton."}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    _, train, _ = load_examples(LLMConfig(train_files=[str(tmp_path / "chat.jsonl")], validation_fraction=0))
+    assert train[0].context == chat[:4] and (train[0].prompt, train[0].answer) == ("Capital of Zorbia?", "Quillton.")
+
+
+def test_a_model_folder_without_whole_weights_stops_train_before_a_run(tmp_path, assets, monkeypatch):
+    """The check loaded the tokenizer only: a folder without its weights, with a shard missing or with a file
+    cut short passed, and the run failed on loading ('SafetensorError: Error while deserializing header')."""
+    import shutil
+    from pipelines.llm.model import materialise_preset
+    monkeypatch.setenv("STUDIO_MODEL_DIRS", str(tmp_path))
+    whole = tmp_path / "whole"
+    shutil.copytree(materialise_preset("tiny-llama"), whole)
+
+    def blocker(folder):
+        return inspect_data(LLMConfig(train_files=[str(assets / "llm" / "sample.csv")], base_model=str(folder))).blocker
+
+    assert blocker(whole) == ""
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(whole, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert blocker(no_weights) == (
+        f"the base model cannot be used: The model folder {no_weights} holds no weights (model.safetensors or "
+        "pytorch_model.bin, or the index of its shards): copy the folder again, whole.")
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:len(data) // 2])
+    assert blocker(cut).endswith(f"The weights file model.safetensors in {cut} is cut short or damaged: copy it again.")
+    sharded = tmp_path / "sharded"
+    shutil.copytree(whole, sharded, ignore=shutil.ignore_patterns("*.safetensors"))
+    (sharded / "model-00001-of-00002.safetensors").write_bytes(data)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert blocker(sharded).endswith("lacks 1 of its 2 weight files (model-00002-of-00002.safetensors): copy the "
+                                     "folder again, whole.")
+
+
+def test_a_semicolon_csv_saved_by_excel_is_read_in_its_columns(tmp_path):
+    """European Excel saves ';' with CRLF line ends and quoted cells: csv.Sniffer gave up, and the file was read
+    as one column 'prompt;completion' ('no known columns')."""
+    rows = "".join(f'Question {i}?;"Answer {i}. Also; semicolons, and commas."\r\n' for i in range(6))
+    report = check(tmp_path, "excel.csv", ("prompt;completion\r\n" + rows).encode("utf-8-sig"))
+    assert report.summary() == "6 of 6 rows usable (prompt_completion)"
+    assert report.preview[0] == {"prompt": "Question 0?", "response": "Answer 0. Also; semicolons, and commas."}
+
+
+def test_common_column_pairs_and_pandas_json_are_read(tmp_path):
+    """input/output, user/assistant, source/target and prompt/chosen pairs were 'no known columns'; pandas'
+    default to_json layout ({column: {index: value}}) was one row of JSON objects, and Train was on."""
+    for prompt, response in (("input", "output"), ("user", "assistant"), ("source", "target"), ("prompt", "chosen")):
+        rows = "".join(f"Q{i},A{i}\n" for i in range(3))
+        report = check(tmp_path, f"{prompt}.csv", f"{prompt},{response}\n{rows}")
+        assert report.summary() == "3 of 3 rows usable (prompt_completion)", (prompt, report.problems)
+        assert report.mapping == {"prompt": prompt, "response": response}
+    frame = {"instruction": {"0": "Say hi", "1": "Say bye"}, "output": {"0": "hi", "1": "bye"}}
+    pandas = check(tmp_path, "frame.json", json.dumps(frame))
+    assert pandas.summary() == "2 of 2 rows usable (alpaca)" and pandas.preview[1] == {"prompt": "Say bye",
+                                                                                       "response": "bye"}
+
+
+def test_data_whose_every_reply_is_cut_off_by_max_length_stops_train(tmp_path):
+    """Said, but Train stayed on, and the run failed: 'After truncation no example has any response token left'."""
+    long = "word " * 3000
+    report = check(tmp_path, "long.csv", f"instruction,output\n{long},yes\n{long},no\n")
+    assert report.rows_usable == 2 and not report.ok
+    assert report.blocker == (f"no training example keeps any of its reply within the max length of "
+                              f"{LLMConfig().max_length} tokens: raise the max length")
+
+
+def test_excel_unicode_text_is_read(tmp_path):
+    """Excel's 'Unicode text' is UTF-16 with a byte order mark: it was called 'a binary file, not TSV text'."""
+    report = check(tmp_path, "excel.tsv", "instruction\toutput\nSay ü\tü\nSay é\té\n".encode("utf-16"))
+    assert report.summary() == "2 of 2 rows usable (alpaca)" and report.preview[0]["prompt"] == "Say ü"
+
+
+def test_the_tab_checks_the_data_again_only_when_what_it_reads_changes(tmp_path, assets):
+    """Batch size and 4-bit, read by the pre-flight line alone, ran the whole check again (a minute for a 50 MB
+    file); a file changed on disk, or a setting the check reads, is checked again."""
+    import shutil
+    from studio.tabs import llm as tab
+    data = tmp_path / "data.csv"
+    shutil.copy(assets / "llm" / "sample.csv", data)
+    config = LLMConfig(train_files=[str(data)], validation_fraction=0)
+    first = tab.checked(config)
+    assert tab.checked(config.changed(batch_size=2, load_in_4bit=True)) is first
+    assert tab.checked(config.changed(max_length=64)) is not first
+    data.write_text(data.read_text() + "Say hi,,hi\n")
+    assert tab.checked(config).rows_found == first.rows_found + 1

@@ -273,3 +273,18 @@ def test_a_custom_module_the_model_lacks_names_those_it_has(assets):
         pipeline.attach_lora(load_base_model("tiny-llama", torch.device("cpu")), config)
     assert err.value.advice == ("This model's linear layers are: down_proj, gate_proj, k_proj, o_proj, q_proj, "
                                 "up_proj, v_proj.")  # it said "Check the target modules" after peft had said so
+
+
+def test_a_run_trained_with_a_system_prompt_is_tried_with_it(tmp_path, assets):
+    """The system prompt went into training only: the samples, Try it, `studio generate` and the API asked
+    without it, and the tuned model answered nonsense. Asked for many new tokens, the prompt itself was cut to
+    its last tokens."""
+    from studio import tryit
+    config = load_config(assets / "llm" / "config.yaml").changed(system_prompt="You are a guide to Zorbia.")
+    run_dir = tmp_path / "run"
+    assert train_run(config, run_dir) == "completed"
+    question, answer = "What is the capital of Zorbia?", "The capital of Zorbia is Quillton."
+    assert tryit.generate_text(config, run_dir, question) == answer
+    assert tryit.generate_text(config, run_dir, question, max_new_tokens=5000) == answer
+    last = [e for e in read_events(run_dir)[0] if e["type"] == "sample"][-len(config.sample_prompts or [1, 2]):]
+    assert all(s["output"] == s["expected"] for s in last), last

@@ -256,3 +256,18 @@ def test_the_summary_tells_the_validation_upload_s_audio_from_the_training_audio
     training, validation = seconds["window.wav"] + seconds["apples.wav"], seconds["cat.wav"]
     assert f"Total audio: {training:.1f} s, plus {validation:.1f} s to validate on. Sample rates: 16000 Hz (2)." \
         in summary
+
+
+def test_a_base_model_that_cannot_be_loaded_stops_train_before_a_run(tmp_path, monkeypatch):
+    """The Language tab refused such a model; the Speech tab made a run that failed on loading it."""
+    from pipelines.speech.model import materialise_preset
+    monkeypatch.setenv("STUDIO_MODEL_DIRS", str(tmp_path))
+    data = materialise_preset("tiny-whisper").read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[:len(data) // 2])
+    assert inspect_data(config(data_path=str(CLIPS))).ok
+    report = inspect_data(config(data_path=str(CLIPS), base_model=str(cut)))
+    assert not report.ok and report.rows_usable == 8
+    assert report.blocker == (f"the base model cannot be used: {cut} could not be read as an openai-whisper "
+                              "checkpoint (it is not a complete torch file). Choose a .pt file saved by "
+                              "openai-whisper or exported by the studio.")

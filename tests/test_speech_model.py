@@ -88,7 +88,7 @@ def test_local_checkpoints_and_wrong_sources(tmp_path):
     outside.write_bytes(preset.read_bytes())
     with pytest.raises(ModelUnavailable, match="outside the folders models may be loaded from"):
         load_base_model(str(outside), CPU)
-    with pytest.raises(ModelUnavailable, match="not a Whisper model the speech tab knows"):
+    with pytest.raises(ModelUnavailable, match="not a Whisper model the studio can load"):
         load_base_model("openai/whisper-small", CPU)
 
 

@@ -101,11 +101,8 @@ class ImageConfig(RunConfig):
             problems.append(("instance_prompt", "is empty but the caption source is instance_prompt"))
         if self.resolution and self.resolution % 8:
             problems.append(("resolution", f"must be a multiple of 8 (got {self.resolution})"))
-        native = native_resolution(self.base_model)
-        if self.resolution > 4 * native:  # 2048 on the 32 px preset held a run at its first step for minutes
-            problems.append(("resolution", f"{self.resolution} px is over 4 times this model's native {native} px: "
-                                           f"each step would take very long for images it cannot draw; choose at "
-                                           f"most {4 * native} (0 = {native})"))
+        if too_large := oversize(self.resolution, self.base_model, "each step"):
+            problems.append(("resolution", too_large))
         path = self.data_path.strip()
         if path and Path(path).suffix.lower() not in ("", ".zip") and Path(path).is_file():
             problems.append(("data_path", "must be a folder or a .zip file"))
@@ -113,6 +110,17 @@ class ImageConfig(RunConfig):
 
 
 CONFIG = ImageConfig
+
+
+def oversize(size: int, base_model: str, what: str) -> str:
+    """Why `size` is refused for this model ("" when it is not): over 4 times its native size, `what` (each
+    training step, each image tried) takes very long for images it cannot draw. 2048 px on the 32 px preset
+    held a run at its first step for minutes, and a picture tried at 1000 px tied the server up for 20."""
+    native = native_resolution(base_model)
+    if size <= 4 * native:
+        return ""
+    return (f"{size} px is over 4 times this model's native {native} px: {what} would take very long for images "
+            f"it cannot draw; choose at most {4 * native} (0 = {native})")
 
 
 def native_resolution(base_model: str) -> int:

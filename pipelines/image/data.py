@@ -386,6 +386,8 @@ def inspect_data(config: ImageConfig) -> DataReport:
                        "caption_from": e.caption_from} for e in examples[:PREVIEW_COUNT]]
     if not examples:
         return report
+    from pipelines.image.model import unusable_base
+    report.base_model_unusable(unusable_base(config.base_model))
     widths, heights = [e.size[0] for e in examples], [e.size[1] for e in examples]
     words = [len(e.caption.split()) for e in examples]
     sources: dict[str, int] = {}

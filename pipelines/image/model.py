@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines.hub import ModelUnavailable, hub_reachable, load_from_hub, publish_folder, resolve_source, workspace
+from pipelines.hub import (ModelUnavailable, building_presets, error_text, hub_reachable, load_from_hub, publish_folder, resolve_source,
+                           workspace)
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
@@ -45,10 +46,11 @@ SAFETY_OFF = {"safety_checker": None, "feature_extractor": None, "requires_safet
 def materialise_preset(name: str) -> Path:
     """Build the preset deterministically (fixed seed, fixed configs) into workspace/models/<name>/ once."""
     target = workspace() / "models" / name
-    if (target / "model_index.json").exists():
-        return target
-    pipe = build_pipeline(PRESETS[name])
-    return publish_folder(target, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
+    with building_presets:
+        if (target / "model_index.json").exists():
+            return target
+        pipe = build_pipeline(PRESETS[name])
+        return publish_folder(target, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
 
 
 def build_pipeline(spec: dict):
@@ -94,6 +96,27 @@ def base_location(base_model: str) -> tuple[str, str]:
     return "folder", value
 
 
+# What training loads of a diffusers folder (the safety checker and its feature extractor are left out).
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def unusable_base(base_model: str) -> str:
+    """Why a run could not load this base model, found without loading it ("" when nothing is seen wrong):
+    for the data check, so that no run is made only to fail."""
+    try:
+        kind, where = base_location(base_model)
+        if kind == "hub":  # offline, only what the local cache holds
+            from huggingface_hub import hf_hub_download
+            load_from_hub(hf_hub_download, where, filename="model_index.json")
+    except ModelUnavailable as err:
+        return str(err)
+    missing = [name for name in COMPONENTS if kind == "folder" and not (Path(where) / name).is_dir()]
+    if missing:
+        return (f"The pipeline folder {where} has no {', '.join(f'{m}/' for m in missing)}: check that it was "
+                "copied whole (unet, vae, text_encoder, tokenizer, scheduler).")
+    return ""
+
+
 def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32):
     """A StableDiffusionPipeline on the CPU. Without the safety checker: it plays no part in training or in
     the LoRA, and skipping it saves a 1.2 GB download."""
@@ -107,8 +130,7 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32):
     try:
         return StableDiffusionPipeline.from_pretrained(where, dtype=dtype, **SAFETY_OFF)
     except Exception as err:  # diffusers raises many kinds for broken folders
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelUnavailable(f"The pipeline in {where} could not be read: {first}",
+        raise ModelUnavailable(f"The pipeline in {where} could not be read: {error_text(err)}.",
                                "Check that the folder is complete (unet, vae, text_encoder, tokenizer, scheduler).") from None
 
 
@@ -129,6 +151,6 @@ def _load_single_file(path: Path, dtype):
             raise ModelUnavailable(f"The checkpoint {path.name} could not be read: its model family's configuration "
                                    "files are not cached and this machine cannot reach the Hugging Face hub.",
                                    "Load it once on a connected machine, or use a diffusers folder.") from None
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelUnavailable(f"The checkpoint {path.name} could not be read as Stable Diffusion 1.x/2.x: {first}",
+        raise ModelUnavailable(f"The checkpoint {path.name} could not be read as Stable Diffusion 1.x/2.x: "
+                               f"{error_text(err)}.",
                                "Check that it is a full SD checkpoint, not a LoRA or a VAE.") from None

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import random
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,9 @@ TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet"}
 # Column names recognised for each role, in order of preference (compared case-insensitively).
 ROLE_NAMES = {
     "messages": ["messages", "conversations", "conversation", "chat"],
-    "prompt": ["instruction", "prompt", "question", "query", "input_text"],
+    "prompt": ["instruction", "prompt", "question", "query", "input_text", "user", "source"],
     "input": ["input", "context"],
-    "response": ["output", "response", "completion", "answer", "target"],
+    "response": ["output", "response", "completion", "answer", "target", "assistant", "chosen"],
     "text": ["text", "content", "document"],
 }
 # The columns each format cannot do without ("input" is optional for alpaca).
@@ -52,6 +53,13 @@ class Example:
             users = [m["content"] for m in self.messages if m["role"] == "user"]
             return users[-1] if users else ""
         return (self.text or "")[:80]
+
+    @property
+    def context(self) -> list[dict[str, str]]:
+        """The conversation its last reply answers (system turn and earlier turns included): what a sample
+        of the tuned model is asked."""
+        last = max((i for i, m in enumerate(self.messages or []) if m["role"] == "assistant"), default=0)
+        return (self.messages or [])[:last]
 
     @property
     def answer(self) -> str:
@@ -84,6 +92,11 @@ def read_table(path: Path, report: DataReport) -> list[tuple[int, dict[str, Any]
     if suffix == ".parquet":
         return _read_parquet(path, report)
     raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with its byte order mark: Excel's "Unicode text"
+        try:
+            raw = raw.decode("utf-16").encode("utf-8")
+        except UnicodeDecodeError:
+            pass  # not UTF-16 after all: the checks below say what it is
     if b"\x00" in raw[:65536]:
         report.problem(name, f"looks like a binary file, not {suffix[1:].upper()} text")
         return []
@@ -104,11 +117,7 @@ def read_table(path: Path, report: DataReport) -> list[tuple[int, dict[str, Any]
 
 
 def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -> list[tuple[int, dict]]:
-    if delimiter is None:
-        try:
-            delimiter = csv.Sniffer().sniff(text[:8192], delimiters=",;\t|").delimiter
-        except csv.Error:
-            delimiter = ","
+    delimiter = delimiter or _delimiter(text)
     csv.field_size_limit(MAX_CELL_CHARS + 1)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     rows: list[tuple[int, dict]] = []
@@ -159,6 +168,15 @@ def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -
     return rows
 
 
+def _delimiter(text: str) -> str:
+    """The delimiter the header row uses most, outside quotes (csv.Sniffer gave up on a European Excel file, ';'
+    with CRLF line ends and quoted cells, and the file was read as one column); ',' for a single column."""
+    header = re.sub(r'"[^"]*"', "", text.split("\n", 1)[0])
+    counts = {d: header.count(d) for d in ",;\t|"}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
+
+
 def _read_jsonl(name: str, text: str, report: DataReport) -> list[tuple[int, dict]]:
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -182,6 +200,10 @@ def _read_json(name: str, text: str, report: DataReport) -> list[tuple[int, dict
     except json.JSONDecodeError as err:
         report.problem(name, f"is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})")
         return []
+    if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+        # pandas' DataFrame.to_json() default: {column: {row index: value}}, read as one row of JSON objects
+        columns = list(data)
+        data = [{c: data[c].get(index) for c in columns} for index in data[columns[0]]]
     if isinstance(data, dict):  # {"data": [...]} and similar wrappers; {"train": [...], "test": [...]} splits
         lists = {k: v for k, v in data.items() if isinstance(v, list)}
         if len(lists) > 1 and "train" in lists:
@@ -226,6 +248,8 @@ def detect_mapping(columns: list[str], config: LLMConfig) -> tuple[str, dict[str
     mapping = {role: find(role, getattr(config, f"{role}_column")) for role in ROLE_NAMES}
     if mapping["prompt"] == mapping["input"]:
         mapping["input"] = ""
+    if not mapping["prompt"] and not config.prompt_column and mapping["input"]:  # input/output pairs
+        mapping["prompt"], mapping["input"] = mapping["input"], ""
     fmt = config.data_format
     if fmt == "auto":
         if mapping["messages"]:
@@ -384,21 +408,25 @@ def inspect_data(config: LLMConfig) -> DataReport:
     if not train:
         return report
     try:
-        from pipelines.llm.model import load_tokenizer
+        from pipelines.llm.model import load_tokenizer, unusable_weights
         from pipelines.llm.tokenize import encode, keeps_a_reply
         tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)
+        report.base_model_unusable(unusable_weights(config.base_model))
     except TrainingFailure as err:  # unreachable offline, a folder not allowed: a run could not load it either
-        report.blocker = f"the base model cannot be used: {err}"
+        report.base_model_unusable(str(err))
         return report
     except Exception as err:  # anything else: still report the rows
         report.problem("", f"token lengths not computed: {getattr(err, 'cause', None) or err}")
         return report
-    if config.target_modules == "custom" and config.custom_target_modules:
+    if config.target_modules == "custom" and config.custom_target_modules and not report.blocker:
         report.blocker = _custom_targets_blocker(config)
     encoded = [encode(e, tokenizer, config) for e in train + validation]
     lengths = [len(ids) for ids, _ in encoded]
     over = sum(n > config.max_length for n in lengths)
     no_reply = sum(not keeps_a_reply(labels, config.max_length) for _, labels in encoded[:len(train)])
+    if no_reply == len(train) and not report.blocker:  # training skips them all, and fails with nothing to learn
+        report.blocker = (f"no training example keeps any of its reply within the max length of "
+                          f"{config.max_length} tokens: raise the max length")
     # tokens_p95: 95% of the examples are at most this long (the nearest rank)
     report.stats = {"tokens_min": min(lengths), "tokens_mean": round(statistics.mean(lengths), 1),
                     "tokens_p95": sorted(lengths)[math.ceil(0.95 * len(lengths)) - 1], "tokens_max": max(lengths),

@@ -7,12 +7,13 @@ exported adapter's `base_model_name_or_path` points at a real folder plain peft 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from pipelines.hub import ModelUnavailable, load_from_hub, publish_folder, resolve_source, workspace
+from pipelines.hub import ModelUnavailable, building_presets, error_text, load_from_hub, publish_folder, resolve_source, workspace
 from pipelines.training import TrainingFailure, native_bf16
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -45,8 +46,11 @@ ATTENTION_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_ke
 def materialise_preset(name: str) -> Path:
     """Build the preset deterministically (fixed seed, fixed config) into workspace/models/<name>/ once."""
     target = workspace() / "models" / name
-    if (target / "config.json").exists():
-        return target
+    with building_presets:
+        return target if (target / "config.json").exists() else _build_preset(name, target)
+
+
+def _build_preset(name: str, target: Path) -> Path:
     spec = PRESETS[name]
     tokenizer = AutoTokenizer.from_pretrained(ASSETS / spec["tokenizer"])
     # No pad_token_id in the model config: nn.Embedding would zero that row, and as the tokenizer pads
@@ -75,12 +79,50 @@ def base_location(base_model: str) -> str:
     return value
 
 
+def unusable_weights(base_model: str) -> str:
+    """Why a local model folder's weights could not be loaded, found without loading them ("" when nothing is
+    seen wrong): the data check's, which loads only the tokenizer (a folder without its weights, a shard
+    missing or a file cut short made a run that failed on loading)."""
+    folder = Path(base_location(base_model))
+    if not folder.is_dir():
+        return ""  # a hub id: the weights come with it, as the tokenizer did
+    index = next((folder / name for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                  if (folder / name).exists()), None)
+    if index is not None:
+        files = sorted({folder / shard for shard in json.loads(index.read_text()).get("weight_map", {}).values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            return (f"The model folder {folder} lacks {len(missing)} of its {len(files)} weight files "
+                    f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}): copy the folder again, whole.")
+    else:
+        files = [folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).exists()]
+        if not files:
+            return (f"The model folder {folder} holds no weights (model.safetensors or pytorch_model.bin, or the "
+                    "index of its shards): copy the folder again, whole.")
+    short = [f.name for f in files if f.suffix == ".safetensors" and not _whole_safetensors(f)]
+    if short:
+        return f"The weights file {short[0]} in {folder} is cut short or damaged: copy it again."
+    return ""
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """Whether the file is as long as its header says (8 bytes of header length, the JSON header, the data)."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size >= 8 + length + end
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _load(loader, location: str, **kwargs):
     if Path(location).is_dir():
         try:
             return loader(location, **kwargs)
         except (OSError, ValueError) as err:
-            raise ModelUnavailable(f"The model in {location} could not be read: {str(err).splitlines()[0]}",
+            raise ModelUnavailable(f"The model in {location} could not be read: {error_text(err)}.",
                                    "Check that the folder is complete.") from None
     return load_from_hub(loader, location, **kwargs)
 

@@ -156,15 +156,20 @@ def train(config: LLMConfig, run_dir: str | Path, events: Events, should_stop: C
         mean = total_loss / max(1, total_tokens)
         return {"eval_loss": mean, "eval_perplexity": float(torch.exp(torch.tensor(min(mean, 50.0))))}
 
-    prompts = config.sample_prompts or [e.prompt for e in train_examples[:2] if e.messages]
+    # A sample prompt of the settings gets the system prompt, as training did; one from the data is its
+    # example's whole conversation (its own system turn and earlier turns): asked without them, a model
+    # trained with them answered garbage, in the samples as in Try it.
     answers = {e.prompt: e.answer for e in train_examples}
+    prompts = ([(p, p, answers.get(p, "")) for p in config.sample_prompts]
+               or [(e.prompt, e.context, e.answer) for e in train_examples[:2] if e.messages])
 
     def make_samples() -> list[dict]:
         # (the prompt as trained: its end, within max_length; shown shortened in the events and the UI)
-        return [{"prompt": p if len(p) <= 500 else p[:500] + " …",
-                 "output": complete(model, tokenizer, p, max_new_tokens=config.sample_max_new_tokens,
-                                    synced=config.splits_weights, max_prompt_tokens=config.max_length),
-                 "expected": answers.get(p, "")} for p in prompts]
+        return [{"prompt": shown if len(shown) <= 500 else shown[:500] + " …",
+                 "output": complete(model, tokenizer, asked, max_new_tokens=config.sample_max_new_tokens,
+                                    system=config.system_prompt, synced=config.splits_weights,
+                                    max_prompt_tokens=config.max_length),
+                 "expected": expected} for shown, asked, expected in prompts]
 
     def save_adapter(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
@@ -210,21 +215,25 @@ def load_for_generation(config: LLMConfig, run_dir: str | Path | None, checkpoin
 
 @torch.no_grad()
 def complete(model, tokenizer, prompt: str | list[dict], *, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, chat: bool = True, seed: int = 0, synced: bool = False,
+             top_p: float = 1.0, chat: bool = True, seed: int = 0, synced: bool = False, system: str = "",
              max_prompt_tokens: int | None = None) -> str:
-    """Generate a reply. A string prompt is one user turn; a list is a whole conversation. `synced`: every
-    process of a run generates together (transformers' synced_gpus). A prompt longer than `max_prompt_tokens`
-    (by default what the model's context leaves beside the reply) keeps its end: a 286,000-token training row
-    as a sample prompt held a finished run at its last step, generating."""
+    """Generate a reply. A string prompt is one user turn, after the `system` turn when there is one (as the
+    run trained); a list is a whole conversation. `synced`: every process of a run generates together
+    (transformers' synced_gpus). The context is shared: a prompt keeps its end, at most what max_new_tokens
+    leaves of the context but never less than half of it (a large max_new_tokens cut a short prompt down to
+    its last tokens, and the reply was nonsense), nor more than `max_prompt_tokens` (a 286,000-token training
+    row as a sample prompt held a finished run at its last step, generating); the reply gets the rest."""
     if chat:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if isinstance(prompt, str):
+            prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     else:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(model.device)
     context = getattr(model.config, "max_position_embeddings", None) or 2048
-    keep = max(1, min(max_prompt_tokens or context, context - max_new_tokens))
+    keep = min(inputs["input_ids"].shape[1], max(context - max_new_tokens, context // 2), max_prompt_tokens or context)
     inputs = {name: value[:, -keep:] for name, value in inputs.items()}
+    max_new_tokens = max(1, min(max_new_tokens, context - keep))
     sampling = temperature > 0
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

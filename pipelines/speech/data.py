@@ -316,6 +316,8 @@ def inspect_data(config: SpeechConfig) -> DataReport:
             stats[key] = dict(stats[key])
     clips = train + validation
     if clips:
+        from pipelines.speech.model import unusable_base
+        report.base_model_unusable(unusable_base(config.base_model))
         durations = [round(c.seconds, 2) for c in clips]
         tokens = [c.tokens for c in clips]
         stats.update({"clips": len(clips), "train_clips": len(train), "validation_clips": len(validation),

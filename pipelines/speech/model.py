@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,7 +22,7 @@ from whisper.audio import N_FRAMES, N_SAMPLES
 from whisper.model import ModelDimensions, Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
-from pipelines.hub import ModelUnavailable, host_reachable, resolve_source, workspace
+from pipelines.hub import ModelUnavailable, building_presets, error_text, host_reachable, resolve_source, workspace
 from pipelines.speech.config import BASE_MODELS
 from pipelines.training import TrainingFailure
 
@@ -59,9 +60,11 @@ def materialise_preset(name: str, spec: dict | None = None) -> Path:
     """Build the preset deterministically into workspace/models/<name>.pt once (atomic write). A spec of the
     same form builds another model under that name (the benchmark's random Whisper sizes)."""
     target = workspace() / "models" / f"{name}.pt"
-    if target.exists():
-        return target
-    spec = spec or PRESETS[name]
+    with building_presets:
+        return target if target.exists() else _build_preset(spec or PRESETS[name], target)
+
+
+def _build_preset(spec: dict, target: Path) -> Path:
     dims = ModelDimensions(**spec["dims"])
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(spec["seed"])
@@ -70,15 +73,15 @@ def materialise_preset(name: str, spec: dict | None = None) -> Path:
     with torch.no_grad():
         # The decoder's positional embedding is created with torch.empty: left alone it would hold
         # whatever the memory held, so it is always among the tensors drawn here.
-        for name, std in spec["normal"].items():
-            params[name].normal_(0.0, std)
-        for name, factor in spec["scale"].items():
-            params[name].mul_(factor)
-        for name, value in spec["fill"].items():
-            params[name].fill_(value)
+        for key, std in spec["normal"].items():
+            params[key].normal_(0.0, std)
+        for key, factor in spec["scale"].items():
+            params[key].mul_(factor)
+        for key, value in spec["fill"].items():
+            params[key].fill_(value)
     torch.random.set_rng_state(generator_state)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{name}-{os.getpid()}.pt")
+    tmp = target.with_name(f".tmp-{target.stem}-{os.getpid()}.pt")
     torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, tmp)
     os.replace(tmp, target)  # another process may have written the same file: theirs is identical
     return target
@@ -95,10 +98,10 @@ def base_location(base_model: str) -> str:
     if kind == "local":
         path = Path(value)
         if path.is_dir():
-            raise ModelUnavailable(f"{path} is a folder; the speech tab loads openai-whisper .pt checkpoint files.",
+            raise ModelUnavailable(f"{path} is a folder; speech runs load openai-whisper .pt checkpoint files.",
                                    "Choose the .pt file itself.")
         return value
-    raise ModelUnavailable(f"'{text}' is not a Whisper model the speech tab knows.",
+    raise ModelUnavailable(f"'{text}' is not a Whisper model the studio can load.",
                            f"Use one of {', '.join(['tiny-whisper'] + NAMED_MODELS[:10])}, or a local .pt checkpoint "
                            "(Hugging Face transformers Whisper folders are not supported here).")
 
@@ -110,12 +113,26 @@ def load_base_model(base_model: str, device: torch.device) -> Whisper:
     try:
         return whisper.load_model(location, device=device)  # torch.load(weights_only=True) inside
     except Exception as err:  # a damaged file raises pickle, key or shape errors: one sentence for all
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelUnavailable(f"{location} could not be read as an openai-whisper checkpoint ({first[:200]}).",
+        raise ModelUnavailable(f"{location} could not be read as an openai-whisper checkpoint ({error_text(err)}).",
                                "Choose a .pt file saved by openai-whisper or exported by the studio.") from None
 
 
-def _load_named(name: str, device: torch.device) -> Whisper:
+def unusable_base(base_model: str) -> str:
+    """Why a run could not load this base model, found without loading it ("" when nothing is seen wrong):
+    for the data check, so that no run is made only to fail."""
+    try:
+        location = base_location(base_model)
+        if location in whisper.available_models():
+            _check_downloadable(location)
+        elif not zipfile.is_zipfile(location):  # torch saves a zip; a cut-off copy has no central directory
+            return (f"{location} could not be read as an openai-whisper checkpoint (it is not a complete torch "
+                    "file). Choose a .pt file saved by openai-whisper or exported by the studio.")
+    except ModelUnavailable as err:
+        return str(err)
+    return ""
+
+
+def _check_downloadable(name: str) -> None:
     url = whisper._MODELS[name]
     cached = whisper_cache_dir() / os.path.basename(url)
     if not cached.is_file() and not host_reachable(url):
@@ -123,12 +140,16 @@ def _load_named(name: str, device: torch.device) -> Whisper:
                                f"{urlparse(url).hostname} to fetch it.",
                                "Pick the built-in tiny-whisper preset, or download the model on a connected "
                                f"machine into {whisper_cache_dir()}, or choose a local .pt file.")
+
+
+def _load_named(name: str, device: torch.device) -> Whisper:
+    _check_downloadable(name)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)  # urllib has no timeout of its own: a stalled download must not hang a run
     try:
         return whisper.load_model(name, device=device, download_root=str(whisper_cache_dir()))
     except (OSError, RuntimeError) as err:
-        raise ModelUnavailable(f"Whisper '{name}' could not be downloaded or read ({str(err).splitlines()[0][:200]}).",
+        raise ModelUnavailable(f"Whisper '{name}' could not be downloaded or read ({error_text(err)}).",
                                "Check the network and the free disk space, then try again.") from None
     finally:
         socket.setdefaulttimeout(previous)

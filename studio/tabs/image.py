@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from pipelines.image.config import HUB_MODELS, ImageConfig
+from pipelines.image.config import HUB_MODELS, ImageConfig, oversize
 from studio import hardware
 from studio.runs import Registry
 from studio.tabs import widgets
@@ -78,6 +78,8 @@ def try_prompt(run_id, checkpoint, prompt, negative, seed, steps, guidance, size
         prompt = next((s["prompt"] for s in read_progress(run.dir).samples if s.get("prompt")), "")
         if not prompt:
             raise gr.Error("Type a prompt first.")
+    if too_large := oversize(int(size or 0), run.config().base_model, "each image"):
+        raise gr.Error(f"Size: {too_large}.")
     if seed is None or seed < 0:  # empty or -1: a new seed each time, named under the images to draw them again
         seed = random.randrange(2**31)
     options = dict(negative_prompt=negative or "", seed=int(seed), steps=int(steps), guidance=float(guidance),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -69,19 +72,18 @@ def check_data(*args):
                 # one update each: Gradio takes the value out of an update as it applies it
                 *[gr.update(choices=[""], value="", info=COLUMN_HELP[key]) for key in COLUMNS],
                 gr.update(interactive=False), "")
-    from pipelines.llm.data import inspect_data
     try:
         config = LLMConfig.from_dict(values)
     except ConfigError as err:  # a setting the data check does not read (the run's name, say) is Train's to report
         invalid = {name for name, _ in err.problems} - {"train_files", "validation_files"}
         config = LLMConfig.from_dict({k: v for k, v in values.items() if k not in invalid}, check=False)
-    report = inspect_data(config)
+    report = checked(config)
     # A column chosen for other data (a loaded config's, or for the file before) that none of these files has
     # is no choice made for them: check them again with it left to detection.
     stale = {key: "" for key in COLUMNS if getattr(config, key) and getattr(config, key) not in report.columns}
     if stale and report.columns:
         config = config.changed(**stale)
-        report = inspect_data(config)
+        report = checked(config)
     summary = widgets.headline(report, "data")
     if stale and report.columns:  # said, as a name typed into a box by hand would otherwise vanish unexplained
         named = ", ".join(f"{key.replace('_', ' ')} '{values[key]}'" for key in stale)
@@ -106,6 +108,30 @@ def check_data(*args):
                for key in COLUMNS]
     preflight = preflight_line(config, stats)
     return (summary, problems, preview, histogram, *mapping, gr.update(interactive=report.ok), preflight)
+
+
+_CHECKED: dict[str, Any] = {}  # the last data checks, by what they read (checked)
+_CHECKED_LOCK = threading.Lock()
+
+
+def checked(config: LLMConfig):
+    """The data check (inspect_data), kept for the settings and files it read (and a local base model's folder):
+    batch size and 4-bit, which only the pre-flight line reads, ran it again in full, a minute for a 50 MB
+    file."""
+    from pipelines.llm.data import inspect_data
+    paths = [*config.train_files, *config.validation_files, os.path.expanduser(config.base_model.strip())]
+    stamps = [(p, os.stat(p).st_mtime_ns, os.stat(p).st_size) if os.path.exists(p) else (p,) for p in paths]
+    key = json.dumps([config.changed(batch_size=1, load_in_4bit=False, name="").to_dict(), stamps],
+                     sort_keys=True, default=str)
+    with _CHECKED_LOCK:
+        if key in _CHECKED:
+            return _CHECKED[key]
+    report = inspect_data(config)
+    with _CHECKED_LOCK:
+        _CHECKED[key] = report
+        while len(_CHECKED) > 4:
+            _CHECKED.pop(next(iter(_CHECKED)))
+    return report
 
 
 def _histogram(stats: dict) -> pd.DataFrame:
@@ -147,8 +173,9 @@ def preflight_line(config: LLMConfig, stats: dict | None) -> str:
     return text
 
 
-def try_prompt(run_id, checkpoint, prompt, max_new_tokens, temperature, top_p):
-    """The base model's and the tuned model's answers to the same prompt."""
+def try_prompt(run_id, checkpoint, prompt, system, max_new_tokens, temperature, top_p):
+    """The base model's and the tuned model's answers to the same prompt (after the system prompt typed, else
+    the run's own)."""
     from studio import tryit
     run = Registry().get(run_id) if run_id else None
     if run is None:
@@ -157,12 +184,15 @@ def try_prompt(run_id, checkpoint, prompt, max_new_tokens, temperature, top_p):
         raise gr.Error("Type a prompt first.")
     checkpoint = None if checkpoint in (None, "", "final") else checkpoint
     options = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
+    if (system or "").strip():
+        options["system"] = system.strip()
     try:
         tuned = tryit.generate_text(run.config(), run.dir, prompt, checkpoint=checkpoint, **options)
         base = tryit.generate_text(run.config(), run.dir, prompt, checkpoint=checkpoint, use_adapter=False, **options)
     except Exception as err:
         raise gr.Error(f"Generation failed: {getattr(err, 'cause', None) or err}") from None
-    return base, tuned
+    no_reply = "(no reply: the model ended its answer at once)"  # an empty box read as a failure
+    return base or no_reply, tuned or no_reply
 
 
 def build() -> None:
@@ -226,7 +256,11 @@ def build() -> None:
             max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens", scale=1)
             temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature", info="0 = greedy", scale=1)
             top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p", scale=1)
-        prompt = gr.Textbox(label="Prompt", value="What is the capital of Zorbia?", lines=2, elem_id="llm-prompt")
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt", value="What is the capital of Zorbia?", lines=2, scale=3,
+                                elem_id="llm-prompt")
+            system = gr.Textbox(label="System prompt", lines=2, scale=2, elem_id="llm-try-system",
+                                placeholder="empty: the run's own (its system prompt setting), if it has one")
         generate = gr.Button("Generate", elem_id="llm-generate")
         with gr.Row():
             base_answer = gr.Textbox(label="Base model", lines=4, elem_id="llm-base-answer")
@@ -250,7 +284,7 @@ def build() -> None:
     for column in mapping:
         column.input(check_data, everything, check_outputs, api_visibility="private", trigger_mode="always_last")
 
-    generate.click(try_prompt, [run_state, checkpoint, prompt, max_new_tokens, temperature, top_p],
+    generate.click(try_prompt, [run_state, checkpoint, prompt, system, max_new_tokens, temperature, top_p],
                    [base_answer, tuned_answer], api_visibility="private")
     load_outputs = [files, validation_files, base_model, name, *form, section.message]
     widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
