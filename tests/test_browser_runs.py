@@ -61,6 +61,7 @@ def test_list_select_compare_clone_and_delete(server, page, tmp_path):
     page.locator("#runs-clone").click()
     expect(page.locator("#runs-message")).to_contain_text("Select a run first.")
     expect(page.locator(".error")).to_have_count(0)
+    page.locator(".toast-close").first.click()  # (the warning, out of the screenshot below)
 
     # select one: its summary, config, files, curve and log
     row_cell(page, "run-a").click()
