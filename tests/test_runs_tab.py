@@ -378,3 +378,25 @@ def test_settings_compared_read_as_typed():
     """'epochs 1000.0', 'lora_alpha 32.0': the float settings showed their type, not the value typed."""
     assert [runs_tab._shown(v) for v in (1000.0, 32.0, 0.0002, 1e-05, 3, None, [1.0, 0.5])] == [
         "1000", "32", "0.0002", "1e-05", "3", "", "1, 0.5"]
+
+
+def test_a_run_that_ended_without_an_adapter_says_so_and_a_resumed_run_its_whole_time(tmp_path, monkeypatch):
+    """Export of a failed run said 'wait for its first checkpoint', which would never come; a 3000-step run
+    resumed at its end showed a duration of 9 s."""
+    import gradio as gr
+    from pipelines import load_config
+    from studio.runs import append_event
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "ws"))
+    registry = Registry()
+    config = load_config(ROOT / "assets" / "llm" / "config.yaml")
+    config = config.changed(train_files=[str(ROOT / "assets" / "llm" / "sample.csv")])
+    failed = registry.create(config, status="failed")
+    with pytest.raises(gr.Error, match=r"This run ended \(failed\) before it saved an adapter: there is nothing to "
+                                       r"export. Resume it, or train it again."):
+        widgets.export_zip(failed.id, "adapter", "final")
+    resumed = registry.create(config, status="running")
+    now = time.time()
+    registry.set_status(resumed.id, "completed", started=now - 9, ended=now)
+    append_event(resumed.dir, "step", step=3000, total_steps=3000, loss=0.5, elapsed_s=1500.0)
+    row = runs_tab.runs_table().set_index("id").loc[resumed.id]
+    assert row["duration"] == widgets.format_seconds(1500.0)

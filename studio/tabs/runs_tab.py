@@ -61,7 +61,9 @@ def runs_table(modality: str = "", status: str = "", registry: Registry | None =
                                   if progress.total_steps else ""),
                      "best validation": best_validation(progress),
                      "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(run.created)),
-                     "duration": format_seconds(end - run.started) if run.started else ""})
+                     # this session's wall time, or the training time of all sessions where the run was
+                     # resumed (a 3000-step run resumed at its end showed "9s")
+                     "duration": format_seconds(max(end - run.started, progress.elapsed_s)) if run.started else ""})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -621,6 +621,9 @@ def export_zip(run_id: str | None, kind: str, checkpoint: str | None) -> str:
     checkpoint = None if checkpoint in (None, "", "final") else checkpoint
     if checkpoint is None and not (run.dir / "adapter").exists() and run.status != "completed":
         checkpoints = checkpoint_choices(run_id)[1:]
+        if not checkpoints and run.status in FINAL:  # (no checkpoint will come)
+            raise gr.Error(f"This run ended ({run.status}) before it saved an adapter: there is nothing to export. "
+                           "Resume it, or train it again.")
         if not checkpoints:
             raise gr.Error("This run has no adapter yet: wait for its first checkpoint or for it to finish.")
         checkpoint = checkpoints[0]
