@@ -16,6 +16,7 @@ from pipelines.config import ConfigError
 from studio import jobs
 from studio.progress import read_progress
 from studio.runs import ACTIVE, Registry
+from studio.tabs import widgets
 
 
 def start_run(config_yaml: str, data_files: list[gr.FileData] | None = None) -> str:
@@ -23,9 +24,9 @@ def start_run(config_yaml: str, data_files: list[gr.FileData] | None = None) -> 
     try:
         data = yaml.safe_load(config_yaml)
     except yaml.YAMLError as err:
-        raise gr.Error(f"config_yaml is not valid YAML: {err}") from None
+        raise widgets.refused(f"config_yaml is not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise gr.Error("config_yaml must be a mapping of settings")
+        raise widgets.refused("config_yaml must be a mapping of settings")
     uploads = {Path(_path(f)).name: _path(f) for f in data_files or []}
     try:
         cls = config_class(str(data.get("modality", "")))
@@ -36,15 +37,15 @@ def start_run(config_yaml: str, data_files: list[gr.FileData] | None = None) -> 
             names = value if isinstance(value, list) else [value]
             missing = [n for n in names if Path(n).name not in uploads]
             if missing:
-                raise gr.Error(f"{name}: upload {', '.join(missing)} in data_files")
+                raise widgets.refused(f"{name}: upload {', '.join(missing)} in data_files")
             resolved = [uploads[Path(n).name] for n in names]
             data[name] = resolved if isinstance(value, list) else resolved[0]
         config = config_from_dict(data)
         return jobs.submit(config).id
     except ConfigError as err:
-        raise gr.Error(f"invalid settings: {err}") from None
+        raise widgets.refused(f"invalid settings: {err}") from None
     except jobs.UnusableData as err:
-        raise gr.Error(str(err)) from None
+        raise widgets.refused(str(err)) from None
 
 
 def _path(file) -> str:
@@ -56,7 +57,7 @@ def _path(file) -> str:
 def run_status(run_id: str) -> dict:
     run = Registry().get(run_id)
     if run is None:
-        raise gr.Error(f"There is no run {run_id!r}.")
+        raise widgets.refused(f"There is no run {run_id!r}.")
     progress = read_progress(run.dir)
     return {"id": run.id, "name": run.name, "modality": run.modality, "status": run.status,
             "step": progress.step, "total_steps": progress.total_steps, "loss": progress.last_loss,
@@ -68,9 +69,9 @@ def generate(run_id: str, prompt: str, base: bool = False) -> str:
     from studio import tryit
     run = Registry().get(run_id)
     if run is None:
-        raise gr.Error(f"There is no run {run_id!r}.")
+        raise widgets.refused(f"There is no run {run_id!r}.")
     if run.modality != "llm":
-        raise gr.Error("generate answers language-model runs; use the tab for image and speech runs")
+        raise widgets.refused("generate answers language-model runs; use the tab for image and speech runs")
     return tryit.generate_text(run.config(), run.dir, prompt, use_adapter=not base)
 
 
@@ -78,7 +79,7 @@ def stop_run(run_id: str) -> str:
     """'stopping' (a checkpoint at the next step), or 'stopped' for a queued run taken off the queue."""
     run = Registry().get(run_id)
     if run is None:
-        raise gr.Error(f"There is no run {run_id!r}.")
+        raise widgets.refused(f"There is no run {run_id!r}.")
     if run.status not in ACTIVE:  # as `studio stop` says: not answered as if the stop had been done
-        raise gr.Error(f"Run {run_id} has already ended ({run.status}); there is nothing to stop.")
+        raise widgets.refused(f"Run {run_id} has already ended ({run.status}); there is nothing to stop.")
     return jobs.request_stop(run_id)

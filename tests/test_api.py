@@ -76,6 +76,9 @@ def test_api_errors_are_messages(server):
                        [handle_file(str(ROOT / "assets" / "llm" / "sample.csv"))], api_name="/start_run")
     with pytest.raises(Exception, match="no run"):
         client.predict("nope", api_name="/run_status")
+    # told to the caller, not a fault of the server: no traceback in its log for each
+    log = (server.home.parent / f"server-{server.port}.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
 
 
 def test_the_page_builds_without_the_training_libraries():

@@ -71,15 +71,15 @@ def try_prompt(run_id, checkpoint, prompt, negative, seed, steps, guidance, size
     from studio import tryit
     run = Registry().get(run_id) if run_id else None
     if run is None:
-        raise gr.Error("Train a run first, then try it here.")
+        raise widgets.refused("Train a run first, then try it here.")
     checkpoint = None if checkpoint in (None, "", "final") else checkpoint
     if not (prompt or "").strip():  # the run's own sample prompt: one of its captions, not the demo's
         from studio.progress import read_progress
         prompt = next((s["prompt"] for s in read_progress(run.dir).samples if s.get("prompt")), "")
         if not prompt:
-            raise gr.Error("Type a prompt first.")
+            raise widgets.refused("Type a prompt first.")
     if too_large := oversize(int(size or 0), run.config().base_model, "each image"):
-        raise gr.Error(f"Size: {too_large}.")
+        raise widgets.refused(f"Size: {too_large}.")
     if seed is None or seed < 0:  # empty or -1: a new seed each time, named under the images to draw them again
         seed = random.randrange(2**31)
     options = dict(negative_prompt=negative or "", seed=int(seed), steps=int(steps), guidance=float(guidance),

@@ -179,9 +179,9 @@ def try_prompt(run_id, checkpoint, prompt, system, max_new_tokens, temperature, 
     from studio import tryit
     run = Registry().get(run_id) if run_id else None
     if run is None:
-        raise gr.Error("Train a run first, then try it here.")
+        raise widgets.refused("Train a run first, then try it here.")
     if not (prompt or "").strip():
-        raise gr.Error("Type a prompt first.")
+        raise widgets.refused("Type a prompt first.")
     checkpoint = None if checkpoint in (None, "", "final") else checkpoint
     options = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
     if (system or "").strip():

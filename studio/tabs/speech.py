@@ -66,9 +66,9 @@ def try_audio(run_id, checkpoint, audio):
     from studio import tryit
     run = Registry().get(run_id) if run_id else None
     if run is None:
-        raise gr.Error("Train a run first, then try it here.")
+        raise widgets.refused("Train a run first, then try it here.")
     if not audio:
-        raise gr.Error("Upload or record some audio first.")
+        raise widgets.refused("Upload or record some audio first.")
     checkpoint = None if checkpoint in (None, "", "final") else checkpoint
     try:
         base, base_s = tryit.transcribe(run.config(), run.dir, audio, checkpoint=checkpoint, use_adapter=False)

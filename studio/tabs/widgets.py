@@ -611,21 +611,27 @@ def checkpoint_choices(run_id: str | None) -> list[str]:
     return ["final"] + [p.name for p in reversed(checkpoint_dirs(run.dir))]
 
 
+def refused(message: str) -> gr.Error:
+    """An error the user is told of (no run yet, an empty prompt, a setting): said in the page, with no traceback
+    in the server's log, where a session's worth of them hid what really went wrong."""
+    return gr.Error(message, print_exception=False)
+
+
 def export_zip(run_id: str | None, kind: str, checkpoint: str | None) -> str:
     """Export into the run folder and zip it for download. Returns the zip's path."""
     from pipelines import pipeline_module
     registry = Registry()
     run = registry.get(run_id) if run_id else None
     if run is None:
-        raise gr.Error("Train a run first: there is nothing to export yet.")
+        raise refused("Train a run first: there is nothing to export yet.")
     checkpoint = None if checkpoint in (None, "", "final") else checkpoint
     if checkpoint is None and not (run.dir / "adapter").exists() and run.status != "completed":
         checkpoints = checkpoint_choices(run_id)[1:]
         if not checkpoints and run.status in FINAL:  # (no checkpoint will come)
-            raise gr.Error(f"This run ended ({run.status}) before it saved an adapter: there is nothing to export. "
+            raise refused(f"This run ended ({run.status}) before it saved an adapter: there is nothing to export. "
                            "Resume it, or train it again.")
         if not checkpoints:
-            raise gr.Error("This run has no adapter yet: wait for its first checkpoint or for it to finish.")
+            raise refused("This run has no adapter yet: wait for its first checkpoint or for it to finish.")
         checkpoint = checkpoints[0]
     label = f"{run.id}-{kind}" + (f"-{checkpoint}" if checkpoint else "")
     folder = run.dir / "exports" / label
