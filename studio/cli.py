@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     kind = export.add_mutually_exclusive_group(required=True)
     kind.add_argument("--adapter", type=Path, metavar="DIR", help="write the LoRA adapter here")
     kind.add_argument("--merged", type=Path, metavar="DIR", help="write the base model with the adapter merged in")
+    kind.add_argument("--kohya", type=Path, metavar="DIR",
+                      help="image runs: write the LoRA as one kohya/A1111 .safetensors file (ComfyUI, Forge) here")
     export.add_argument("--checkpoint", help="export a checkpoint (step-N) instead of the final adapter")
 
     for name, text in (("stop", "stop a run with a checkpoint"), ("cancel", "end a run now, no checkpoint"),
@@ -284,7 +286,10 @@ def cmd_generate(args) -> int:
 def cmd_export(args) -> int:
     from pipelines import pipeline_module
     run = _find_run(args.run)
-    kind, destination = ("adapter", args.adapter) if args.adapter else ("merged", args.merged)
+    kind, destination = next((kind, folder) for kind, folder in
+                             (("adapter", args.adapter), ("merged", args.merged), ("kohya", args.kohya)) if folder)
+    if kind == "kohya" and run.modality != "image":
+        raise ValueError("--kohya is for image runs; use --adapter or --merged")
     target = Path(destination)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         # An adapter written into a merged model's folder turns it into an adapter folder for from_pretrained.

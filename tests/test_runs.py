@@ -332,3 +332,20 @@ def test_a_page_opened_shows_the_run_training_before_a_queued_one(home, tmp_path
     assert widgets.latest_run_id("llm", registry) == training.id
     registry.set_status(training.id, "completed")
     assert widgets.latest_run_id("llm", registry) == queued.id
+
+
+def test_an_image_run_exports_its_kohya_file_from_the_command_line(home, tmp_path):
+    """The A1111/ComfyUI file was only in the Image tab."""
+    from safetensors import safe_open
+    data = yaml.safe_load((ROOT / "assets" / "image" / "config.yaml").read_text())
+    data.update(data_path=str(ROOT / "assets" / "image" / data["data_path"]), max_steps=2, sample_every=0)
+    config = tmp_path / "image.yaml"
+    config.write_text(yaml.safe_dump(data))
+    run_id = run_id_of(studio("train", str(config)).stdout)
+    exported = studio("export", run_id, "--kohya", str(tmp_path / "kohya"))
+    assert exported.returncode == 0, exported.stderr
+    with safe_open(exported.stdout.strip(), "pt") as f:
+        assert any(k.startswith("lora_unet_") for k in f.keys())
+    llm_run = run_id_of(studio("train", str(config_file(tmp_path, max_steps=2, sample_every=0))).stdout)
+    refused = studio("export", llm_run, "--kohya", str(tmp_path / "nope"))
+    assert refused.returncode == 2 and "--kohya is for image runs" in refused.stderr
