@@ -284,7 +284,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pipelines import pipeline_module
+    from studio.exporting import export_run
     run = _find_run(args.run)
     kind, destination = next((kind, folder) for kind, folder in
                              (("adapter", args.adapter), ("merged", args.merged), ("kohya", args.kohya)) if folder)
@@ -294,7 +294,7 @@ def cmd_export(args) -> int:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         # An adapter written into a merged model's folder turns it into an adapter folder for from_pretrained.
         raise ValueError(f"{destination} already exists and is not an empty folder: choose a new one.")
-    path = pipeline_module(run.modality).export(run.config(), run.dir, kind, destination, checkpoint=args.checkpoint)
+    path = export_run(run, kind, destination, checkpoint=args.checkpoint)
     print(path)
     return EXIT_OK
 

@@ -79,6 +79,10 @@ def test_train_then_generate_from_the_command_line(home, tmp_path):
     assert "completed" in (run_dir / "log.txt").read_text()
     exported = studio("export", run_id, "--adapter", str(tmp_path / "adapter"))
     assert exported.returncode == 0 and (tmp_path / "adapter" / "adapter_config.json").is_file()
+    # its model card says what it is and how to load it (it was peft's blank "[More Information Needed]")
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "More Information Needed" not in card and "# zorbia-facts" in card and "base_model: tiny-llama" in card
+    assert "- Steps: 90 of 90" in card and "- LoRA: rank 16" in card and "AutoPeftModelForCausalLM" in card
     again = studio("export", run_id, "--adapter", str(tmp_path / "adapter"))  # never into a folder with files
     assert again.returncode == 2 and again.stderr == (
         f"error: {tmp_path / 'adapter'} already exists and is not an empty folder: choose a new one.\n")
@@ -346,6 +350,8 @@ def test_an_image_run_exports_its_kohya_file_from_the_command_line(home, tmp_pat
     assert exported.returncode == 0, exported.stderr
     with safe_open(exported.stdout.strip(), "pt") as f:
         assert any(k.startswith("lora_unet_") for k in f.keys())
+    card = (tmp_path / "kohya" / "README.md").read_text()
+    assert f'weight_name="{Path(exported.stdout.strip()).name}"' in card and "library_name: diffusers" in card
     llm_run = run_id_of(studio("train", str(config_file(tmp_path, max_steps=2, sample_every=0))).stdout)
     refused = studio("export", llm_run, "--kohya", str(tmp_path / "nope"))
     assert refused.returncode == 2 and "--kohya is for image runs" in refused.stderr

@@ -619,7 +619,7 @@ def refused(message: str) -> gr.Error:
 
 def export_zip(run_id: str | None, kind: str, checkpoint: str | None) -> str:
     """Export into the run folder and zip it for download. Returns the zip's path."""
-    from pipelines import pipeline_module
+    from studio.exporting import export_run
     registry = Registry()
     run = registry.get(run_id) if run_id else None
     if run is None:
@@ -637,7 +637,7 @@ def export_zip(run_id: str | None, kind: str, checkpoint: str | None) -> str:
     folder = run.dir / "exports" / label
     shutil.rmtree(folder, ignore_errors=True)
     try:
-        pipeline_module(run.modality).export(run.config(), run.dir, kind, folder, checkpoint=checkpoint)
+        export_run(run, kind, folder, checkpoint=checkpoint)
     except Exception as err:  # shown as one message, not a traceback
         raise gr.Error(f"Export failed: {getattr(err, 'cause', None) or err}") from None
     return shutil.make_archive(str(folder), "zip", folder)

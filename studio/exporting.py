@@ -1,0 +1,75 @@
+"""A run's export (adapter, merged model, kohya file) with a model card, README.md, saying what it is, how it
+was trained and how to load it: the adapter folders carried peft's blank card ("[More Information Needed]"),
+and nothing named the base model, the settings or the system prompt the model expects. The Runs tab's and the
+tabs' downloads and `studio export` all come through here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines import MODALITIES, pipeline_module
+from studio.progress import read_progress
+from studio.runs import Run
+
+LIBRARY = {"llm": "peft", "image": "diffusers", "speech": "openai-whisper"}
+TAGS = {"llm": ["text-generation"], "image": ["stable-diffusion", "text-to-image"],
+        "speech": ["whisper", "automatic-speech-recognition"]}
+
+
+def export_run(run: Run, kind: str, destination: str | Path, checkpoint: str | None = None) -> Path:
+    """The run's adapter (or a checkpoint's) exported as `kind` into `destination`, with its model card beside
+    it. Returns what the pipeline wrote (a folder, or a file for kohya and a merged Whisper)."""
+    config = run.config()
+    path = Path(pipeline_module(run.modality).export(config, run.dir, kind, destination, checkpoint=checkpoint))
+    folder = path if path.is_dir() else path.parent
+    (folder / "README.md").write_text(model_card(run, kind, path, checkpoint), encoding="utf-8")
+    return path
+
+
+def model_card(run: Run, kind: str, path: Path, checkpoint: str | None = None) -> str:
+    config, progress = run.config(), read_progress(run.dir)
+    merged = kind in ("merged", "fused")
+    what = (f"`{config.base_model}` with a LoRA adapter merged into its weights" if merged
+            else f"A LoRA adapter for `{config.base_model}`")
+    trained = [
+        f"- Steps: {progress.step} of {progress.total_steps}" + (f" (checkpoint {checkpoint})" if checkpoint else ""),
+        f"- LoRA: rank {config.lora_rank}, alpha {config.lora_alpha:g}",
+        f"- Learning rate {config.learning_rate:g}, batch size {config.batch_size}"
+        + (f" x {config.gradient_accumulation} accumulated" if config.gradient_accumulation > 1 else ""),
+    ]
+    if progress.last_loss is not None:
+        trained.append(f"- Last training loss: {progress.last_loss:.4f}")
+    if progress.best() is not None:
+        trained.append(f"- Best validation loss: {progress.best():.4f}")
+    if getattr(config, "system_prompt", ""):
+        trained.append(f"- System prompt (ask with it too): {config.system_prompt!r}")
+    front = "\n".join(["---", f"base_model: {config.base_model}", f"library_name: {LIBRARY[run.modality]}",
+                       "tags:", *[f"- {t}" for t in ["lora", "lora-studio", *TAGS[run.modality]]], "---"])
+    return (f"{front}\n\n# {run.name}\n\n{what}, fine-tuned with LoRA Studio ({MODALITIES[run.modality]}, run "
+            f"`{run.id}`).\n\n## Training\n\n" + "\n".join(trained)
+            + f"\n\n## Use\n\n```python\n{_usage(run.modality, kind, path, config)}\n```\n")
+
+
+def _usage(modality: str, kind: str, path: Path, config) -> str:
+    here = "." if path.is_dir() else path.name
+    if modality == "llm":
+        if kind == "merged":
+            return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                    f'model = AutoModelForCausalLM.from_pretrained("{here}")\n'
+                    f'tokenizer = AutoTokenizer.from_pretrained("{here}")')
+        return ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n"
+                f'model = AutoPeftModelForCausalLM.from_pretrained("{here}")  # loads {config.base_model} too\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{here}")')
+    if modality == "image":
+        if kind in ("merged", "fused"):
+            return f'from diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained("{here}")'
+        weights = f', weight_name="{path.name}"' if kind == "kohya" else ""
+        return ("from diffusers import StableDiffusionPipeline\n"
+                f'pipe = StableDiffusionPipeline.from_pretrained("{config.base_model}")\n'
+                f'pipe.load_lora_weights("."{weights})' + ("  # or load the file in A1111, ComfyUI or Forge"
+                                                           if kind == "kohya" else ""))
+    if kind == "merged":
+        return (f'import whisper\nmodel = whisper.load_model("{here}")\n'
+                f'print(model.transcribe("clip.wav", language="{config.language}", task="{config.task}")["text"])')
+    return ('import whisper\nfrom peft import PeftModel\n'
+            f'model = PeftModel.from_pretrained(whisper.load_model("{config.base_model}"), ".")')
