@@ -283,6 +283,10 @@ def test_a_sample_from_chat_data_is_asked_its_whole_conversation(tmp_path):
     (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
     _, train, _ = load_examples(LLMConfig(train_files=[str(tmp_path / "chat.jsonl")], validation_fraction=0))
     assert train[0].context == chat[:4] and (train[0].prompt, train[0].answer) == ("Capital of Zorbia?", "Quillton.")
+    # and the preview shows it all ("as the model will see it" showed the last user turn alone)
+    assert inspect_data(LLMConfig(train_files=[str(tmp_path / "chat.jsonl")], validation_fraction=0)).preview == [
+        {"prompt": "[system] Answer briefly.\n[user] Hi\n[assistant] Hello.\n[user] Capital of Zorbia?",
+         "response": "Quillton."}]
 
 
 def test_a_model_folder_without_whole_weights_stops_train_before_a_run(tmp_path, assets, monkeypatch):

@@ -403,8 +403,11 @@ def inspect_data(config: LLMConfig) -> DataReport:
     """The data check the UI and CLI show before training: rows, format, problems, token lengths."""
     report, train, validation = load_examples(config)
     report.rows_usable = len(train) + len(validation) if not config.validation_files else len(train)
-    report.preview = [{"prompt": e.prompt, "response": e.answer} if e.messages else {"text": e.text}
-                      for e in train[:20]]
+    # The prompt as the model sees it: a system turn and earlier turns too, each after its role (the last user
+    # turn alone hid them)
+    report.preview = [{"prompt": e.prompt if len(e.context) == 1 else
+                       "\n".join(f"[{m['role']}] {m['content']}" for m in e.context), "response": e.answer}
+                      if e.messages else {"text": e.text} for e in train[:20]]
     if not train:
         return report
     try:
