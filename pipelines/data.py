@@ -39,6 +39,7 @@ class DataReport:
     validation_from_files: bool = False  # the validation rows come from their own upload, not the training rows
     roots: list[Path] = field(default_factory=list)  # uploaded folders and unpacked zips: files are named inside them
     blocker: str = ""  # why no run could start with usable rows all the same (the base model cannot be loaded)
+    unit: str = "rows"  # what the counts count, in the summary: rows of a table, images, clips
 
     @property
     def ok(self) -> bool:
@@ -84,8 +85,8 @@ class DataReport:
         """One line for the UI and the CLI."""
         if not self.rows_found and self.problems:
             return f"No usable data: {self.problems[0]}"
-        text = f"{self.rows_usable} of {self.rows_found} rows usable"
-        if self.format:
+        text = f"{self.rows_usable} of {self.rows_found} {self.unit} usable"
+        if self.format and self.format != self.unit:
             text += f" ({self.format})"
         if self.validation_unusable:
             text += "; the validation data has nothing usable (see the problems)"
@@ -97,7 +98,7 @@ class DataReport:
         # and a warning (kept=True) drops nothing.
         dropped = max(0, self.rows_found - self.rows_usable)
         if dropped:
-            text += f"; {dropped} {'row' if dropped == 1 else 'rows'} dropped"
+            text += f"; {dropped} {self.unit[:-1] if dropped == 1 else self.unit} dropped"
         if self.blocker:
             text += f"; but {self.blocker}"
         return text

@@ -126,7 +126,7 @@ def test_a_folder_upload_takes_the_place_of_the_sample_drawings(server, page, tm
     open_tab(page, server, "Image (Stable Diffusion)")
     expect(page.locator("#image-data-summary")).to_contain_text("8 of 8")
     page.locator("#image-folder input[type=file]").set_input_files(str(folder))
-    expect(page.locator("#image-data-summary")).to_contain_text("3 of 3 rows usable")
+    expect(page.locator("#image-data-summary")).to_contain_text("3 of 3 images usable")
     expect(page.locator("#image-preview img")).to_have_count(3)
 
 

@@ -85,7 +85,7 @@ def test_every_broken_file_is_named_with_its_reason(tmp_path):
     assert "100 megapixels" in found["bomb.png"] and "STUDIO_MAX_IMAGE_PIXELS" in found["bomb.png"]
     assert "not an image file" in found["scan.pdf"]
     assert "convert it to PNG or JPEG" in found["phone.heic"]
-    assert report.summary() == "1 of 6 rows usable (images); 5 rows dropped"
+    assert report.summary() == "1 of 6 images usable; 5 images dropped"
 
 
 def test_odd_formats_are_converted_with_a_note(tmp_path):
@@ -280,7 +280,7 @@ def test_the_tab_names_files_inside_the_zip_and_says_what_it_did(tmp_path):
     assert rows[("metadata.csv", 3)] == "names 'cats/001.png' again (already in row 1): this row is skipped"
     assert rows[("dogs/001.png", "")].startswith("is truncated")  # not "001.png", as the good cat is
     assert rows[("prnt.txt", "")] == "matches no image (a caption goes with the image of the same name): not used"
-    assert "2 of 3 rows usable" in summary and "Used as follows:\n- print.jpg: is a CMYK" in summary
+    assert "2 of 3 images usable" in summary and "Used as follows:\n- print.jpg: is a CMYK" in summary
 
 
 def test_a_base_model_that_cannot_be_loaded_stops_train_before_a_run(tmp_path, monkeypatch):

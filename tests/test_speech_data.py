@@ -99,7 +99,7 @@ def test_every_bad_file_gets_its_own_message(messy):
     assert report.rows_usable == 4
     assert sorted(Path(p["audio"]).name for p in report.preview) == ["apples.ogg", "eightbit.wav", "good.wav",
                                                                      "special.wav"]
-    assert report.summary() == "4 of 14 rows usable (metadata.csv); 10 rows dropped"
+    assert report.summary() == "4 of 14 clips usable (metadata.csv); 10 clips dropped"
     assert not any(name in found for name in ("eightbit.wav", "apples.ogg", "good.wav"))
 
 

@@ -236,7 +236,7 @@ def collect_files(config: ImageConfig, report: DataReport) -> tuple[list[Path], 
 def load_examples(config: ImageConfig, report: DataReport | None = None, *, keep_notes: bool = True
                   ) -> tuple[DataReport, list[ImageExample]]:
     """Find every image, decode it, pair it with its caption. Never raises on bad data."""
-    report = report or DataReport()
+    report = report or DataReport(unit="images")
     report.format = "images"
     files, base = collect_files(config, report)
     files = list(dict.fromkeys(files))

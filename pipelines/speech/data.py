@@ -282,7 +282,7 @@ def load_clips(config: SpeechConfig, report: DataReport | None = None, keep_audi
                ) -> tuple[DataReport, list[Clip], list[Clip]]:
     """Find, decode and check every clip, report every problem, split train/validation.
     Never raises on bad data. With keep_audio, each clip carries its 16 kHz samples."""
-    report = report or DataReport()
+    report = report or DataReport(unit="clips")
     sources = ([config.data_path] if config.data_path.strip() else []) + list(config.data_files)
     train = _clips_from(sources, config, report, keep_audio)
     validation: list[Clip] = []
