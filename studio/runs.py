@@ -113,7 +113,7 @@ class Registry:
                     cursor = db.execute(query, args)
                     return cursor.fetchall() if cursor.description else cursor.rowcount
             except sqlite3.DatabaseError as err:
-                if attempt == 2 or isinstance(err, sqlite3.OperationalError):  # (locked, busy: not damage)
+                if attempt == 2 or not damaged(err):
                     raise
                 self._replace_damaged(err)
 
@@ -242,7 +242,7 @@ class Registry:
         try:
             return self._index_folders()
         except sqlite3.DatabaseError as err:
-            if isinstance(err, sqlite3.OperationalError):
+            if not damaged(err):
                 raise
             return self._replace_damaged(err)
 
@@ -256,6 +256,12 @@ class Registry:
                            list(row.values()))
             db.execute("COMMIT")
         return len(rows)
+
+
+def damaged(err: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite found the file damaged ("file is not a database", "database disk image is malformed"):
+    those are plain DatabaseErrors; its subclasses are a locked file, a broken constraint, a wrong query."""
+    return type(err) is sqlite3.DatabaseError
 
 
 def config_hash(config: RunConfig) -> str:

@@ -355,3 +355,13 @@ def test_an_image_run_exports_its_kohya_file_from_the_command_line(home, tmp_pat
     llm_run = run_id_of(studio("train", str(config_file(tmp_path, max_steps=2, sample_every=0))).stdout)
     refused = studio("export", llm_run, "--kohya", str(tmp_path / "nope"))
     assert refused.returncode == 2 and "--kohya is for image runs" in refused.stderr
+
+
+def test_only_a_damaged_file_sets_the_index_aside(home):
+    """A broken constraint or a wrong query is a DatabaseError too: taken for damage, it would set aside a good
+    index."""
+    import sqlite3
+    registry = Registry(home)
+    with pytest.raises(sqlite3.IntegrityError):
+        registry._sql("INSERT INTO runs (id) VALUES ('x')")  # (the other columns may not be NULL)
+    assert not list(home.glob("studio.db.damaged-*"))
