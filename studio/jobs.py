@@ -199,7 +199,8 @@ def reconcile(registry: Registry | None = None) -> list[str]:
     worker on its missing log.txt."""
     registry = registry or Registry()
     for run in registry.list():
-        if not run.dir.is_dir() and not (run.status in ("starting", "running") and worker_alive(run)):
+        folder = registry.home / "runs" / run.id  # (this registry's workspace, which need not be $STUDIO_HOME's)
+        if not folder.is_dir() and not (run.status in ("starting", "running") and worker_alive(run)):
             registry.forget(run.id)
     lost = []
     for status in ("starting", "running"):

@@ -308,6 +308,11 @@ def test_a_run_folder_deleted_by_hand_leaves_the_index(home, tmp_path):
         shutil.rmtree(run.dir)
     assert jobs.dispatch(registry) == []
     assert registry.list() == []
+    # a workspace other than $STUDIO_HOME's (`studio train <its run>/config.yaml --resume`): its runs stay
+    other = Registry(tmp_path / "elsewhere")
+    kept = other.create(load_config(config_file(tmp_path, max_steps=3, sample_every=0)), status="stopped")
+    jobs.reconcile(other)
+    assert [r.id for r in other.list()] == [kept.id]
 
 
 def test_with_no_server_a_waiting_studio_train_starts_when_the_run_ahead_dies(home, tmp_path):
