@@ -362,11 +362,15 @@ def test_a_run_asked_to_stop_says_so_until_it_ends(tmp_path, monkeypatch):
     config = load_config(ROOT / "assets" / "llm" / "config.yaml")
     run = registry.create(config.changed(train_files=[str(ROOT / "assets" / "llm" / "sample.csv")]),
                           status="running")
+    from studio.runs import append_event
+    append_event(run.dir, "step", step=1, total_steps=10, loss=1.0, eta_s=30.0)
     before = widgets.live_version(run, read_progress(run.dir), registry)
-    assert "**running**" in widgets.status_markdown(run, read_progress(run.dir), registry)
+    running = widgets.status_markdown(run, read_progress(run.dir), registry)
+    assert "**running**" in running and "ETA" in running
     (run.dir / STOP_FILE).touch()
     shown = widgets.status_markdown(run, read_progress(run.dir), registry)
     assert "**stopping**" in shown and "saves a checkpoint at the end of this step, then ends" in shown
+    assert "ETA" not in shown
     assert widgets.live_version(run, read_progress(run.dir), registry) != before  # the page polls it at once
     registry.set_status(run.id, "stopped")
     stopped = widgets.status_markdown(registry.get(run.id), read_progress(run.dir), registry)

@@ -241,7 +241,8 @@ def build() -> None:
             for key in TRAINING[10:] + TOGGLES:
                 inputs[key].render()
         with gr.Accordion("Advanced", open=False):
-            for keys in (ADVANCED[:4], ADVANCED[4:7], ADVANCED[7:]):
+            # (eight in the last row squeezed 'Trust remote code' to a word a line, and the system prompt)
+            for keys in (ADVANCED[:4], ADVANCED[4:7], ADVANCED[7:10], ADVANCED[10:]):
                 with gr.Row():
                     for key in keys:
                         inputs[key].render()

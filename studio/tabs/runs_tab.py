@@ -536,7 +536,8 @@ def _wire_open(open_run: gr.Button, selected: gr.State, message: gr.Markdown, ta
             gr.Warning(NOTHING_SELECTED)
             return {message: NOTHING_SELECTED}
         return {run_states[run.modality]: run.id, tabs: gr.Tabs(selected=run.modality),
-                message: f"Opened **{run.name}** in the {MODALITIES[run.modality]} tab.",
+                message: f"Opened **{run.name}** in the {MODALITIES[run.modality]} tab, to try it and export it "
+                         "there (**Clone** fills in its settings).",
                 **{timer: gr.Timer(active=False) for timer in timers}}  # as showing another tab does
 
     open_run.click(do_open, selected, [message, tabs, *timers, *run_states.values()], api_visibility="private")

@@ -397,7 +397,7 @@ def status_markdown(run, progress: Progress, registry: Registry) -> str:
     parts = []
     if progress.total_steps:
         parts.append(f"step {progress.step}/{progress.total_steps} ({100 * progress.fraction():.0f}%)")
-    if status == "running" and progress.eta_s:
+    if status == "running" and progress.eta_s and not stopping(run):
         parts.append(f"ETA {format_seconds(progress.eta_s)}")
     if progress.units_per_s:
         parts.append(f"{progress.units_per_s:,.1f} {progress.unit}/s")
