@@ -76,7 +76,7 @@ class DataReport:
         are held back (the validation data, the base model), else "No usable <what>"; nothing where the summary
         says so itself ("No usable data: <the first problem>", when no file had a row)."""
         if self.ok:
-            return what.capitalize()
+            return "Data"  # ("Images: 8 of 8 images usable" said it twice)
         if self.rows_usable:
             return "Cannot train yet"
         return "" if not self.rows_found and self.problems else f"No usable {what}"

@@ -71,6 +71,7 @@ BAD = [
     ("ragged.csv", "instruction,output\na,b\nc,d,e\nf,g\n", "has 3 fields but the header has 2", 2),
     ("unclosed.csv", "instruction,output\na,b\n\"c,d\ne,f\ng,h\n",
      "a quote opened in this row is never closed, so the 2 lines after it were read as one cell", 2),
+    ("lastquote.csv", 'instruction,output\na,b\n"c,d\n', "a quote opened in this row is never closed: close it", 2),
     ("garbage.csv", bytes(range(256)) * 40, "looks like a binary file", None),
     ("latin1.csv", "instruction,output\ncaf\xe9,ok\n".encode("latin-1"), "is not UTF-8 text", None),
     ("broken.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "c", \n', "is not valid JSON", 2),

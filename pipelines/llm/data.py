@@ -137,6 +137,7 @@ def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -
                              f"{'have' if len(unnamed) > 1 else 'has'} no name: ignored", kept=True)
     report.columns = report.columns or named
     number, before, blank = 0, len(report.problems), 0
+    unclosed_at_end, lines_in_file = text.count('"') % 2 == 1, text.rstrip("\n").count("\n") + 1
     while True:
         number += 1
         try:
@@ -158,6 +159,9 @@ def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -
                 lines = f"the {swallowed} lines after it were" if swallowed > 1 else "the line after it was"
                 report.problem(name, f"a quote opened in this row is never closed, so {lines} read as one cell: "
                                      "close it (a quote inside a cell is written \"\")", number, rows=1 + swallowed)
+            elif unclosed_at_end and reader.line_num >= lines_in_file:  # the last row opened a quote never closed
+                report.problem(name, "a quote opened in this row is never closed: close it (a quote inside a cell "
+                                     "is written \"\")", number)
             else:
                 report.problem(name, f"has {len(cells)} fields but the header has {len(header)}"
                                      " (a stray delimiter or a missing quote?)", number)

@@ -241,7 +241,7 @@ def shown_if_any(rows: list, as_value=pd.DataFrame) -> dict:
 
 
 def headline(report, what: str) -> str:
-    """The data check's first line: "**Images:** 8 of 8 images usable", or "**No usable images.** ..." (not
+    """The data check's first line: "**Data:** 8 of 8 images usable", or "**No usable images.** ..." (not
     "No usable images. No usable data: ..." where the summary says so itself)."""
     lead, text = report.verdict(what), report.summary()
     if report.ok:
