@@ -55,14 +55,15 @@ def _path(file) -> str:
 
 
 def run_status(run_id: str) -> dict:
-    run = Registry().get(run_id)
+    registry = Registry()
+    run = registry.get(run_id)
     if run is None:
         raise widgets.refused(f"There is no run {run_id!r}.")
     progress = read_progress(run.dir)
     return {"id": run.id, "name": run.name, "modality": run.modality, "status": run.status,
             "step": progress.step, "total_steps": progress.total_steps, "loss": progress.last_loss,
             "losses": progress.losses, "evals": [{k: v for k, v in e.items() if k != "type"} for e in progress.evals],
-            "error": run.error, "advice": run.advice, "queue_position": Registry().queue_position(run.id)}
+            "error": run.error, "advice": run.advice, "queue_position": registry.queue_position(run.id)}
 
 
 def generate(run_id: str, prompt: str, base: bool = False) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines import MODALITIES, pipeline_module
+from pipelines.config import RunConfig
 from studio.progress import read_progress
 from studio.runs import Run
 
@@ -22,12 +23,12 @@ def export_run(run: Run, kind: str, destination: str | Path, checkpoint: str | N
     config = run.config()
     path = Path(pipeline_module(run.modality).export(config, run.dir, kind, destination, checkpoint=checkpoint))
     folder = path if path.is_dir() else path.parent
-    (folder / "README.md").write_text(model_card(run, kind, path, checkpoint), encoding="utf-8")
+    (folder / "README.md").write_text(model_card(run, config, kind, path, checkpoint), encoding="utf-8")
     return path
 
 
-def model_card(run: Run, kind: str, path: Path, checkpoint: str | None = None) -> str:
-    config, progress = run.config(), read_progress(run.dir)
+def model_card(run: Run, config: RunConfig, kind: str, path: Path, checkpoint: str | None = None) -> str:
+    progress = read_progress(run.dir)
     merged = kind in ("merged", "fused")
     what = (f"`{config.base_model}` with a LoRA adapter merged into its weights" if merged
             else f"A LoRA adapter for `{config.base_model}`")
@@ -50,7 +51,7 @@ def model_card(run: Run, kind: str, path: Path, checkpoint: str | None = None) -
             + f"\n\n## Use\n\n```python\n{_usage(run.modality, kind, path, config)}\n```\n")
 
 
-def _usage(modality: str, kind: str, path: Path, config) -> str:
+def _usage(modality: str, kind: str, path: Path, config: RunConfig) -> str:
     here = "." if path.is_dir() else path.name
     if modality == "llm":
         if kind == "merged":
@@ -62,7 +63,8 @@ def _usage(modality: str, kind: str, path: Path, config) -> str:
                 f'tokenizer = AutoTokenizer.from_pretrained("{here}")')
     if modality == "image":
         if kind in ("merged", "fused"):
-            return f'from diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained("{here}")'
+            return ("from diffusers import StableDiffusionPipeline\n"
+                    f'pipe = StableDiffusionPipeline.from_pretrained("{here}")')
         weights = f', weight_name="{path.name}"' if kind == "kohya" else ""
         return ("from diffusers import StableDiffusionPipeline\n"
                 f'pipe = StableDiffusionPipeline.from_pretrained("{config.base_model}")\n'

@@ -198,21 +198,18 @@ def reconcile(registry: Registry | None = None) -> list[str]:
     cancelled): kept, it was offered a resume that could never work, and dispatched, it failed another run's
     worker on its missing log.txt."""
     registry = registry or Registry()
-    for run in registry.list():
-        folder = registry.home / "runs" / run.id  # (this registry's workspace, which need not be $STUDIO_HOME's)
-        if not folder.is_dir() and not (run.status in ("starting", "running") and worker_alive(run)):
-            registry.forget(run.id)
     lost = []
-    for status in ("starting", "running"):
-        for run in registry.list(status=status):
-            if worker_alive(run):
-                continue
-            if status == "starting" and not run.pid and time.time() - (run.started or 0) < 10:
-                continue  # claimed by a dispatcher that is launching it this very moment
-            if registry.set_status(run.id, "interrupted", expect=(status,),
-                                   error="The training process ended unexpectedly.",
-                                   advice="Resume the run to continue from its last checkpoint."):
-                lost.append(run.id)
+    for run in registry.list():  # (one query: dispatch calls this every few seconds)
+        if run.status in ("starting", "running") and worker_alive(run):
+            continue
+        if not (registry.home / "runs" / run.id).is_dir():  # (this registry's workspace, not $STUDIO_HOME's)
+            registry.forget(run.id)
+        elif run.status == "starting" and not run.pid and time.time() - (run.started or 0) < 10:
+            continue  # claimed by a dispatcher that is launching it this very moment
+        elif run.status in ("starting", "running") and registry.set_status(
+                run.id, "interrupted", expect=(run.status,), error="The training process ended unexpectedly.",
+                advice="Resume the run to continue from its last checkpoint."):
+            lost.append(run.id)
     return lost
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines.hub import (ModelUnavailable, building_presets, error_text, hub_reachable, load_from_hub, publish_folder, resolve_source,
-                           workspace)
+from pipelines.hub import (ModelUnavailable, building_presets, error_text, hub_reachable, load_from_hub,
+                           publish_folder, resolve_source, workspace)
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from pipelines.hub import ModelUnavailable, building_presets, error_text, load_from_hub, publish_folder, resolve_source, workspace
+from pipelines.hub import (ModelUnavailable, building_presets, error_text, load_from_hub, publish_folder,
+                           resolve_source, workspace)
 from pipelines.training import TrainingFailure, native_bf16
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"

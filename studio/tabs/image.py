@@ -78,15 +78,16 @@ def try_prompt(run_id, checkpoint, prompt, negative, seed, steps, guidance, size
         prompt = next((s["prompt"] for s in read_progress(run.dir).samples if s.get("prompt")), "")
         if not prompt:
             raise widgets.refused("Type a prompt first.")
-    if too_large := oversize(int(size or 0), run.config().base_model, "each image"):
+    config = run.config()
+    if too_large := oversize(int(size or 0), config.base_model, "each image"):
         raise widgets.refused(f"Size: {too_large}.")
     if seed is None or seed < 0:  # empty or -1: a new seed each time, named under the images to draw them again
         seed = random.randrange(2**31)
     options = dict(negative_prompt=negative or "", seed=int(seed), steps=int(steps), guidance=float(guidance),
                    width=int(size) or None, height=int(size) or None)
     try:
-        base = tryit.generate_image(run.config(), run.dir, prompt, checkpoint=checkpoint, lora_scale=0.0, **options)
-        tuned = tryit.generate_image(run.config(), run.dir, prompt, checkpoint=checkpoint,
+        base = tryit.generate_image(config, run.dir, prompt, checkpoint=checkpoint, lora_scale=0.0, **options)
+        tuned = tryit.generate_image(config, run.dir, prompt, checkpoint=checkpoint,
                                      lora_scale=float(strength), **options)
     except Exception as err:
         raise gr.Error(f"Generation failed: {getattr(err, 'cause', None) or err}") from None

@@ -120,7 +120,7 @@ def checked(config: LLMConfig):
     file."""
     from pipelines.llm.data import inspect_data
     paths = [*config.train_files, *config.validation_files, os.path.expanduser(config.base_model.strip())]
-    stamps = [(p, os.stat(p).st_mtime_ns, os.stat(p).st_size) if os.path.exists(p) else (p,) for p in paths]
+    stamps = [(p, (info := os.stat(p)).st_mtime_ns, info.st_size) if os.path.exists(p) else (p,) for p in paths]
     key = json.dumps([config.changed(batch_size=1, load_in_4bit=False, name="").to_dict(), stamps],
                      sort_keys=True, default=str)
     with _CHECKED_LOCK:

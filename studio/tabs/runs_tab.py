@@ -325,7 +325,8 @@ def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None,
     # Widths set, not fitted to content: fitted, "best validation" stood one letter a line and the table ran
     # wider than the page.
     table = gr.Dataframe(None, headers=COLUMNS, interactive=False, wrap=True, max_height=360, label="Runs",
-                         elem_id="runs-table", column_widths=["17%", "17%", "10%", "10%", "9%", "9%", "9%", "11%", "8%"])
+                         elem_id="runs-table",
+                         column_widths=["17%", "17%", "10%", "10%", "9%", "9%", "9%", "11%", "8%"])
     gr.Markdown("Select a row to see the run. Pick two or more under **Compare** to overlay their curves.")
 
     gr.Markdown("### Selected run")

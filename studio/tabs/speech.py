@@ -47,7 +47,8 @@ def check_data(*args):
     if stats.get("total_seconds"):
         rates = sorted(stats.get("sample_rates", {}).items(), key=lambda rate_and_count: int(rate_and_count[0]))
         rates = ", ".join(f"{rate} Hz ({n})" for rate, n in rates)
-        validation = f", plus {stats['validation_seconds']:.1f} s to validate on" if "validation_seconds" in stats else ""
+        validation = (f", plus {stats['validation_seconds']:.1f} s to validate on" if "validation_seconds" in stats
+                      else "")
         summary += f"\n\nTotal audio: {stats['total_seconds']:.1f} s{validation}. Sample rates: {rates}."
     summary += widgets.noted("Converted for Whisper:", stats.get("converted", []))
     problems = widgets.problems_table(report)

@@ -184,8 +184,9 @@ class TabForm:
             text = "; ".join(f"`{n}` {w}" for n, w in err.problems)
             return unchanged + [f"**This config.yaml cannot be used:** {text}"]
         config_file = Path(upload_path(upload)).resolve()
-        names = Counter(Path(p).name for p in _paths(uploaded))
-        held = {Path(p).name: p for p in _paths(uploaded) if names[Path(p).name] == 1}  # a name two files share: neither
+        held_paths = _paths(uploaded)
+        names = Counter(Path(p).name for p in held_paths)
+        held = {Path(p).name: p for p in held_paths if names[Path(p).name] == 1}  # a name two files share: neither
         found: dict[str, list[str]] = {}
         missing = []
         for field in dict.fromkeys(self.upload_fields):
