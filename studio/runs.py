@@ -7,6 +7,7 @@ log.txt, checkpoints/, adapter/, data/. The database is an index for listing and
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -15,10 +16,10 @@ import shutil
 import sqlite3
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -101,35 +102,52 @@ class Registry:
         self._sql(SCHEMA, script=True)
 
     def _sql(self, query: str, args: list | tuple = (), *, script: bool = False) -> Any:
-        """One statement on a connection of its own: the rows it returns, or for a change the number of rows
-        changed. A damaged studio.db (overwritten, a disk fault) is set aside and the index rebuilt from the run
-        folders, which hold the truth, and the statement runs again: the documented way out used to fail on
-        the damaged file itself, and every page, command and worker with it."""
+        """One statement: the rows it returns, or for a change the number of rows changed."""
+        def statement(db: sqlite3.Connection) -> Any:
+            if script:
+                return db.executescript(query)
+            cursor = db.execute(query, args)
+            return cursor.fetchall() if cursor.description else cursor.rowcount
+        return self._with_db(statement)
+
+    def _with_db(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """`work` on a connection of its own. A damaged studio.db (overwritten, a disk fault) is replaced by an
+        index rebuilt from the run folders, which hold the truth, and the work runs again: the documented way
+        out used to fail on the damaged file itself, and every page, command and worker with it."""
         for attempt in (1, 2):
             try:
                 with self._db() as db:
-                    if script:
-                        return db.executescript(query)
-                    cursor = db.execute(query, args)
-                    return cursor.fetchall() if cursor.description else cursor.rowcount
+                    return work(db)
             except sqlite3.DatabaseError as err:
                 if attempt == 2 or not damaged(err):
                     raise
                 self._replace_damaged(err)
 
-    def _replace_damaged(self, err: sqlite3.DatabaseError) -> int:
-        kept = self.db_path.with_name(f"studio.db.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-        for suffix in ("", "-wal", "-shm"):
+    def _replace_damaged(self, err: sqlite3.DatabaseError) -> None:
+        """Set the damaged index aside and put one rebuilt from the folders in its place, whole: an index
+        that was empty while being filled once lost a run's end ('stopped' changed no row, then the rebuild
+        wrote back 'running'). One process does it; the others that met the damage wait and find it mended."""
+        with open(self.db_path.with_name("studio.db.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if readable(self.db_path):
+                return
+            kept = self.db_path.with_name(f"studio.db.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            fresh = self.db_path.with_name("studio.db.rebuilding")
+            fresh.unlink(missing_ok=True)  # left by a process that died building it
+            with closing(sqlite3.connect(fresh, isolation_level=None)) as db:
+                db.executescript(SCHEMA)
+                found = self._index_folders(db)
+            # The damaged file's journal first: replayed into the new index, it would damage that too.
+            for suffix in ("-wal", "-shm"):
+                with suppress(FileNotFoundError):
+                    os.replace(f"{self.db_path}{suffix}", f"{kept}{suffix}")
             try:
-                os.replace(f"{self.db_path}{suffix}", f"{kept}{suffix}")
-            except FileNotFoundError:
-                pass  # another process set it aside first
-        with self._db() as db:
-            db.executescript(SCHEMA)
-        found = self._index_folders()
+                os.link(self.db_path, kept)  # kept for whoever wants to look into it ...
+            except OSError:  # a file system without hard links
+                shutil.copyfile(self.db_path, kept)
+            os.replace(fresh, self.db_path)  # ... and replaced in one step: never missing, never half-filled
         print(f"studio.db could not be read ({err}): it was set aside as {kept.name}, and the index of runs was "
               f"rebuilt from the {found} run folders.", file=sys.stderr)
-        return found
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -209,12 +227,17 @@ class Registry:
         if expect:
             query += f" AND status IN ({', '.join('?' * len(expect))})"
             args += list(expect)
-        changed = self._sql(query, args) == 1
-        if changed:  # (resume: a rebuild of the index keeps a queued resume a resume)
-            extra = {k: v for k, v in values.items()
-                     if k in ("error", "advice", "pid", "resume") and v not in (None, "", 0)}
-            append_event(self.home / "runs" / run_id, "status", status=status, **extra)
-        return changed
+        extra = {k: v for k, v in values.items()  # (resume: a rebuild keeps a queued resume a resume)
+                 if k in ("error", "advice", "pid", "resume") and v not in (None, "", 0)}
+
+        def change(db: sqlite3.Connection) -> bool:
+            db.execute("BEGIN IMMEDIATE")  # the row and the folder's event together, as a rebuild reads them
+            changed = db.execute(query, args).rowcount == 1
+            if changed:
+                append_event(self.home / "runs" / run_id, "status", status=status, **extra)
+            db.execute("COMMIT")
+            return changed
+        return self._with_db(change)
 
     def rename(self, run_id: str, name: str) -> None:
         run = self.get(run_id)
@@ -239,23 +262,28 @@ class Registry:
     def rebuild(self) -> int:
         """Re-create the index from the run folders (after losing or corrupting studio.db). Returns the number
         of runs found."""
-        try:
-            return self._index_folders()
-        except sqlite3.DatabaseError as err:
-            if not damaged(err):
-                raise
-            return self._replace_damaged(err)
+        return self._with_db(self._index_folders)
 
-    def _index_folders(self) -> int:
+    def _index_folders(self, db: sqlite3.Connection) -> int:
+        # The folders are read under the write lock, as set_status changes a row and its folder together:
+        # a status changed meanwhile is either in both or in neither.
+        db.execute("BEGIN IMMEDIATE")  # and one change: no reader sees the index empty halfway
         rows = [row for row in map(_row_from_folder, sorted((self.home / "runs").iterdir())) if row]
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")  # one change: no reader sees the index empty halfway
-            db.execute("DELETE FROM runs")
-            for row in rows:
-                db.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                           list(row.values()))
-            db.execute("COMMIT")
+        db.execute("DELETE FROM runs")
+        for row in rows:
+            db.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                       list(row.values()))
+        db.execute("COMMIT")
         return len(rows)
+
+
+def readable(db_path: Path) -> bool:
+    """Whether the index is sound now (another process may have mended it); busy is not damaged."""
+    try:
+        with closing(sqlite3.connect(db_path, timeout=30)) as db:
+            return db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    except sqlite3.DatabaseError as err:
+        return not damaged(err)
 
 
 def damaged(err: sqlite3.DatabaseError) -> bool:

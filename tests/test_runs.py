@@ -297,6 +297,31 @@ def test_a_damaged_index_is_set_aside_and_rebuilt_from_the_run_folders(home, tmp
     assert statuses == {done: "completed", ahead: "stopped", behind.id: "completed"}
 
 
+def test_a_run_that_ends_while_another_process_mends_the_index_stays_ended(home, tmp_path):
+    """CI once saw the run ahead never stop in the test above: the index being rebuilt by another process was
+    empty for a moment, the worker's 'stopped' changed no row, and the rebuild then wrote 'running' back from
+    the folders. Here the mending process is slowed by many run folders to read, and the run's end is
+    recorded the moment the damaged file is set aside."""
+    import shutil
+    registry = Registry(home)
+    config = load_config(config_file(tmp_path, max_steps=3, sample_every=0))
+    ending = registry.create(config, status="running")
+    finished = registry.create(config, status="completed")
+    for number in range(300):  # copies of its folder: quick to make, slow to read back
+        shutil.copytree(finished.dir, home / "runs" / f"20200101-000000-llm-{number:04x}")
+    (home / "studio.db").write_bytes(b"not a database " * 1000)
+    reading = "from studio.runs import Registry; Registry().list()"  # any page or command
+    mending = subprocess.Popen([sys.executable, "-c", reading], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: list(home.glob("studio.db.damaged-*")), timeout=60, what="the damaged index set aside")
+    assert registry.set_status(ending.id, "stopped", expect=("running",))
+    mended = mending.communicate(timeout=120)[1]
+    assert "rebuilt from the 302 run folders" in mended, mended
+    assert Registry(home).get(ending.id).status == "stopped"
+    assert Registry(home).rebuild() == 302 and Registry(home).get(ending.id).status == "stopped"  # the folder agrees
+    assert len([f for f in home.glob("studio.db.damaged-*") if f.name[-1].isdigit()]) == 1  # set aside once
+
+
 def test_a_run_folder_deleted_by_hand_leaves_the_index(home, tmp_path):
     """Kept, a queued run whose folder was deleted was called interrupted and offered a resume that could not
     work, and the next dispatch failed on its missing log.txt (in another run's worker)."""
