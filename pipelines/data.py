@@ -7,6 +7,7 @@ name the file and row (or entry) and say why, so the UI can show them before any
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,45 @@ class DataReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "roots"}
+
+
+class NotText(ValueError):
+    """Why an uploaded file cannot be read as text, in words for the user."""
+
+
+READ_AS_WINDOWS_1252 = ("is not UTF-8: read as Windows-1252, what Excel's 'CSV' and Notepad's 'ANSI' save on "
+                        "Western-European Windows; if letters look wrong in the preview, save it as UTF-8 and upload "
+                        "again")
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0e-\x1f]")
+
+
+def decode_text(raw: bytes) -> tuple[str, str]:
+    """An uploaded text file's bytes as text, and a warning when it was not UTF-8. Excel saves UTF-16 with a
+    byte order mark as 'Unicode text', and Windows-1252 as plain 'CSV' on Western-European Windows: that one
+    is taken only for text that reads as a Latin script, where letters outside ASCII are the few accented
+    ones; Cyrillic or Chinese saved in their own code pages read as runs of them, and are refused."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return raw.decode("utf-16"), ""
+        except UnicodeDecodeError:
+            pass  # not UTF-16 after all: the checks below say what it is
+    if b"\x00" in raw[:65536]:
+        raise NotText("looks like a binary file, not text")
+    try:
+        return raw.decode("utf-8-sig"), ""
+    except UnicodeDecodeError as err:
+        not_utf8 = NotText(f"is not UTF-8 text (byte 0x{raw[err.start]:02x} at position {err.start}); save it as "
+                           "UTF-8 and upload again")
+    if _CONTROL_BYTES.search(raw):
+        raise not_utf8
+    try:
+        text = raw.decode("cp1252")
+    except UnicodeDecodeError:  # one of the five bytes Windows-1252 leaves undefined
+        raise not_utf8 from None
+    letters = [c for c in text if c.isalpha()]
+    if sum(not c.isascii() for c in letters) > 0.3 * len(letters):
+        raise not_utf8
+    return text, READ_AS_WINDOWS_1252
 
 
 def int_setting(name: str, default: int) -> int:

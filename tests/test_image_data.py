@@ -158,6 +158,16 @@ def test_captions_duplicates_and_small_images(tmp_path):
     assert with_prompt.stats["caption_sources"] == {"file": 2, "instance_prompt": 2}
 
 
+def test_a_caption_saved_by_notepad_as_ansi_is_read_and_said_so(tmp_path):
+    """Windows-1252 ('ANSI' in Notepad): the image was skipped, 'caption file is not UTF-8 text'."""
+    square(tmp_path / "cafe.png", caption=None)
+    (tmp_path / "cafe.txt").write_bytes("un café crème, très “doux”".encode("cp1252"))
+    report = check(tmp_path, resolution=32)
+    assert report.rows_usable == 1 and report.preview[0]["caption"] == "un café crème, très “doux”"
+    assert [(p.file, p.kept, p.reason.split(",")[0]) for p in report.problems] == [
+        ("cafe.txt", True, "is not UTF-8: read as Windows-1252")]
+
+
 def test_metadata_file_captions(tmp_path):
     square(tmp_path / "one.png", caption=None)
     square(tmp_path / "two.png", colour=(0, 0, 200), caption=None)

@@ -73,7 +73,8 @@ BAD = [
      "a quote opened in this row is never closed, so the 2 lines after it were read as one cell", 2),
     ("lastquote.csv", 'instruction,output\na,b\n"c,d\n', "a quote opened in this row is never closed: close it", 2),
     ("garbage.csv", bytes(range(256)) * 40, "looks like a binary file", None),
-    ("latin1.csv", "instruction,output\ncaf\xe9,ok\n".encode("latin-1"), "is not UTF-8 text", None),
+    ("cyrillic.csv", "instruction,output\nКак дела у тебя сегодня?,Хорошо, спасибо.\n".encode("cp1251"),
+     "is not UTF-8 text", None),
     ("broken.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "c", \n', "is not valid JSON", 2),
     ("list.jsonl", '[1, 2]\n', "is a JSON list, not an object", 1),
     ("broken.json", '[{"prompt": "a"', "is not valid JSON", None),
@@ -226,10 +227,10 @@ def test_the_tab_s_data_check_detects_anew_where_the_column_boxes_name_columns_t
 
 
 def test_the_tab_says_no_usable_data_once(tmp_path):
-    latin = tmp_path / "latin1.csv"
-    latin.write_bytes("instruction,output\ncaf\xe9,ok\n".encode("latin-1"))
-    assert tab_check([latin])["summary"] == ("**No usable data: latin1.csv: is not UTF-8 text (byte 0xe9 at position "
-                                             "22); save it as UTF-8 and upload again**")  # not "No usable data." first
+    cyrillic = tmp_path / "cyrillic.csv"
+    cyrillic.write_bytes("instruction,output\nКак дела у тебя сегодня?,Хорошо, спасибо.\n".encode("cp1251"))
+    assert tab_check([cyrillic])["summary"] == ("**No usable data: cyrillic.csv: is not UTF-8 text (byte 0xca at "
+                                                "position 19); save it as UTF-8 and upload again**")  # said once
 
 
 def test_the_tab_s_column_boxes_keep_what_the_user_picks(tmp_path, assets):
@@ -358,6 +359,17 @@ def test_excel_unicode_text_is_read(tmp_path):
     """Excel's 'Unicode text' is UTF-16 with a byte order mark: it was called 'a binary file, not TSV text'."""
     report = check(tmp_path, "excel.tsv", "instruction\toutput\nSay ü\tü\nSay é\té\n".encode("utf-16"))
     assert report.summary() == "2 of 2 rows usable (alpaca)" and report.preview[0]["prompt"] == "Say ü"
+
+
+def test_an_excel_csv_in_windows_1252_is_read_and_said_so(tmp_path):
+    """Excel's plain 'CSV' on Western-European Windows is Windows-1252: it was refused as 'not UTF-8 text'."""
+    rows = 'instruction,output\nQuel café préfères-tu ?,"Un crème – très “bon”, 2 €."\nWie heißt sie?,Hauptstraße\n'
+    report = check(tmp_path, "excel.csv", rows.encode("cp1252"))
+    assert report.summary() == "2 of 2 rows usable (alpaca)"
+    assert report.preview[0]["prompt"] == "Quel café préfères-tu ?"
+    assert report.preview[0]["response"] == "Un crème – très “bon”, 2 €."
+    assert [(p.file, p.kept) for p in report.problems] == [("excel.csv", True)]
+    assert report.problems[0].reason.startswith("is not UTF-8: read as Windows-1252, what Excel's 'CSV'")
 
 
 def test_the_tab_checks_the_data_again_only_when_what_it_reads_changes(tmp_path, assets):

@@ -220,14 +220,23 @@ def test_the_tab_names_files_inside_the_zip_and_says_what_it_converted(tmp_path)
 def test_an_unreadable_transcript_is_named_once_and_the_user_s_table_by_its_name(tmp_path):
     shutil.copy(CLIPS / "cat.wav", tmp_path / "good.wav")
     shutil.copy(CLIPS / "window.wav", tmp_path / "bad.wav")
-    (tmp_path / "bad.txt").write_bytes("Caf\xe9 au lait.".encode("latin-1"))
+    (tmp_path / "bad.txt").write_bytes("こんにちは。".encode("shift_jis"))  # (Windows-1252 would be read)
     shutil.copy(CLIPS / "apples.wav", tmp_path / "lone.wav")
     (tmp_path / "cv.csv").write_text("file_name,transcription\ngood.wav,The cat sat on the mat.\n")
     found = reasons(inspect_data(config(data_path=str(tmp_path))))
-    assert found["bad.txt"] == "is not UTF-8 text; save it as UTF-8 and upload again"
+    assert found["bad.txt"] == "is not UTF-8 text (byte 0x82 at position 0); save it as UTF-8 and upload again"
     assert "bad.wav" not in found  # it was also said to have no transcript, beside the .txt it has
     assert found["lone.wav"] == "has no transcript: add a row for it to cv.csv (file_name, transcription) or a " \
                                 "lone.txt beside it"
+
+
+def test_a_transcript_saved_as_windows_1252_is_read_and_said_so(tmp_path):
+    """Notepad's 'ANSI' on Western-European Windows: the clip was dropped, 'is not UTF-8 text'."""
+    shutil.copy(CLIPS / "cat.wav", tmp_path / "cat.wav")
+    (tmp_path / "cat.txt").write_bytes("Le chat s’est assis, café à la main.".encode("cp1252"))
+    report = inspect_data(config(data_path=str(tmp_path)))
+    assert report.rows_usable == 1 and report.preview[0]["text"] == "Le chat s’est assis, café à la main."
+    assert reasons(report)["cat.txt"].startswith("is not UTF-8: read as Windows-1252")
 
 
 def test_checks_of_one_new_zip_at_once_each_see_every_clip(tmp_path, monkeypatch):

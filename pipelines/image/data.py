@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.archives import unpack_once
-from pipelines.data import DataReport, int_setting
+from pipelines.data import DataReport, NotText, decode_text, int_setting
 from pipelines.image.config import ImageConfig, training_resolution
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -140,15 +140,16 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, str]:
 # ---- captions --------------------------------------------------------------------------------
 
 def _read_caption(path: Path) -> tuple[str | None, str]:
-    """(caption, problem). Lines are joined: kohya-style tag lists sometimes wrap."""
+    """(caption, problem): with a caption, the problem is a warning (how it was read). Lines are joined:
+    kohya-style tag lists sometimes wrap."""
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return None, f"caption file {path.name} is not UTF-8 text; save it as UTF-8"
+        text, read_as = decode_text(path.read_bytes())
+    except NotText as err:
+        return None, f"caption file {path.name} {err}"
     except OSError as err:
         return None, f"caption file {path.name} cannot be read ({err.strerror or err})"
     caption = " ".join(text.split())
-    return (caption, "") if caption else (None, f"caption file {path.name} is empty")
+    return (caption, read_as) if caption else (None, f"caption file {path.name} is empty")
 
 
 def _read_metadata(path: Path, report: DataReport, by_name: dict[str, list[Path]]) -> dict[Path, tuple[str, int]]:
@@ -346,6 +347,8 @@ def _caption_for(path: Path, config: ImageConfig, captions: dict[Path, Path], by
         if file is not None:
             caption, problem = _read_caption(file)
             if caption:
+                if problem:
+                    report.problem(file, problem, kept=True)
                 return caption, "file"
     if source in ("auto", "metadata"):
         entry = metadata.get(path.resolve())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.data import MAX_CELL_CHARS, MAX_TABLE_BYTES, DataReport
+from pipelines.data import MAX_CELL_CHARS, MAX_TABLE_BYTES, DataReport, NotText, decode_text
 from pipelines.events import TrainingFailure
 from pipelines.llm.config import LLMConfig
 
@@ -91,21 +91,13 @@ def read_table(path: Path, report: DataReport) -> list[tuple[int, dict[str, Any]
         return []
     if suffix == ".parquet":
         return _read_parquet(path, report)
-    raw = path.read_bytes()
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with its byte order mark: Excel's "Unicode text"
-        try:
-            raw = raw.decode("utf-16").encode("utf-8")
-        except UnicodeDecodeError:
-            pass  # not UTF-16 after all: the checks below say what it is
-    if b"\x00" in raw[:65536]:
-        report.problem(name, f"looks like a binary file, not {suffix[1:].upper()} text")
-        return []
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        report.problem(name, f"is not UTF-8 text (byte 0x{raw[err.start]:02x} at position {err.start}); "
-                             "save it as UTF-8 and upload again")
+        text, read_as = decode_text(path.read_bytes())
+    except NotText as err:
+        report.problem(name, str(err))
         return []
+    if read_as:
+        report.problem(name, read_as, kept=True)
     if not text.strip():
         report.problem(name, "the file holds only blank space")
         return []

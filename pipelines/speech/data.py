@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.archives import JUNK, unpack_once
-from pipelines.data import DataReport
+from pipelines.data import DataReport, NotText, decode_text
 from pipelines.hub import workspace
 from pipelines.llm.data import read_table
 from pipelines.speech.audio import (AUDIO_SUFFIXES, SAMPLE_RATE, SILENCE_DBFS, WINDOW_SECONDS, AudioUnreadable,
@@ -163,11 +163,13 @@ def _transcripts(tables: list[Path], texts: list[Path], audio: list[Path], other
         if len(candidates) != 1:
             continue
         try:
-            text = candidates[0].read_text(encoding="utf-8-sig").strip()
-        except (UnicodeDecodeError, OSError):
-            report.problem(candidates[0], "is not UTF-8 text; save it as UTF-8 and upload again")
+            text, read_as = decode_text(candidates[0].read_bytes())
+        except (NotText, OSError) as err:
+            report.problem(candidates[0], str(err) if isinstance(err, NotText) else f"cannot be read ({err})")
             found[clip] = _Transcript("", candidates[0].name, readable=False)
             continue
+        if read_as:
+            report.problem(candidates[0], read_as, kept=True)
         found[clip] = _Transcript(" ".join(text.split()), candidates[0].name)
     used = {t.origin for t in found.values()}
     for text_file in texts:
