@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Callable, TypeVar
 from urllib.parse import urlparse
@@ -60,17 +61,28 @@ def resolve_source(base_model: str, presets: dict) -> tuple[str, str]:
                            "or a local folder.")
 
 
+# host -> (when asked, the answer): a data check is run again at each change of a setting, and on a machine
+# offline whose DNS is slow each one waited the whole timeout.
+_reachable: dict[tuple[str, int], tuple[float, bool]] = {}
+REACHABLE_KEPT_S = 60.0
+
+
 def host_reachable(url: str, timeout: float = 3.0) -> bool:
     """A quick TCP check of a download host, so an offline machine gets its answer in seconds, not after
-    minutes of retries. STUDIO_OFFLINE=1 or HF_HUB_OFFLINE=1 answers no without asking."""
+    minutes of retries; the answer is kept a minute. STUDIO_OFFLINE=1 or HF_HUB_OFFLINE=1 answers no without
+    asking."""
     if any(os.environ.get(flag, "0").lower() in ("1", "true", "yes") for flag in ("STUDIO_OFFLINE", "HF_HUB_OFFLINE")):
         return False
     parsed = urlparse(url)
+    host = (parsed.hostname or "", parsed.port or 443)
+    asked, answer = _reachable.get(host, (-REACHABLE_KEPT_S, False))
+    if time.monotonic() - asked < REACHABLE_KEPT_S:
+        return answer
     result: list[bool] = []
 
     def connect() -> None:
         try:
-            with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
+            with socket.create_connection(host, timeout=timeout):
                 result.append(True)
         except OSError:
             result.append(False)
@@ -79,7 +91,8 @@ def host_reachable(url: str, timeout: float = 3.0) -> bool:
     thread = threading.Thread(target=connect, daemon=True)
     thread.start()
     thread.join(timeout + 1)
-    return bool(result and result[0])
+    _reachable[host] = (time.monotonic(), bool(result and result[0]))
+    return _reachable[host][1]
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -75,6 +75,22 @@ def test_named_model_offline_fails_fast_with_one_sentence(tmp_path, monkeypatch)
     assert "not downloaded yet" in err.value.cause and "\n" not in str(err.value)
 
 
+def test_a_download_host_is_asked_once_a_minute(monkeypatch):
+    """Each data check of a named Whisper size asked the download host again: on a machine offline whose DNS is
+    slow, every change of a setting waited the whole 3 s timeout."""
+    import socket
+    from pipelines import hub
+    for flag in ("STUDIO_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as host:
+        url = f"https://127.0.0.1:{host.getsockname()[1]}/whisper/small.pt"
+        assert all(hub.host_reachable(url) for _ in range(3))
+        host.settimeout(1)
+        host.accept()[0].close()  # the first check's connection
+        with pytest.raises(TimeoutError):
+            host.accept()  # and no other
+
+
 def test_local_checkpoints_and_wrong_sources(tmp_path):
     preset = materialise_preset("tiny-whisper")
     assert load_base_model(str(preset), CPU).dims.n_text_state == 64
