@@ -116,3 +116,23 @@ def step_of(text: str) -> int:
     import re
     match = re.search(r"step (\d+)/(\d+)", text)
     return int(match.group(1)) if match else 0
+
+
+class Calls:
+    """The page's requests to URLs holding one of `parts`, and when each was made."""
+
+    def __init__(self, page, *parts: str):
+        self.page, self.made = page, []
+        page.on("request", lambda request: self.made.append((time.monotonic(), request.url))
+                if any(part in request.url for part in parts) else None)
+
+    def during(self, ms: int, quiet: str = "") -> list[str]:
+        """Those made over the next `ms`, counted from the first moment 3 s after the last call (holding `quiet`):
+        on a busy machine the events that a change sets off (a tab shown, a run's end) come seconds late."""
+        deadline = time.monotonic() + 60
+        while (last := [when for when, url in self.made if quiet in url]) and time.monotonic() - last[-1] < 3:
+            assert time.monotonic() < deadline, f"the page kept calling {quiet or 'the server'}"
+            self.page.wait_for_timeout(300)
+        start = time.monotonic()
+        self.page.wait_for_timeout(ms)
+        return [url for when, url in self.made if when > start]

@@ -4,7 +4,7 @@ import zipfile
 
 from playwright.sync_api import expect
 
-from tests.browser import ROOT, screenshot, step_of, wait_status
+from tests.browser import ROOT, Calls, screenshot, step_of, wait_status
 
 
 def set_number(page, label: str, value):
@@ -70,16 +70,13 @@ def test_upload_train_watch_reload_stop_resume_try_and_download(server, page, tm
     stopped_at = step_of(stopped)
     assert 0 < stopped_at < 400 and (config.parent / "checkpoints" / f"step-{stopped_at}").is_dir()
 
+    calls = Calls(page, "/queue/join", "/studio/live")
     page.get_by_role("button", name="Resume").click()
     done = wait_status(page, "llm", lambda t: "completed" in t, timeout=300)
     assert step_of(done) == 400
     # A finished run's panel stops refreshing: the page asks the server for nothing while it sits there
     # (every refresh costs the browser a re-render, taken from training on a machine of few cores).
-    events = []
-    page.on("request", lambda request: events.append(request.url)
-            if "/queue/join" in request.url or "/studio/live" in request.url else None)
-    page.wait_for_timeout(5000)
-    assert events == []
+    assert calls.during(5000) == []
 
     page.locator("#llm-prompt textarea").fill("Who founded the Lantern Guild?")
     page.locator("#llm-generate").click()

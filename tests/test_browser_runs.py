@@ -12,7 +12,7 @@ import yaml
 from playwright.sync_api import expect
 
 from studio.runs import Registry
-from tests.browser import ROOT, screenshot
+from tests.browser import ROOT, Calls, screenshot
 
 
 def train_detached(server, tmp_path, **changes) -> str:
@@ -146,6 +146,7 @@ def shown_row(page, run_id: str) -> str:
 def test_the_table_follows_a_training_run_without_a_gradio_event_each_tick(server, page, tmp_path):
     run_id = train_detached(server, tmp_path, name="run-live", max_steps=3000, epochs=1000, sample_every=0,
                             checkpoint_every=10_000, eval_every=0)
+    calls = Calls(page, "/queue/join", "/studio/runs")
     page.goto(server.url)
     page.get_by_role("tab", name="Runs").click()
     progress = re.compile(r"running (\d+)/3000 \(")
@@ -162,12 +163,9 @@ def test_the_table_follows_a_training_run_without_a_gradio_event_each_tick(serve
     # The page asks the server for the table's version (a plain route, /studio/runs) and goes through
     # Gradio only when the table changed: progress alone at most every 15 s. (A Gradio event costs the
     # browser ~0.2 s of a core; the table's old 3 s timer took ~15% of a core from training.)
-    requests = []
-    page.on("request", lambda request: requests.append(request.url)
-            if "/queue/join" in request.url or "/studio/runs" in request.url else None)
-    page.wait_for_timeout(9000)
-    assert sum("/studio/runs" in url for url in requests) >= 2
-    assert sum("/queue/join" in url for url in requests) <= 1, requests
+    made = calls.during(9000, quiet="/queue/join")
+    assert sum("/studio/runs" in url for url in made) >= 2
+    assert sum("/queue/join" in url for url in made) <= 1, made
     wait_row(lambda row: (m := progress.search(row)) and int(m.group(1)) > shown, timeout=30)  # it moves on
 
     row_cell(page, "run-live").click()
