@@ -59,7 +59,12 @@ def build_app() -> gr.Blocks:
             # and checks the preselected sample data so Train is ready.
             app.load(lambda modality=modality: widgets.latest_run_id(modality), None, parts["run_state"],
                      api_visibility="private")
-            app.load(*parts["check"], api_visibility="private")
+            check, inputs, outputs, triggers = parts["check"]
+            # One listener for that and for every change the check reads: the page runs it one at a time and,
+            # while one runs, keeps only the newest request. Listeners of their own ran side by side, and the
+            # one that ended last was shown: on a busy machine, the preselected sample's check over the file
+            # the user had just uploaded (Train enabled for data it did not hold).
+            gr.on([app.load, *triggers], check, inputs, outputs, api_visibility="private", trigger_mode="always_last")
     return app
 
 

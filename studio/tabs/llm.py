@@ -278,16 +278,14 @@ def build() -> None:
     everything = [files, validation_files, base_model, name, *form]
     mapping = [inputs[k] for k in COLUMNS]
     check_outputs = [data_summary, problems, preview, histogram, *mapping, section.train, preflight]
-    for trigger in (files.change, validation_files.change, base_model.change, inputs["data_format"].change,
-                    inputs["max_length"].change, inputs["validation_fraction"].change,
-                    inputs["system_prompt"].blur, inputs["batch_size"].change, inputs["load_in_4bit"].change):
-        trigger(check_data, everything, check_outputs, api_visibility="private", trigger_mode="always_last")
-    for column in mapping:
-        column.input(check_data, everything, check_outputs, api_visibility="private", trigger_mode="always_last")
+    check_triggers = [files.change, validation_files.change, base_model.change, inputs["data_format"].change,
+                      inputs["max_length"].change, inputs["validation_fraction"].change, inputs["system_prompt"].blur,
+                      inputs["batch_size"].change, inputs["load_in_4bit"].change, *(c.input for c in mapping)]
 
     generate.click(try_prompt, [run_state, checkpoint, prompt, system, max_new_tokens, temperature, top_p],
                    [base_answer, tuned_answer], api_visibility="private")
     load_outputs = [files, validation_files, base_model, name, *form, section.message]
     widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
                              {"adapter": export_adapter, "merged": export_merged}, download)
-    return {"run_state": run_state, "load_outputs": load_outputs, "check": (check_data, everything, check_outputs)}
+    return {"run_state": run_state, "load_outputs": load_outputs,
+            "check": (check_data, everything, check_outputs, check_triggers)}

@@ -142,13 +142,13 @@ def build() -> dict:
     form = [inputs[k] for k in FORM]
     everything = [files, validation, base_model, name, *form]
     check_outputs = [data_summary, problems, preview, clip, player, section.train]
-    for trigger in (files.change, validation.change, base_model.change, inputs["long_clips"].change,
-                    inputs["validation_fraction"].change, inputs["max_label_tokens"].change):
-        trigger(check_data, everything, check_outputs, api_visibility="private", trigger_mode="always_last")
+    check_triggers = [files.change, validation.change, base_model.change, inputs["long_clips"].change,
+                      inputs["validation_fraction"].change, inputs["max_label_tokens"].change]
     clip.change(lambda c: c, clip, player, api_visibility="private")
     transcribe.click(try_audio, [run_state, checkpoint, audio], [base_text, base_time, tuned_text, tuned_time],
                      api_visibility="private")
     load_outputs = [files, validation, base_model, name, *form, section.message]
     widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
                              {"adapter": export_adapter, "merged": export_merged}, download)
-    return {"run_state": run_state, "load_outputs": load_outputs, "check": (check_data, everything, check_outputs)}
+    return {"run_state": run_state, "load_outputs": load_outputs,
+            "check": (check_data, everything, check_outputs, check_triggers)}
