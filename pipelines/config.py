@@ -47,6 +47,12 @@ class RunConfig:
     modality: ClassVar[str] = ""
     # Fields that name data files or folders: relative paths resolve against the config file's folder.
     path_fields: ClassVar[tuple[str, ...]] = ()
+    # Fields that no data check reads, only training: a change of one keeps a data check made before it.
+    training_only: ClassVar[tuple[str, ...]] = (
+        "name", "lora_rank", "lora_alpha", "lora_dropout", "learning_rate", "epochs", "max_steps", "batch_size",
+        "gradient_accumulation", "warmup_steps", "scheduler", "weight_decay", "max_grad_norm", "eval_every",
+        "sample_every", "checkpoint_every", "keep_checkpoints", "processes", "nodes", "strategy", "strategy_config",
+        "main_address", "main_port")
 
     name: str = option("", "A short name for the run (letters, digits, spaces, - and _).")
     base_model: str = option("", "Built-in preset name, Hugging Face hub id, or a local folder.")

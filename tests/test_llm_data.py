@@ -372,16 +372,26 @@ def test_an_excel_csv_in_windows_1252_is_read_and_said_so(tmp_path):
     assert report.problems[0].reason.startswith("is not UTF-8: read as Windows-1252, what Excel's 'CSV'")
 
 
-def test_the_tab_checks_the_data_again_only_when_what_it_reads_changes(tmp_path, assets):
+def test_the_data_is_checked_again_only_when_what_the_check_reads_changes(tmp_path, assets):
     """Batch size and 4-bit, read by the pre-flight line alone, ran the whole check again (a minute for a 50 MB
-    file); a file changed on disk, or a setting the check reads, is checked again."""
+    file), and Train checked in full what the tab had just checked, before a word on the page. A file changed on
+    disk, a file added to a folder, or a setting the check reads, is checked again."""
     import shutil
-    from studio.tabs import llm as tab
+    from pipelines.image.config import ImageConfig
+    from studio import jobs
     data = tmp_path / "data.csv"
     shutil.copy(assets / "llm" / "sample.csv", data)
     config = LLMConfig(train_files=[str(data)], validation_fraction=0)
-    first = tab.checked(config)
-    assert tab.checked(config.changed(batch_size=2, load_in_4bit=True)) is first
-    assert tab.checked(config.changed(max_length=64)) is not first
+    first = jobs.check_data(config)
+    assert jobs.check_data(config.changed(batch_size=2, load_in_4bit=True, learning_rate=1e-3, epochs=1.0,
+                                          name="renamed")) is first
+    assert jobs.check_data(config.changed(max_length=64)) is not first
     data.write_text(data.read_text() + "Say hi,,hi\n")
-    assert tab.checked(config).rows_found == first.rows_found + 1
+    assert jobs.check_data(config).rows_found == first.rows_found + 1
+
+    folder = tmp_path / "images"
+    shutil.copytree(assets / "image", folder, ignore=shutil.ignore_patterns("*.yaml"))
+    images = ImageConfig(data_path=str(folder), resolution=32)
+    before = jobs.check_data(images)
+    shutil.copy(next(folder.rglob("*.png")), folder / "another.png")  # no caption: found, and not usable
+    assert jobs.check_data(images).rows_found == before.rows_found + 1

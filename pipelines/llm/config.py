@@ -19,6 +19,7 @@ TARGETS = {
 class LLMConfig(RunConfig):
     modality: ClassVar[str] = "llm"
     path_fields: ClassVar[tuple[str, ...]] = ("train_files", "validation_files", "strategy_config")
+    training_only: ClassVar[tuple[str, ...]] = (*RunConfig.training_only, "load_in_4bit")  # (the pre-flight reads it)
 
     base_model: str = option("tiny-llama", "Built-in preset, Hugging Face hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) "
                                            "or a local folder in transformers format.")

@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines.image.config import HUB_MODELS, ImageConfig, oversize
-from studio import hardware
+from studio import hardware, jobs
 from studio.runs import Registry
 from studio.tabs import widgets
 
@@ -52,13 +52,12 @@ def model_choices() -> list[tuple[str, str]]:
 
 def check_data(*args):
     """Data check: every unreadable, truncated or odd image and every missing caption, with a gallery."""
-    from pipelines.image.data import inspect_data
     values = FORM_SPEC.values(*args)
     if not values["data_files"]:
         return "Upload images (with .txt captions, a metadata.csv, or a zip of them) to begin.", \
             gr.update(visible=False), gr.update(value=None, visible=False), gr.update(interactive=False)
     config = ImageConfig.from_dict(values, check=False)
-    report = inspect_data(config)
+    report = jobs.check_data(config)
     summary = widgets.headline(report, "images")
     summary += widgets.noted("Used as follows:", report.stats.get("notes", []))
     problems = widgets.problems_table(report)

@@ -5,16 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import threading
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 import pandas as pd
 
 from pipelines.config import ConfigError
 from pipelines.llm.config import KNOWN_MODELS, LLMConfig
-from studio import hardware
+from studio import hardware, jobs
 from studio.runs import Registry
 from studio.tabs import widgets
 
@@ -77,13 +75,13 @@ def check_data(*args):
     except ConfigError as err:  # a setting the data check does not read (the run's name, say) is Train's to report
         invalid = {name for name, _ in err.problems} - {"train_files", "validation_files"}
         config = LLMConfig.from_dict({k: v for k, v in values.items() if k not in invalid}, check=False)
-    report = checked(config)
+    report = jobs.check_data(config)
     # A column chosen for other data (a loaded config's, or for the file before) that none of these files has
     # is no choice made for them: check them again with it left to detection.
     stale = {key: "" for key in COLUMNS if getattr(config, key) and getattr(config, key) not in report.columns}
     if stale and report.columns:
         config = config.changed(**stale)
-        report = checked(config)
+        report = jobs.check_data(config)
     summary = widgets.headline(report, "data")
     if stale and report.columns:  # said, as a name typed into a box by hand would otherwise vanish unexplained
         named = ", ".join(f"{key.replace('_', ' ')} '{values[key]}'" for key in stale)
@@ -108,30 +106,6 @@ def check_data(*args):
                for key in COLUMNS]
     preflight = preflight_line(config, stats)
     return (summary, problems, preview, histogram, *mapping, gr.update(interactive=report.ok), preflight)
-
-
-_CHECKED: dict[str, Any] = {}  # the last data checks, by what they read (checked)
-_CHECKED_LOCK = threading.Lock()
-
-
-def checked(config: LLMConfig):
-    """The data check (inspect_data), kept for the settings and files it read (and a local base model's folder):
-    batch size and 4-bit, which only the pre-flight line reads, ran it again in full, a minute for a 50 MB
-    file."""
-    from pipelines.llm.data import inspect_data
-    paths = [*config.train_files, *config.validation_files, os.path.expanduser(config.base_model.strip())]
-    stamps = [(p, (info := os.stat(p)).st_mtime_ns, info.st_size) if os.path.exists(p) else (p,) for p in paths]
-    key = json.dumps([config.changed(batch_size=1, load_in_4bit=False, name="").to_dict(), stamps],
-                     sort_keys=True, default=str)
-    with _CHECKED_LOCK:
-        if key in _CHECKED:
-            return _CHECKED[key]
-    report = inspect_data(config)
-    with _CHECKED_LOCK:
-        _CHECKED[key] = report
-        while len(_CHECKED) > 4:
-            _CHECKED.pop(next(iter(_CHECKED)))
-    return report
 
 
 def _histogram(stats: dict) -> pd.DataFrame:

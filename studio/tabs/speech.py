@@ -7,7 +7,7 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines.speech.config import BASE_MODELS, SpeechConfig
-from studio import hardware
+from studio import hardware, jobs
 from studio.runs import Registry
 from studio.tabs import widgets
 
@@ -35,13 +35,12 @@ def sample_files() -> list[str]:
 
 def check_data(*args):
     """Data check: unreadable, silent, empty or too long clips and missing transcripts, with a player."""
-    from pipelines.speech.data import inspect_data
     values = FORM_SPEC.values(*args)
     if not values["data_files"]:
         return ("Upload audio clips with a metadata.csv or same-name .txt transcripts (or a zip) to begin.",
                 gr.update(visible=False), gr.update(value=None, visible=False), gr.update(choices=[], value=None), None,
                 gr.update(interactive=False))
-    report = inspect_data(SpeechConfig.from_dict(values, check=False))
+    report = jobs.check_data(SpeechConfig.from_dict(values, check=False))
     summary = widgets.headline(report, "clips")
     stats = report.stats
     if stats.get("total_seconds"):
