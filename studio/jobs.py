@@ -48,6 +48,7 @@ class UnusableData(ValueError):
 
 
 _CHECKS: dict[str, DataReport] = {}  # the last data checks, by what they read (check_data)
+_MAKING: dict[str, threading.Lock] = {}  # the checks being made, each held by the thread making it
 _CHECKS_LOCK = threading.Lock()
 
 
@@ -64,13 +65,20 @@ def check_data(config: RunConfig) -> DataReport:
         places += value if isinstance(value, list) else [value]
     key = json.dumps([settings, [_stamp(place) for place in places if place]], sort_keys=True, default=str)
     with _CHECKS_LOCK:
-        if key in _CHECKS:
-            return _CHECKS[key]
-    report = data_module(config.modality).inspect_data(config)
-    with _CHECKS_LOCK:
-        _CHECKS[key] = report
-        while len(_CHECKS) > 6:
-            _CHECKS.pop(next(iter(_CHECKS)))
+        making = _MAKING.setdefault(key, threading.Lock())
+    with making:  # asked again while it is being made (Train pressed while the tab checks): made once
+        with _CHECKS_LOCK:
+            if key in _CHECKS:
+                return _CHECKS[key]
+        try:
+            report = data_module(config.modality).inspect_data(config)
+            with _CHECKS_LOCK:
+                _CHECKS[key] = report
+                while len(_CHECKS) > 6:
+                    _CHECKS.pop(next(iter(_CHECKS)))
+        finally:
+            with _CHECKS_LOCK:
+                _MAKING.pop(key, None)
     return report
 
 

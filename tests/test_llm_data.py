@@ -361,6 +361,21 @@ def test_excel_unicode_text_is_read(tmp_path):
     assert report.summary() == "2 of 2 rows usable (alpaca)" and report.preview[0]["prompt"] == "Say ü"
 
 
+def test_the_length_chart_and_the_time_per_epoch_follow_the_max_length(tmp_path):
+    """With a few very long rows, the chart's first bar (0-1851 tokens) held examples on both sides of a max length
+    of 128 and was all called 'over max length'; the time per epoch counted every token of rows cut to the max
+    length (52,000 Alpaca rows: 15.3M tokens, where at most 6.7M train)."""
+    from studio.tabs import llm as tab
+    rows = ["instruction,output"] + [f"Say {n},{n}" for n in range(30)] + [f"Say {'many words ' * 1500},ok"] * 2
+    report = check(tmp_path, "mixed.csv", "\n".join(rows) + "\n", max_length=128)
+    chart = tab._histogram(report.stats)
+    assert list(chart[chart.fits == "within max length"].examples) == [30]
+    assert list(chart[chart.fits == "over max length"].examples) == [2]
+    assert report.stats["tokens_trained"] <= 128 * report.rows_usable < sum(report.stats["lengths"])
+    line = tab.preflight_line(LLMConfig(max_length=128), report.stats)
+    assert f"({report.stats['tokens_trained']:,} tokens)" in line
+
+
 def test_an_excel_csv_in_windows_1252_is_read_and_said_so(tmp_path):
     """Excel's plain 'CSV' on Western-European Windows is Windows-1252: it was refused as 'not UTF-8 text'."""
     rows = 'instruction,output\nQuel café préfères-tu ?,"Un crème – très “bon”, 2 €."\nWie heißt sie?,Hauptstraße\n'

@@ -110,14 +110,17 @@ def check_data(*args):
 
 def _histogram(stats: dict) -> pd.DataFrame:
     lengths, limit = stats["lengths"], stats["max_length"]
-    top = max(max(lengths), limit)
-    width = max(1, top // 20 + 1)
+    width = max(1, max(max(lengths), limit) // 20 + 1)
+    # One bin edge at the max length, so that no bar holds examples on both sides of it: a first bar of 0-1851
+    # tokens for a limit of 128 was all called 'over max length', though most of it fitted.
+    first_over = limit + 1
     bins: dict[int, int] = {}
     for n in lengths:
-        bins[n // width * width] = bins.get(n // width * width, 0) + 1
-    return pd.DataFrame([{"tokens": f"{start}-{start + width - 1}", "examples": count,
-                          "fits": "within max length" if start + width - 1 <= limit else "over max length",
-                          "start": start} for start, count in sorted(bins.items())])
+        start = (n - first_over) // width * width + first_over
+        bins[start] = bins.get(start, 0) + 1
+    return pd.DataFrame([{"tokens": f"{max(0, start)}-{start + width - 1}", "examples": count,
+                          "fits": "within max length" if start < first_over else "over max length",
+                          "start": max(0, start)} for start, count in sorted(bins.items())])
 
 
 def preflight_line(config: LLMConfig, stats: dict | None) -> str:
@@ -137,7 +140,7 @@ def preflight_line(config: LLMConfig, stats: dict | None) -> str:
         where = "the CPU" if config.processes == 1 else f"the CPU ({config.processes} processes)"
     text = f"Pre-flight: about **{memory:.1f} GiB** peak memory on {where}"
     if stats:
-        tokens = stats["tokens_total"]
+        tokens = stats["tokens_trained"]
         flops = 4 * size * 1e9 * tokens  # LoRA: forward plus activation gradients, no frozen-weight gradients
         rate = 2e14 if on_gpu else 2e10   # sustained FLOP/s, deliberately modest
         seconds = max(flops / rate, 0.05 * tokens / max(1, batch_tokens))
