@@ -126,6 +126,18 @@ def test_long_clips_can_be_split_with_a_clear_message(messy):
     assert pieces[1].source == "long.wav, part 2 of 2" and pieces[1].start == pytest.approx(pieces[0].seconds)
 
 
+def test_a_recording_too_long_to_split_is_not_told_to_split(tmp_path):
+    """An 11-minute recording was told to 'set long clips to split', and split then refused it (only recordings
+    up to 10 minutes are split)."""
+    tone = 0.1 * np.sin(2 * np.pi * 220 * np.arange(11 * 60 * SAMPLE_RATE) / SAMPLE_RATE)
+    soundfile.write(tmp_path / "lecture.wav", tone.astype(np.float32), SAMPLE_RATE)
+    (tmp_path / "lecture.txt").write_text("A long lecture.")
+    told = {mode: reasons(inspect_data(config(data_path=str(tmp_path), long_clips=mode)))["lecture.wav"]
+            for mode in ("reject", "split")}
+    assert told["reject"] == "is 660.0 s long, and Whisper hears at most 30 s at a time: cut it into shorter clips"
+    assert told["split"].endswith("only recordings up to 10 minutes are split: cut it into clips of up to 30 s")
+
+
 def test_zip_with_escaping_entries_is_unpacked_safely(tmp_path):
     archive = tmp_path / "upload.zip"
     with zipfile.ZipFile(archive, "w") as zf:

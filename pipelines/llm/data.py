@@ -86,8 +86,8 @@ def read_table(path: Path, report: DataReport) -> list[tuple[int, dict[str, Any]
         report.problem(name, "the file is empty")
         return []
     if size > MAX_TABLE_BYTES:
-        report.problem(name, f"the file is {size / 2**20:.0f} MB, over the {MAX_TABLE_BYTES // 2**20} MB limit "
-                             "(STUDIO_MAX_TABLE_MB)")
+        report.problem(name, f"the file is {size / 2**20:.0f} MB, over the {MAX_TABLE_BYTES // 2**20} MB limit: "
+                             "split it into smaller files, or start the studio with a higher STUDIO_MAX_TABLE_MB")
         return []
     if suffix == ".parquet":
         return _read_parquet(path, report)

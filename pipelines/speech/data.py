@@ -248,9 +248,10 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
             continue
         pieces = [(0, len(sound.samples))]
         if sound.seconds > WINDOW_SECONDS:
-            if config.long_clips == "reject":
+            if config.long_clips == "reject":  # (split is offered only where it would take the recording)
                 report.problem(path, f"is {sound.seconds:.1f} s long, and Whisper hears at most 30 s at a time: "
-                                     "cut it into shorter clips, or set long clips to 'split'")
+                                     "cut it into shorter clips" + (", or set long clips to 'split'"
+                                                                   if sound.seconds <= MAX_SPLIT_SECONDS else ""))
                 continue
             if sound.seconds > MAX_SPLIT_SECONDS:
                 report.problem(path, f"is {sound.seconds / 60:.0f} minutes long; only recordings up to "
