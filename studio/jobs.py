@@ -60,7 +60,7 @@ def check_data(config: RunConfig) -> DataReport:
     from pipelines import data_module
     settings = {k: v for k, v in config.to_dict().items() if k not in config.training_only}
     places = [os.path.expanduser(config.base_model.strip())]
-    for name in config.path_fields:
+    for name in (f for f in config.path_fields if f not in config.training_only):  # (not a strategy's settings)
         value = getattr(config, name)
         places += value if isinstance(value, list) else [value]
     key = json.dumps([settings, [_stamp(place) for place in places if place]], sort_keys=True, default=str)
