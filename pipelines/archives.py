@@ -1,4 +1,5 @@
-"""Unpacking uploaded zip files safely, for the image and speech tabs.
+"""Unpacking uploaded zip files safely, for the image and speech tabs; a browser's folder upload put back
+in its folders.
 
 A zip from a browser is untrusted: entries may try to escape the target folder (`../`, absolute paths),
 be symlinks, be encrypted, hold other archives, or be a zip bomb. Each such entry is skipped with a
@@ -24,6 +25,10 @@ MAX_UNPACKED_BYTES = int_setting("STUDIO_MAX_ARCHIVE_MB", 4096) * 2**20
 MAX_RATIO = int_setting("STUDIO_MAX_COMPRESSION_RATIO", 200)
 NESTED = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"}
 JUNK = {".DS_Store", "Thumbs.db", "desktop.ini"}  # operating-system clutter, skipped silently
+# A browser sends the files of an uploaded folder without their folders (Gradio keeps only the name), so
+# early.js names each by its path in the folder, with this character (U+2215, which Gradio's file names keep)
+# for "/": cat/001.png and dog/001.png stay apart, and a kohya-style 10_cat/ keeps its name.
+FOLDER_MARK = "\u2215"
 
 
 def unpack_once(archive: Path, folder: Path, report: DataReport) -> Path | None:
@@ -57,6 +62,47 @@ def unpack_once(archive: Path, folder: Path, report: DataReport) -> Path | None:
     for file, reason in state["problems"]:
         report.problem(file, reason)
     return target / state["root"] if state["root"] else None
+
+
+def gather_folder(files: list[Path], folder: Path) -> Path:
+    """The files of a folder upload (named with FOLDER_MARK) back in their folders, once, linked (or copied)
+    into folder/<hash of their names and places>/: the data check, the run's copy and the preview all see the
+    folder as the user has it. Returns the folder the user picked (the first part of every name)."""
+    places = sorted((f.name.split(FOLDER_MARK), f) for f in files)
+    digest = hashlib.sha256(json.dumps([[parts, str(f)] for parts, f in places]).encode()).hexdigest()[:20]
+    target = folder / f"folder-{digest}"
+    if not target.exists():
+        tmp = folder / f".tmp-{target.name}-{os.getpid()}-{secrets.token_hex(4)}"
+        for parts, file in places:
+            parts = [p for p in parts if p not in ("", ".", "..")] or [file.name]  # (never outside tmp)
+            place = tmp.joinpath(*parts)
+            place.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(file, place)
+            except OSError:  # another file system
+                shutil.copy2(file, place)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # gathered meanwhile by another check: the same files
+            shutil.rmtree(tmp, ignore_errors=True)
+    tops = [p for p in target.iterdir()]
+    return tops[0] if len(tops) == 1 and tops[0].is_dir() else target
+
+
+def folder_as_uploads(source: Path, keep) -> list[str]:
+    """The other way: a folder's files as a folder upload names them (`keep(path)` picks which), linked (or
+    copied) into a new temporary folder, for an upload box to hold (a run opened in its tab)."""
+    import tempfile
+    out = Path(tempfile.mkdtemp(prefix="studio-folder-"))
+    named = []
+    for path in sorted(p for p in source.rglob("*") if p.is_file() and keep(p)):
+        place = out / FOLDER_MARK.join((source.name, *path.relative_to(source).parts))
+        try:
+            os.link(path, place)
+        except OSError:
+            shutil.copy2(path, place)
+        named.append(str(place))
+    return named
 
 
 def extract_zip(archive: str | Path, destination: str | Path, report: DataReport) -> Path | None:

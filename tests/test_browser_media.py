@@ -114,20 +114,27 @@ def test_bad_images_get_a_message_and_no_empty_preview(server, page, tmp_path):
     expect(page.locator("#image-train")).to_be_disabled()
 
 
-def test_a_folder_upload_takes_the_place_of_the_sample_drawings(server, page, tmp_path):
+def test_a_folder_upload_takes_the_place_of_the_sample_drawings_and_keeps_its_subfolders(server, page, tmp_path):
     """The tab opens with the sample drawings in its files box: a folder uploaded beside them trained with
-    them ('11 of 11' for 3 images of one's own)."""
+    them ('11 of 11' for 3 images of one's own). A browser sends a folder's files without their subfolders:
+    cat/0.png and dog/0.png met as two 0.png whose captions matched neither ('No usable images'), and a
+    kohya-style 10_bird/ lost the name that captions its images."""
     from PIL import Image
     folder = tmp_path / "mine"
-    folder.mkdir()
-    for i, colour in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
-        Image.new("RGB", (64, 64), colour).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a plain colour, number {i}")
+    for sub, colour in [("cat", (200, 0, 0)), ("dog", (0, 200, 0)), ("10_bird", (0, 0, 200))]:
+        (folder / sub).mkdir(parents=True)
+        Image.new("RGB", (64, 64), colour).save(folder / sub / "0.png")
+        if sub != "10_bird":
+            (folder / sub / "0.txt").write_text(f"a plain {sub}")
     open_tab(page, server, "Image (Stable Diffusion)")
     expect(page.locator("#image-data-summary")).to_contain_text("8 of 8")
     page.locator("#image-folder input[type=file]").set_input_files(str(folder))
     expect(page.locator("#image-data-summary")).to_contain_text("3 of 3 images usable")
+    expect(page.locator("#image-data-summary")).to_contain_text("'bird' captions its images")
+    expect(page.locator("#image-problems")).to_be_hidden()
     expect(page.locator("#image-preview img")).to_have_count(3)
+    for caption in ("a plain cat", "a plain dog", "bird"):
+        expect(page.locator("#image-preview")).to_contain_text(caption)
 
 
 def test_typing_the_instance_prompt_enables_train_at_once(server, page):

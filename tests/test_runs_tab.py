@@ -157,17 +157,24 @@ def test_every_setting_is_on_the_form(modality):
 
 @pytest.mark.parametrize("modality, expected", [("image", "01-red-circle.png"), ("speech", "apples.wav")])
 def test_clone_puts_a_data_folder_into_the_upload(runs, modality, expected):
-    """Image and speech runs keep their data as a folder, which the tabs take as uploaded files."""
+    """Image and speech runs keep their data as a folder, which the tabs take as the files of a folder upload
+    (named by their places in it), and put back in the same folders: Train on the clone trains the same data."""
     from pipelines import load_config
+    from pipelines.archives import FOLDER_MARK
     registry = runs[0]
     run = registry.create(load_config(ROOT / "assets" / modality / "config.yaml"), status="stopped")
     try:
         chosen, values = runs_tab.clone_values(run.id, registry)
         assert chosen == modality
-        names = [Path(p).name for p in values[0]]
+        names = [Path(p).name.split(FOLDER_MARK)[-1] for p in values[0]]
         assert expected in names and "config.yaml" not in names
-        assert all(Path(p).is_relative_to(run.dir / "data") for p in values[0])
         assert values[1] is None  # the tab's second upload is cleared, not left as it was
+        (folder,) = widgets.gathered(values[0])
+        (data,) = (run.dir / "data").iterdir()
+
+        def places(root):
+            return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "config.yaml")
+        assert places(Path(folder)) == places(data) and Path(folder).name == data.name
     finally:
         registry.delete(run.id)
 

@@ -14,3 +14,21 @@
     elapsedTick.test(String(callback)) ? -setTimeout(() => callback(performance.now()), 100) : frame(callback);
   window.cancelAnimationFrame = (id) => (id < 0 ? clearTimeout(-id) : cancelFrame(id));
 })();
+
+// A folder picked in an upload box reaches the server as loose files: Gradio sends each file's name, not its
+// place in the folder, so cat/001.png and dog/001.png would meet as two 001.png and a kohya-style 10_cat/
+// would lose its name. Before Gradio's own listener reads the files, each is renamed after its path in the
+// folder, with U+2215 for "/" (a character Gradio's file names keep); the server puts them back in their
+// folders (pipelines/archives.py, gather_folder).
+document.addEventListener("change", (event) => {
+  const input = event.target;
+  if (!(input instanceof HTMLInputElement) || !input.webkitdirectory || !input.files) return;
+  const files = Array.from(input.files);
+  if (!files.some((file) => file.webkitRelativePath.includes("/"))) return;
+  const named = new DataTransfer();
+  for (const file of files) {
+    const place = (file.webkitRelativePath || file.name).split("/").join("\u2215");
+    named.items.add(new File([file], place, { type: file.type, lastModified: file.lastModified }));
+  }
+  input.files = named.files;
+}, true);

@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from pipelines.archives import FOLDER_MARK, folder_as_uploads, gather_folder
 from pipelines.config import ConfigError, RunConfig
 from pipelines.distributed import read_ranks
 from pipelines.events import STOP_FILE, checkpoint_dirs
@@ -135,12 +136,16 @@ class TabForm:
         values.update(modality=self.modality, base_model=base_model or "", name=name or "")
         types = typing.get_type_hints(self.config_cls)
         for field, files in zip(self.upload_fields, uploads):
-            paths = [upload_path(f) for f in (files if isinstance(files, list) else [files] if files else [])]
+            paths = gathered([upload_path(f) for f in (files if isinstance(files, list) else [files] if files else [])])
             if typing.get_origin(types[field]) is list:
                 values[field] = values.get(field, []) + paths
             else:
                 values[field] = paths[0] if paths else ""
         return values
+
+    def takes(self, path: Path) -> bool:
+        """Whether the tab's first upload box takes this file."""
+        return self.upload_types is None or path.suffix.lower() in self.upload_types
 
     def start(self, *args):
         """Train: validate every setting and the data, create the run (with its own copy of the data), queue it."""
@@ -189,23 +194,25 @@ class TabForm:
         held = {Path(p).name: p for p in held_paths if names[Path(p).name] == 1}  # a name two files share: neither
         found: dict[str, list[str]] = {}
         missing = []
+        types = typing.get_type_hints(self.config_cls)
         for field in dict.fromkeys(self.upload_fields):
             value = getattr(config, field)
             named = [p for p in (value if isinstance(value, list) else [value]) if p]
             beside = {p: (config_file.parent / p).resolve() for p in named}
             found[field] = [str(beside[p]) if beside[p].exists() else held[Path(p).name] for p in named
                             if beside[p].exists() or Path(p).name in held]
+            if typing.get_origin(types[field]) is list:  # (a box of one file takes a folder zipped, below)
+                found[field] = [q for p in found[field] for q in (folder_as_uploads(Path(p), self.takes)
+                                                                  if Path(p).is_dir() else [p])]
             missing += [p for p in named if not beside[p].exists() and Path(p).name not in held]
         if getattr(config, "data_path", ""):
             source = (config_file.parent / config.data_path).resolve()
-            files = ([str(p) for p in sorted(source.rglob("*")) if p.is_file() and p != config_file
-                      and (self.upload_types is None or p.suffix.lower() in self.upload_types)]
-                     if source.is_dir() else [str(source)] if source.exists() else [])
+            files = (folder_as_uploads(source, lambda p: p != config_file and self.takes(p)) if source.is_dir()
+                     else [str(source)] if source.exists() else [])
             first = found[self.upload_fields[0]]
             first += [p for p in files if p not in first]
             missing += [] if files else [config.data_path]
         uploads, given = [], set()
-        types = typing.get_type_hints(self.config_cls)
         for field in self.upload_fields:
             # What the config names and exists, nothing else: uploads it does not name are cleared, not left as
             # they were. Several boxes may feed one setting (image: files, a folder): the first holds its files.
@@ -218,6 +225,16 @@ class TabForm:
             f" The data it names ({', '.join(missing)}) is not found next to it: upload the data above."
             if missing else "")
         return uploads + [config.base_model, config.name, *config_to_form(config, self.form), message]
+
+
+def gathered(paths: list[str]) -> list[str]:
+    """An upload box's files, those of a folder upload (named by their places in it, see
+    archives.FOLDER_MARK) put back in their folders: the folder instead of its loose files."""
+    marked = [Path(p) for p in paths if FOLDER_MARK in Path(p).name]
+    if not marked:
+        return paths
+    from pipelines.hub import workspace  # (it imports torch, which the page's start-up does without)
+    return [p for p in paths if FOLDER_MARK not in Path(p).name] + [str(gather_folder(marked, workspace() / "uploads"))]
 
 
 def _paths(uploads) -> list[str]:
