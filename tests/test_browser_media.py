@@ -87,6 +87,25 @@ def test_speech_tab_training_shows_wer_and_transcribes_side_by_side(server, page
     assert any(name.endswith(".pt") for name in download_names(page, "#speech-download", tmp_path))
 
 
+def test_a_folder_of_speakers_takes_the_place_of_the_sample_clips(server, page, tmp_path):
+    """Recordings are often kept one folder per speaker, with the same names in each: the speech tab takes a
+    folder as it is, each clip with its own transcript, in place of the sample clips."""
+    import shutil
+    clips = ROOT / "assets" / "speech" / "clips"
+    for speaker, clip, text in [("anna", "cat.wav", "The cat sat on the mat."),
+                                ("ben", "window.wav", "Open the window, please.")]:
+        (tmp_path / "voices" / speaker).mkdir(parents=True)
+        shutil.copy(clips / clip, tmp_path / "voices" / speaker / "001.wav")
+        (tmp_path / "voices" / speaker / "001.txt").write_text(text)
+    open_tab(page, server, "Speech (Whisper)")
+    expect(page.locator("#speech-data-summary")).to_contain_text("8 of 8")
+    page.locator("#speech-folder input[type=file]").set_input_files(str(tmp_path / "voices"))
+    expect(page.locator("#speech-data-summary")).to_contain_text("2 of 2 clips usable")
+    expect(page.locator("#speech-problems")).to_be_hidden()
+    for shown in ("anna/001.wav", "ben/001.wav", "Open the window, please."):
+        expect(page.locator("#speech-preview")).to_contain_text(shown)
+
+
 def test_bad_audio_gets_a_message(server, page, tmp_path):
     fake = tmp_path / "clip.wav"
     fake.write_bytes(b"this is not audio" * 100)

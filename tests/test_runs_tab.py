@@ -229,8 +229,8 @@ def test_load_config_gives_the_validation_box_one_file(tmp_path):
         config = tmp_path / "config.yaml"
         config.write_text(f"modality: speech\ndata_path: {clips}\nvalidation_path: {validation}\n")
         values = speech.FORM_SPEC.load(str(config))
-        assert isinstance(values[1], str) and values[1].endswith(".zip"), values[1]
-        assert "apples.wav" in {Path(n).name for n in zipfile.ZipFile(values[1]).namelist()}
+        assert isinstance(values[2], str) and values[2].endswith(".zip"), values[2]
+        assert "apples.wav" in {Path(n).name for n in zipfile.ZipFile(values[2]).namelist()}
         assert values[-1] == "Settings loaded from the config file."
 
 

@@ -35,15 +35,6 @@ def sample_files() -> list[str]:
     return [str(p) for p in sorted(ASSETS.iterdir()) if p.suffix in (".png", ".txt")]
 
 
-def folder_replaces_the_sample(folder, files):
-    """A folder uploaded while the files box still holds the sample drawings takes their place: the user's
-    images, not theirs mixed with eight zqx shapes. Files the user chose stay beside it."""
-    names = sorted(Path(widgets.upload_path(f)).name for f in files or [])
-    if folder and names == sorted(Path(p).name for p in sample_files()):
-        return None
-    return gr.update()
-
-
 def model_choices() -> list[tuple[str, str]]:
     choices = [("tiny-sd — built-in, offline, 32 px", "tiny-sd")]
     return choices + [(f"{m['label']} — {m['id']}, {m['download_gb']} GB download, {m['resolution']} px", m["id"])
@@ -160,7 +151,8 @@ def build() -> dict:
     form = [inputs[k] for k in FORM]
     everything = [files, folder, base_model, name, *form]
     check_outputs = [data_summary, problems, preview, section.train]
-    folder.upload(folder_replaces_the_sample, [folder, files], files, api_visibility="private")
+    folder.upload(widgets.folder_replaces_the_sample(sample_files), [folder, files], files,
+                  api_visibility="private")
     # The instance prompt is checked as it is typed, not on blur: Train stays disabled while it is empty, and a
     # click on Train straight after typing landed on the still-disabled button.
     check_triggers = [files.change, folder.change, base_model.change, inputs["caption_source"].change,

@@ -21,7 +21,7 @@ TRAINING = ["target", "decoder_only", "lora_rank", "lora_alpha", "lora_dropout",
 ADVANCED = ["max_label_tokens", "mixed_precision", "sample_count", "scheduler", "weight_decay", "max_grad_norm",
             "checkpoint_every", "keep_checkpoints", "device"]
 FORM = DATA + TRAINING + ADVANCED + widgets.SCALE_OUT
-FORM_SPEC = widgets.TabForm(SpeechConfig, FORM, ["data_files", "validation_path"])
+FORM_SPEC = widgets.TabForm(SpeechConfig, FORM, ["data_files", "data_files", "validation_path"])
 
 
 def default_config() -> SpeechConfig:
@@ -94,12 +94,15 @@ def build() -> dict:
             files = gr.File(value=sample_files(), file_count="multiple", file_types=UPLOAD_TYPES, height=160,
                             label="Audio clips with metadata.csv or .txt transcripts, or a zip",
                             elem_id="speech-files")
+            folder = gr.File(file_count="directory", label="…or a whole folder", height=160,
+                             elem_id="speech-folder")
             validation = gr.File(file_count="single", file_types=[".zip"], height=160,
                                  label="Validation clips (optional zip)")
         data_summary = gr.Markdown(elem_id="speech-data-summary")
         problems = widgets.problems_box("speech")
         with gr.Row():
-            preview = gr.Dataframe(label="Preview", wrap=True, max_height=240, scale=2, visible=False)
+            preview = gr.Dataframe(label="Preview", wrap=True, max_height=240, scale=2, visible=False,
+                                   elem_id="speech-preview")
             with gr.Column(scale=1):
                 clip = gr.Dropdown([], label="Listen to a clip")
                 player = gr.Audio(label="Clip", type="filepath", interactive=False)
@@ -139,14 +142,17 @@ def build() -> dict:
         download = gr.File(label="Download", visible=False, elem_id="speech-download")
 
     form = [inputs[k] for k in FORM]
-    everything = [files, validation, base_model, name, *form]
+    everything = [files, folder, validation, base_model, name, *form]
     check_outputs = [data_summary, problems, preview, clip, player, section.train]
-    check_triggers = [files.change, validation.change, base_model.change, inputs["long_clips"].change,
-                      inputs["validation_fraction"].change, inputs["max_label_tokens"].change]
+    folder.upload(widgets.folder_replaces_the_sample(sample_files), [folder, files], files,
+                  api_visibility="private")
+    check_triggers = [files.change, folder.change, validation.change, base_model.change,
+                      inputs["long_clips"].change, inputs["validation_fraction"].change,
+                      inputs["max_label_tokens"].change]
     clip.change(lambda c: c, clip, player, api_visibility="private")
     transcribe.click(try_audio, [run_state, checkpoint, audio], [base_text, base_time, tuned_text, tuned_time],
                      api_visibility="private")
-    load_outputs = [files, validation, base_model, name, *form, section.message]
+    load_outputs = [files, folder, validation, base_model, name, *form, section.message]
     widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
                              {"adapter": export_adapter, "merged": export_merged}, download)
     return {"run_state": run_state, "load_outputs": load_outputs,

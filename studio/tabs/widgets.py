@@ -237,6 +237,18 @@ def gathered(paths: list[str]) -> list[str]:
     return [p for p in paths if FOLDER_MARK not in Path(p).name] + [str(gather_folder(marked, workspace() / "uploads"))]
 
 
+def folder_replaces_the_sample(samples):
+    """A folder uploaded while the files box still holds the tab's sample data takes its place: the user's
+    images or clips, not theirs mixed with the demo's. Files the user chose stay beside it. (The handler of a
+    folder box's upload, given the folder and the files box; `samples` lists the sample files.)"""
+    def replace(folder, files):
+        names = sorted(Path(upload_path(f)).name for f in files or [])
+        if folder and names == sorted(Path(p).name for p in samples()):
+            return None
+        return gr.update()
+    return replace
+
+
 def _paths(uploads) -> list[str]:
     """The files of upload boxes' values (each None, one file or a list)."""
     return [upload_path(f) for value in uploads if value for f in (value if isinstance(value, list) else [value])]
