@@ -6,6 +6,7 @@ what went wrong and what to do instead, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -131,12 +132,67 @@ def error_text(err: BaseException, limit: int = 240) -> str:
     return (text[:limit].rsplit(" ", 1)[0] + " …" if len(text) > limit else text).rstrip(".:")
 
 
+# Where a download's progress is told: printed (a worker's output is its run's log.txt); the worker also
+# makes each line an event, so the live panel's status line and `studio train` show it.
+download_progress: Callable[[str], None] = print
+
+
+def _bytes_in(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):  # a part renamed into place meanwhile
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+@contextlib.contextmanager
+def reporting_download(where: Path, what: str, every_s: float = 5.0):
+    """While the block runs (a model's first load, which downloads it into `where`, a folder or a file), tell
+    every few seconds how much has arrived and how fast. A model of gigabytes otherwise showed "Loading the
+    model" for minutes with nothing moving; the libraries' own progress bars are off (in a log file each
+    becomes one line of carriage returns). Nothing is told when nothing arrives (the model was cached)."""
+    start = _bytes_in(where) if where.exists() else 0
+    began = time.monotonic()
+    done = threading.Event()
+
+    def watch() -> None:
+        last = start
+        while not done.wait(every_s):
+            now = _bytes_in(where) if where.exists() else 0
+            if now > last:
+                rate = (now - start) / (time.monotonic() - began)
+                download_progress(f"Downloading {what}: {_size(now - start)} so far ({_size(rate)}/s).")
+            last = now
+
+    watcher = threading.Thread(target=watch, daemon=True, name="download-progress")
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        arrived = (_bytes_in(where) if where.exists() else 0) - start
+        if arrived > 0:
+            download_progress(f"Downloaded {what}: {_size(arrived)} in {time.monotonic() - began:.0f} s.")
+
+
 def load_from_hub(loader: Callable[..., T], repo_id: str, **kwargs) -> T:
     """Call a `from_pretrained`-style loader for a hub id, turning network and access errors into
     one clear sentence. Offline, it still loads what the local cache already holds."""
     online = hub_reachable()
     try:
-        return loader(repo_id, local_files_only=not online, **kwargs)
+        if not online:
+            return loader(repo_id, local_files_only=True, **kwargs)
+        from huggingface_hub import constants
+        with reporting_download(Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}", repo_id):
+            return loader(repo_id, local_files_only=False, **kwargs)
     except Exception as err:  # the hub client raises many kinds; sort them by what the user can do
         name = type(err).__name__
         text = str(err)

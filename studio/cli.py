@@ -180,6 +180,8 @@ def follow(run_id: str, registry) -> int:
                                         or event["step"] == event["total_steps"]):
                         printed_step = event["step"]
                         print(f"step {printed_step}/{event['total_steps']} loss {event['loss']:.4f}", flush=True)
+                elif event["type"] == "loading":
+                    bar.write(event["message"])
                 elif event["type"] == "eval":
                     metrics = {k: v for k, v in event.items() if k not in ("type", "time", "step")}
                     bar.write(f"step {event['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

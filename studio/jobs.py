@@ -212,9 +212,11 @@ def _start_worker_process(run: Run) -> int:
     if run.resume:
         command.append("--resume")
     log = open(run.dir / "log.txt", "ab")
-    # Keep log.txt readable: no download bars or library deprecation chatter between our lines.
+    # Keep log.txt readable: no download bars (hub.reporting_download tells a download's progress in lines)
+    # or library deprecation chatter between our lines.
     env = dict(os.environ, PYTHONUNBUFFERED="1", STUDIO_HOME=str(run.dir.parent.parent),
-               HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error",
+               TOKENIZERS_PARALLELISM="false",
                PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning")
     root = Path(__file__).resolve().parent.parent
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))

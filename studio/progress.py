@@ -33,6 +33,7 @@ class Progress:
     samples: list[dict] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
     evaluated_on: str = "validation"  # or "training": a speech run with no validation clips measures its own
+    loading: str = ""  # what loading the model says while a run has no step yet (a download's progress)
 
     def update(self) -> list[dict]:
         """Read events written since the last call; returns them."""
@@ -54,6 +55,8 @@ class Progress:
                 self.losses.append((event["step"], event["loss"]))
                 self.units_per_s, self.eta_s = event.get("units_per_s", 0.0), event.get("eta_s", 0.0)
                 self.elapsed_s, self.lr = event.get("elapsed_s", 0.0), event.get("lr", 0.0)
+            elif kind == "loading":
+                self.loading = event["message"]
             elif kind == "data":
                 self.evaluated_on = event.get("eval_on", self.evaluated_on)
             elif kind == "eval":

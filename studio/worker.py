@@ -21,7 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
-from pipelines import distributed, load_config, model_module, pipeline_module
+from pipelines import distributed, hub, load_config, model_module, pipeline_module
 from pipelines.config import ConfigError, RunConfig
 from pipelines.threads import usable_cores
 from pipelines.training import STOP_FILE, Events, TrainingFailure, pick_device, stop_requested
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             share_cores()
             events = Events(run_dir)
+            hub.download_progress = lambda text: (log(text), events.emit("loading", message=text))
             status = pipeline_module(config.modality).train(config, run_dir, events, stop_requested(run_dir),
                                                             resume=args.resume, log=log)
     except BaseException as err:  # noqa: BLE001 - every failure must end as a status, not a silent exit

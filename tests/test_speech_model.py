@@ -115,3 +115,70 @@ def test_lora_targets_follow_the_settings():
     assert "decoder.blocks.0.cross_attn.query" in decoder and not any(".mlp." in n for n in decoder)
     everything = lora_targets(model, "attention+mlp", decoder_only=False)
     assert "encoder.blocks.0.attn.value" in everything and "decoder.blocks.1.mlp.2" in everything
+
+
+def test_a_whisper_download_tells_its_progress_on_the_status_line(tmp_path, monkeypatch):
+    """A named Whisper downloads on first use (whisper-small: 460 MB, large-v3: 3 GB), and the run's status
+    line said "Loading the model and data…" with nothing moving for minutes. Its progress is now told every few
+    seconds as a line of the log and an event the live panel shows. Here a real download over HTTP from a slow
+    local server stands in for OpenAI's (the checkpoint it serves is the preset's; whisper checks its SHA-256)."""
+    import base64
+    import gzip
+    import hashlib
+    import http.server
+    import threading
+
+    import numpy as np
+
+    from pipelines import hub
+    from pipelines.events import Events
+    from studio.progress import read_progress
+    from studio.runs import Run, runs_root
+    from studio.tabs import widgets
+
+    checkpoint = materialise_preset("tiny-whisper").read_bytes()
+    dims = torch.load(materialise_preset("tiny-whisper"), weights_only=True)["dims"]
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # about 7 s for the whole file
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(checkpoint)))
+            self.end_headers()
+            piece = len(checkpoint) // 35 + 1
+            for start in range(0, len(checkpoint), piece):
+                self.wfile.write(checkpoint[start:start + piece])
+                time.sleep(0.2)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    digest = hashlib.sha256(checkpoint).hexdigest()
+    monkeypatch.setitem(whisper._MODELS, "tiny", f"http://127.0.0.1:{server.server_port}/{digest}/tiny.pt")
+    heads = np.ones(dims["n_text_layer"] * dims["n_text_head"], dtype=bool)  # (its cross-attention heads, all)
+    monkeypatch.setitem(whisper._ALIGNMENT_HEADS, "tiny", base64.b85encode(gzip.compress(heads.tobytes())))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for flag in ("STUDIO_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
+    run = Run(id="download-test", name="big", modality="speech", base_model="tiny", status="running", pid=None,
+              resume=0, queued_at=None, created=0.0, started=None, ended=None, config_hash="", error="", advice="")
+    run_dir = run.dir
+    run_dir.mkdir(parents=True)
+    events = Events(run_dir)
+    told = []
+    monkeypatch.setattr(hub, "download_progress",
+                        lambda text: (told.append(text), events.emit("loading", message=text)))
+    try:
+        model = load_base_model("tiny", CPU)
+    finally:
+        server.shutdown()
+    assert model.dims.n_text_state == dims["n_text_state"]
+    size = f"{len(checkpoint) / 2**20:.0f} MB"
+    assert told[0].startswith("Downloading Whisper 'tiny': ") and " so far (" in told[0], told
+    assert told[-1].startswith(f"Downloaded Whisper 'tiny': {size} in "), told
+    shown = widgets.status_markdown(run, read_progress(run_dir), None)
+    assert f"Loading the model and data… Downloaded Whisper 'tiny': {size}" in shown
+    told.clear()
+    load_base_model("tiny", CPU)  # now from the cache: nothing to tell
+    assert told == []

@@ -22,7 +22,8 @@ from whisper.audio import N_FRAMES, N_SAMPLES
 from whisper.model import ModelDimensions, Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
-from pipelines.hub import ModelUnavailable, building_presets, error_text, host_reachable, resolve_source, workspace
+from pipelines.hub import (ModelUnavailable, building_presets, error_text, host_reachable, reporting_download,
+                           resolve_source, workspace)
 from pipelines.speech.config import BASE_MODELS
 from pipelines.training import TrainingFailure
 
@@ -147,7 +148,9 @@ def _load_named(name: str, device: torch.device) -> Whisper:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)  # urllib has no timeout of its own: a stalled download must not hang a run
     try:
-        return whisper.load_model(name, device=device, download_root=str(whisper_cache_dir()))
+        file = whisper_cache_dir() / os.path.basename(whisper._MODELS[name])
+        with reporting_download(file, f"Whisper '{name}'"):
+            return whisper.load_model(name, device=device, download_root=str(whisper_cache_dir()))
     except (OSError, RuntimeError) as err:
         raise ModelUnavailable(f"Whisper '{name}' could not be downloaded or read ({error_text(err)}).",
                                "Check the network and the free disk space, then try again.") from None

@@ -457,7 +457,7 @@ def status_markdown(run, progress: Progress, registry: Registry) -> str:
     elif stopping(run):  # said at once: the line kept saying "running" until the checkpoint was saved
         text += "\n\nStopping: the run saves a checkpoint at the end of this step, then ends."
     elif status in ("starting",) or (status == "running" and not progress.losses):
-        text += "\n\nLoading the model and data…"
+        text += "\n\nLoading the model and data…" + (f" {progress.loading}" if progress.loading else "")
     return text
 
 
