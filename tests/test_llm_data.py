@@ -291,6 +291,21 @@ def test_a_sample_from_chat_data_is_asked_its_whole_conversation(tmp_path):
          "response": "Quillton."}]
 
 
+def test_a_conversation_ending_on_a_user_turn_is_shown_with_the_question_its_reply_answers(tmp_path):
+    """The preview and the training samples paired the last reply with the user turn after it ('Thanks! Now
+    tell me a joke.' -> '0'), and the unanswered turn was left out of training without a word."""
+    rows = [[{"role": "user", "content": f"What is {n} times 2?"}, {"role": "assistant", "content": str(2 * n)}]
+            + ([{"role": "user", "content": "Thanks! Now tell me a joke."}] if n % 2 == 0 else []) for n in range(8)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    report = inspect_data(LLMConfig(train_files=[str(tmp_path / "chat.jsonl")], validation_fraction=0))
+    assert report.preview[:2] == [{"prompt": "What is 0 times 2?", "response": "0"},
+                                  {"prompt": "What is 1 times 2?", "response": "2"}]
+    assert report.ok and report.rows_usable == 8
+    assert [str(p) for p in report.problems] == [
+        "chat.jsonl: 4 conversations end on a user turn with no reply after it (row 1, 3, 5, 7): that last turn is "
+        "not trained, the replies before it are"]
+
+
 def test_a_model_folder_without_whole_weights_stops_train_before_a_run(tmp_path, assets, monkeypatch):
     """The check loaded the tokenizer only: a folder without its weights, with a shard missing or with a file
     cut short passed, and the run failed on loading ('SafetensorError: Error while deserializing header')."""

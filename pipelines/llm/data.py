@@ -49,8 +49,8 @@ class Example:
 
     @property
     def prompt(self) -> str:
-        if self.messages:
-            users = [m["content"] for m in self.messages if m["role"] == "user"]
+        if self.messages:  # the user turn the last reply answers (a user turn after it answers nothing)
+            users = [m["content"] for m in self.context if m["role"] == "user"]
             return users[-1] if users else ""
         return (self.text or "")[:80]
 
@@ -383,6 +383,7 @@ def _examples_from(files: list[str], config: LLMConfig, report: DataReport, coun
             report.problem(path, f"the {fmt} format needs a {' and a '.join(lacking)} column, and none was found "
                                  f"among {columns}: map the columns yourself, or choose another format")
             continue
+        unanswered = []
         for number, record in rows:
             example = to_example(record, fmt, mapping, config.system_prompt)
             if isinstance(example, str):
@@ -390,6 +391,13 @@ def _examples_from(files: list[str], config: LLMConfig, report: DataReport, coun
                 continue
             example.source = f"{path.name} row {number}"
             examples.append(example)
+            if example.messages and example.messages[-1]["role"] == "user":
+                unanswered.append(number)
+        if unanswered:
+            rows_named = ", ".join(map(str, unanswered[:5])) + (", …" if len(unanswered) > 5 else "")
+            report.problem(path, f"{len(unanswered)} conversation{'s end' if len(unanswered) > 1 else ' ends'} on a "
+                                 f"user turn with no reply after it (row {rows_named}): that last turn is not trained, "
+                                 "the replies before it are", kept=True)
         if count:
             report.rows_usable = len(examples)
     return examples
