@@ -218,7 +218,7 @@ def test_the_tab_names_files_inside_the_zip_and_says_what_it_converted(tmp_path)
         zf.writestr("speakers/metadata.csv", "file_name,transcription\nanna/001.wav,The cat sat on the mat.\n"
                                              "ben/001.wav,Nothing.\nben/002.wav,Not there.\n")
     settings = dataclasses.asdict(config())
-    summary, problems, preview, *_ = tab.check_data([str(archive)], None, "tiny-whisper", "",
+    summary, problems, preview, *_ = tab.check_data([str(archive)], None, None, "tiny-whisper", "",
                                                     *[settings[key] for key in tab.FORM])
     rows = problems["value"].to_dict("records")
     assert rows[0] == {"file": "metadata.csv", "row": 3, "problem": "names 'ben/002.wav', which is not among the "
@@ -271,8 +271,8 @@ def test_the_summary_tells_the_validation_upload_s_audio_from_the_training_audio
     subprocess.run(["sox", str(CLIPS / "cat.wav"), "-r", "48000", str(held / "cat.wav")], check=True)
     (held / "cat.txt").write_text("The cat sat on the mat.")
     settings = dataclasses.asdict(config(validation_path=str(held)))
-    summary, *_ = tab.check_data([str(CLIPS / n) for n in ("window.wav", "apples.wav", "metadata.csv")], str(held),
-                                 "tiny-whisper", "", *[settings[key] for key in tab.FORM])
+    files = [str(CLIPS / n) for n in ("window.wav", "apples.wav", "metadata.csv")]
+    summary, *_ = tab.check_data(files, None, str(held), "tiny-whisper", "", *[settings[key] for key in tab.FORM])
     seconds = {c.audio.split("/")[-1]: c.seconds for c in load_clips(config(data_path=str(CLIPS)))[1]}
     training, validation = seconds["window.wav"] + seconds["apples.wav"], seconds["cat.wav"]
     assert f"Total audio: {training:.1f} s, plus {validation:.1f} s to validate on. Sample rates: 16000 Hz (2)." \
@@ -292,3 +292,35 @@ def test_a_base_model_that_cannot_be_loaded_stops_train_before_a_run(tmp_path, m
     assert report.blocker == (f"the base model cannot be used: {cut} could not be read as an openai-whisper "
                               "checkpoint (it is not a complete torch file). Choose a .pt file saved by "
                               "openai-whisper or exported by the studio.")
+
+
+def test_a_table_finds_its_clips_whatever_the_case_and_unicode_form_of_their_names(tmp_path):
+    """A metadata.csv typed by hand names recording1.wav for the file Recording1.WAV, or café.wav in the form a
+    keyboard types for the name macOS saved in another (e, then the accent): each was 'not among the audio
+    files', and its clip 'has no transcript'."""
+    import unicodedata
+    shutil.copy(CLIPS / "cat.wav", tmp_path / "Recording1.WAV")
+    shutil.copy(CLIPS / "window.wav", tmp_path / unicodedata.normalize("NFD", "café.wav"))
+    (tmp_path / "metadata.csv").write_text("file_name,transcription\nrecording1.wav,The cat sat on the mat.\n"
+                                           + unicodedata.normalize("NFC", "café.wav") + ",Open the window please.\n")
+    report = inspect_data(SpeechConfig(data_path=str(tmp_path), validation_fraction=0))
+    assert (report.rows_found, report.rows_usable, report.problems) == (2, 2, [])
+
+
+def test_ljspeech_layout_is_read(tmp_path):
+    """LJSpeech's metadata.csv has no header row and `id|transcription|normalized` lines whose text holds
+    commas: it was refused ('the header row has empty or repeated column names'), and every clip then said to
+    add the row it has."""
+    (tmp_path / "LJSpeech-1.1" / "wavs").mkdir(parents=True)
+    lines = []
+    for n, (clip, text) in enumerate([("cat.wav", "The cat sat on the mat."),
+                                      ("window.wav", "Open the window, please.")], start=1):
+        shutil.copy(CLIPS / clip, tmp_path / "LJSpeech-1.1" / "wavs" / f"LJ001-000{n}.wav")
+        lines.append(f"LJ001-000{n}|{text}|{text}")
+    (tmp_path / "LJSpeech-1.1" / "metadata.csv").write_text("\n".join(lines) + "\n")
+    report = inspect_data(SpeechConfig(data_path=str(tmp_path / "LJSpeech-1.1"), validation_fraction=0))
+    assert (report.rows_found, report.rows_usable) == (2, 2)
+    assert [p.reason for p in report.problems] == [
+        "read as LJSpeech's layout: no header, clip id|transcription|normalized on each line"]
+    assert [(p["name"], p["text"]) for p in report.preview] == [("wavs/LJ001-0001.wav", "The cat sat on the mat."),
+                                                                ("wavs/LJ001-0002.wav", "Open the window, please.")]
