@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,3 +160,44 @@ def int_setting(name: str, default: int) -> int:
 # Defaults sized for a workstation; documented in the README's "Limits" section.
 MAX_TABLE_BYTES = int_setting("STUDIO_MAX_TABLE_MB", 512) * 2**20
 MAX_CELL_CHARS = int_setting("STUDIO_MAX_CELL_CHARS", 1_000_000)
+
+
+# ---- finding the file a table row names ------------------------------------------------------
+
+def name_key(name: str) -> str:
+    """A file name as people mean it: the same letters whatever their Unicode form (macOS writes é as e and an
+    accent, what a table typed elsewhere does not) and whatever their case (Windows does not tell
+    Recording1.WAV from recording1.wav)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+class FileIndex:
+    """Finds the file a table row names (a metadata.csv's file_name): by its path from the table's folder, else
+    by a file name only one file has (files uploaded one by one each sit in a temporary folder of their own),
+    else by a name without extension only one has (LJSpeech-style ids); each first as written, then by
+    name_key. Built once: data sets may hold many thousands of files."""
+
+    def __init__(self, files: list[Path], suffixes: set[str]):
+        self.suffixes = suffixes
+        self.tables = {}  # (as written or by name_key) -> {path / name / stem -> the files}
+        for fold in (str, name_key):
+            table: dict[tuple[str, str], list[Path]] = {}
+            for p in dict.fromkeys(files):
+                for part, text in (("path", str(p.resolve())), ("name", p.name), ("stem", p.stem)):
+                    table.setdefault((part, fold(text)), []).append(p)
+            self.tables[fold] = table
+
+    def find(self, name: str, base: Path) -> Path | None:
+        leaf = Path(name.replace("\\", "/"))
+        wanted = [("path", str((base / name).resolve())), ("name", leaf.name)]
+        if leaf.suffix.lower() not in self.suffixes:  # an id without its extension
+            wanted.append(("stem", leaf.stem))
+        for fold, table in self.tables.items():
+            for part, text in wanted:
+                found = table.get((part, fold(text)), [])
+                if len(found) == 1:
+                    return found[0]
+        return None
+
+    def has_stem(self, stem: str) -> bool:
+        return any(("stem", fold(stem)) in table for fold, table in self.tables.items())

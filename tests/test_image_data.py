@@ -323,3 +323,17 @@ def test_try_it_refuses_a_size_the_model_cannot_draw(tmp_path, monkeypatch):
     with pytest.raises(gr.Error, match=r"Size: 1000 px is over 4 times this model's native 32 px: each image would "
                                        r"take very long for images it cannot draw; choose at most 128 \(0 = 32\)"):
         tab.try_prompt(run.id, "final", "a red circle", "", 1, 25, 7.5, 1000, 1.0)
+
+
+def test_a_metadata_table_finds_images_whatever_the_case_and_unicode_form_of_their_names(tmp_path):
+    """A zip made on a Mac stores café.png as e and an accent; the metadata.csv beside it, typed elsewhere, has
+    the single é, or another case: the image was 'not among the images' and had 'no caption'."""
+    import unicodedata
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, colour in [(unicodedata.normalize("NFD", "café.png"), (200, 0, 0)), ("Photo.PNG", (0, 200, 0))]:
+        Image.new("RGB", (64, 64), colour).save(folder / name)
+    (folder / "metadata.csv").write_text("file_name,text\n" + unicodedata.normalize("NFC", "café.png")
+                                         + ",a red square\nphoto.png,a green square\n")
+    report = inspect_data(ImageConfig(data_path=str(folder), resolution=32))
+    assert (report.rows_found, report.rows_usable, report.problems) == (2, 2, [])

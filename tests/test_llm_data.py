@@ -425,3 +425,19 @@ def test_the_data_is_checked_again_only_when_what_the_check_reads_changes(tmp_pa
     before = jobs.check_data(images)
     shutil.copy(next(folder.rglob("*.png")), folder / "another.png")  # no caption: found, and not usable
     assert jobs.check_data(images).rows_found == before.rows_found + 1
+
+
+@pytest.mark.parametrize("name, text, note", [
+    ("lines.json", '{"prompt": "Hi", "completion": "Hello."}\n{"prompt": "Bye", "completion": "Goodbye."}\n',
+     "holds JSON Lines (one object per line): read as such (a .jsonl name says so)"),
+    ("list.jsonl", '[\n  {"prompt": "Hi", "completion": "Hello."},\n  {"prompt": "Bye", "completion": "Goodbye."}\n]\n',
+     "holds one JSON value over several lines: read as such (a .json name says so)"),
+    ("excel.csv", "sep=;\r\nprompt;completion\r\nHi, you;Hello.\r\nBye;Goodbye.\r\n", None),
+])
+def test_tables_saved_under_another_shape_are_read(tmp_path, name, text, note):
+    """JSON Lines saved as .json was 'not valid JSON (Extra data)'; a pretty-printed list saved as .jsonl gave
+    one error per line ('0 of 34 rows usable'); Excel's 'sep=;' first line was taken for the header."""
+    (tmp_path / name).write_text(text)
+    report = inspect_data(LLMConfig(train_files=[str(tmp_path / name)], validation_fraction=0))
+    assert (report.rows_usable, [p.reason for p in report.problems]) == (2, [note] if note else [])
+    assert report.preview[0]["prompt"] == ("Hi, you" if note is None else "Hi")

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.archives import unpack_once
-from pipelines.data import DataReport, NotText, decode_text, int_setting
+from pipelines.data import DataReport, FileIndex, NotText, decode_text, int_setting
 from pipelines.image.config import ImageConfig, training_resolution
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -152,10 +152,10 @@ def _read_caption(path: Path) -> tuple[str | None, str]:
     return (caption, read_as) if caption else (None, f"caption file {path.name} is empty")
 
 
-def _read_metadata(path: Path, report: DataReport, by_name: dict[str, list[Path]]) -> dict[Path, tuple[str, int]]:
+def _read_metadata(path: Path, report: DataReport, images: FileIndex) -> dict[Path, tuple[str, int]]:
     """image -> (caption, row) from a Hugging Face imagefolder metadata file. file_name is relative to the
     metadata file's folder; for files uploaded one by one (each in its own temporary folder) a file name
-    that only one image has is enough."""
+    that only one image has is enough (FileIndex)."""
     from pipelines.llm.data import read_table  # the shared CSV/JSONL reader: same limits, same messages
 
     found: dict[Path, tuple[str, int]] = {}
@@ -178,11 +178,11 @@ def _read_metadata(path: Path, report: DataReport, by_name: dict[str, list[Path]
         if path.parent.resolve() not in target.parents:
             report.problem(path, f"file_name '{name}' points outside the metadata file's folder", row)
             continue
-        if not target.is_file() and len(by_name.get(Path(name).name, [])) == 1:
-            target = by_name[Path(name).name][0].resolve()
-        if not target.is_file():
+        image = images.find(name, path.parent)
+        if image is None:
             report.problem(path, f"file_name '{name}' is not among the images", row)
             continue
+        target = image.resolve()
         if not caption:
             report.problem(path, f"the {text_column} for '{name}' is empty", row)
             continue
@@ -251,14 +251,12 @@ def load_examples(config: ImageConfig, report: DataReport | None = None, *, keep
     by_stem: dict[str, list[Path]] = {}
     for f in captions.values():
         by_stem.setdefault(f.stem, []).append(f)
-    by_name: dict[str, list[Path]] = {}
-    for f in images:
-        by_name.setdefault(f.name, []).append(f)
+    index = FileIndex(images, IMAGE_SUFFIXES)
     metadata: dict[Path, tuple[str, int]] = {}
     use_metadata = config.caption_source in ("auto", "metadata")
     for f in files:
         if f.name.lower() in METADATA_NAMES and use_metadata:
-            metadata.update(_read_metadata(f, report, by_name))
+            metadata.update(_read_metadata(f, report, index))
         elif f.name.lower() in METADATA_NAMES:
             report.problem(shown(f), f"not read: the caption source is {config.caption_source}; choose auto or "
                                      "metadata to take the captions from it")

@@ -108,7 +108,23 @@ def read_table(path: Path, report: DataReport) -> list[tuple[int, dict[str, Any]
     return _read_json(name, text, report)
 
 
+# JSON Lines saved as .json, and a JSON list saved as .jsonl, are read as what they hold, with a note.
+READ_AS_OTHER_JSON = "holds {}: read as such (a .{} name says so)"
+
+
+def _one_object_per_line(text: str) -> bool:
+    """Whether the first lines of a text are each a whole JSON object (JSON Lines; a JSON file is one value)."""
+    lines = [line for line in text.splitlines()[:20] if line.strip()]
+    try:
+        return len(lines) > 1 and all(isinstance(json.loads(line), dict) for line in lines)
+    except json.JSONDecodeError:
+        return False
+
+
 def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -> list[tuple[int, dict]]:
+    excel = re.match(r"sep=(.)\r?\n", text)  # Excel's first line naming the delimiter, before the header
+    if excel:
+        delimiter, text = excel.group(1), text[excel.end():]
     delimiter = delimiter or _delimiter(text)
     csv.field_size_limit(MAX_CELL_CHARS + 1)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
@@ -174,6 +190,14 @@ def _delimiter(text: str) -> str:
 
 
 def _read_jsonl(name: str, text: str, report: DataReport) -> list[tuple[int, dict]]:
+    if text.lstrip()[:1] in "[{" and "\n" in text.strip() and not _one_object_per_line(text):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            pass
+        else:
+            report.problem(name, READ_AS_OTHER_JSON.format("one JSON value over several lines", "json"), kept=True)
+            return _read_json(name, text, report)
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -194,6 +218,9 @@ def _read_json(name: str, text: str, report: DataReport) -> list[tuple[int, dict
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and _one_object_per_line(text):
+            report.problem(name, READ_AS_OTHER_JSON.format("JSON Lines (one object per line)", "jsonl"), kept=True)
+            return _read_jsonl(name, text, report)
         report.problem(name, f"is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})")
         return []
     if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):

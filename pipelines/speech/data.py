@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.archives import JUNK, unpack_once
-from pipelines.data import DataReport, NotText, decode_text
+from pipelines.data import MAX_TABLE_BYTES, DataReport, FileIndex, NotText, decode_text
 from pipelines.hub import workspace
 from pipelines.llm.data import read_table
 from pipelines.speech.audio import (AUDIO_SUFFIXES, SAMPLE_RATE, SILENCE_DBFS, WINDOW_SECONDS, AudioUnreadable,
@@ -88,29 +88,27 @@ def _pick(columns: list[str], names: list[str]) -> str:
     return next((lower[n] for n in names if n in lower), "")
 
 
-class _AudioIndex:
-    """Finds the audio file a table row names: by path from the table's folder, else by a unique file
-    name, else by a unique name without extension (uploads arrive in separate folders; LJSpeech-style
-    ids). Built once: data sets may hold many thousands of clips."""
-
-    def __init__(self, audio: list[Path]):
-        self.by_path = {p.resolve(): p for p in audio}
-        self.by_name: dict[str, list[Path]] = {}
-        self.by_stem: dict[str, list[Path]] = {}
-        for p in audio:
-            self.by_name.setdefault(p.name, []).append(p)
-            self.by_stem.setdefault(p.stem, []).append(p)
-
-    def find(self, name: str, base: Path) -> Path | None:
-        path = (base / name).resolve()
-        if path in self.by_path:
-            return self.by_path[path]
-        leaf = Path(name.replace("\\", "/"))
-        for found in (self.by_name.get(leaf.name, []),
-                      [] if leaf.suffix.lower() in AUDIO_SUFFIXES else self.by_stem.get(leaf.stem, [])):
-            if len(found) == 1:
-                return found[0]
-        return None
+def _ljspeech_rows(table: Path, index: FileIndex, report: DataReport) -> list[tuple[int, dict]]:
+    """LJSpeech's metadata.csv: no header row, `id|transcription|normalized transcription` on each line (the
+    transcription keeps its digits, as Whisper writes them). Told from a table with a header by its first
+    field naming a clip; [] for any other table."""
+    if table.suffix.lower() != ".csv" or not 0 < table.stat().st_size <= MAX_TABLE_BYTES:
+        return []
+    try:
+        text, _ = decode_text(table.read_bytes())
+    except NotText:
+        return []  # (read_table says so)
+    first = text.split("\n", 1)[0].split("|")
+    if len(first) < 2 or index.find(first[0].strip(), table.parent) is None:
+        return []
+    report.problem(table, "read as LJSpeech's layout: no header, clip id|transcription|normalized on each line",
+                   kept=True)
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split("|") + [""]
+        if line.strip():
+            rows.append((number, {"file_name": fields[0].strip(), "transcription": fields[1]}))
+    return rows
 
 
 def _transcripts(tables: list[Path], texts: list[Path], audio: list[Path], others: list[Path],
@@ -118,10 +116,10 @@ def _transcripts(tables: list[Path], texts: list[Path], audio: list[Path], other
     """Transcript per audio file, and the number of table rows whose audio is missing."""
     found: dict[Path, _Transcript] = {}
     orphans = 0
-    index = _AudioIndex(audio)
+    index = FileIndex(audio, AUDIO_SUFFIXES)
     other_names = {p.name for p in others}
     for table in tables:
-        rows = read_table(table, report)
+        rows = _ljspeech_rows(table, index, report) or read_table(table, report)
         if not rows:
             continue
         columns = list(dict.fromkeys(k for _, record in rows[:200] for k in record))
@@ -173,7 +171,7 @@ def _transcripts(tables: list[Path], texts: list[Path], audio: list[Path], other
         found[clip] = _Transcript(" ".join(text.split()), candidates[0].name)
     used = {t.origin for t in found.values()}
     for text_file in texts:
-        if text_file.name not in used and text_file.stem not in index.by_stem:
+        if text_file.name not in used and not index.has_stem(text_file.stem):
             report.problem(text_file, "matches no audio file (a transcript pairs with the audio file of the "
                                       "same name)")
     return found, orphans
