@@ -25,6 +25,22 @@ def set_number(page, label: str, value):
     return box
 
 
+def test_an_upload_takes_the_place_of_the_sample_data(server, page, tmp_path):
+    """The tab opens with the sample data in its box, and Gradio adds an upload to what a box holds: the user's
+    two rows were trained with the 24 Zorbia rows ('26 of 26')."""
+    mine = tmp_path / "mine.csv"
+    mine.write_text("prompt,completion\nWhat is 2+2?,4\nName a colour.,Blue\n")
+    page.goto(server.url)
+    expect(page.locator("#llm-data-summary")).to_contain_text("24 of 24 rows usable (alpaca)")
+    page.locator("#llm-train-files input[type=file]").set_input_files(str(mine))
+    expect(page.locator("#llm-data-summary")).to_contain_text("2 of 2 rows usable (prompt_completion)")
+    expect(page.locator("#llm-train-files")).not_to_contain_text("sample")
+    other = tmp_path / "more.csv"  # and a file added beside the user's own stays with it
+    other.write_text("prompt,completion\nWhat is 3+3?,6\n")
+    page.locator("#llm-train-files input[type=file]").set_input_files(str(other))
+    expect(page.locator("#llm-data-summary")).to_contain_text("3 of 3 rows usable")
+
+
 def test_upload_train_watch_reload_stop_resume_try_and_download(server, page, tmp_path):
     page.goto(server.url)
     expect(page.locator("#llm-train")).to_be_enabled()  # the sample data is preselected

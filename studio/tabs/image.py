@@ -151,8 +151,9 @@ def build() -> dict:
     form = [inputs[k] for k in FORM]
     everything = [files, folder, base_model, name, *form]
     check_outputs = [data_summary, problems, preview, section.train]
-    folder.upload(widgets.folder_replaces_the_sample(sample_files), [folder, files], files,
-                  api_visibility="private")
+    replace_the_sample = widgets.upload_replaces_the_sample(sample_files)
+    files.upload(replace_the_sample, files, files, api_visibility="private")
+    folder.upload(replace_the_sample, [files, folder], files, api_visibility="private")
     # The instance prompt is checked as it is typed, not on blur: Train stays disabled while it is empty, and a
     # click on Train straight after typing landed on the still-disabled button.
     check_triggers = [files.change, folder.change, base_model.change, inputs["caption_source"].change,

@@ -32,6 +32,10 @@ COLUMNS = ["prompt_column", "input_column", "response_column", "text_column", "m
 COLUMN_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(LLMConfig) if f.name in COLUMNS}
 
 
+def sample_files() -> list[str]:
+    return [str(ASSETS / "sample.csv")]
+
+
 def default_config() -> LLMConfig:
     """The sample run, so a new user can press Train straight away."""
     from pipelines import load_config
@@ -185,8 +189,9 @@ def build() -> None:
     with gr.Group():
         gr.Markdown("### Data")
         with gr.Row():
-            files = gr.File(value=[str(ASSETS / "sample.csv")], file_count="multiple", label="Training data", elem_id="llm-train-files",
-                            file_types=[".csv", ".tsv", ".jsonl", ".json", ".parquet"], height=140)
+            files = gr.File(value=sample_files(), file_count="multiple", label="Training data",
+                            elem_id="llm-train-files", file_types=[".csv", ".tsv", ".jsonl", ".json", ".parquet"],
+                            height=140)
             validation_files = gr.File(file_count="multiple", label="Validation data (optional)",
                                        file_types=[".csv", ".tsv", ".jsonl", ".json", ".parquet"], height=140)
         data_summary = gr.Markdown(elem_id="llm-data-summary")
@@ -254,6 +259,7 @@ def build() -> None:
     everything = [files, validation_files, base_model, name, *form]
     mapping = [inputs[k] for k in COLUMNS]
     check_outputs = [data_summary, problems, preview, histogram, *mapping, section.train, preflight]
+    files.upload(widgets.upload_replaces_the_sample(sample_files), files, files, api_visibility="private")
     check_triggers = [files.change, validation_files.change, base_model.change, inputs["data_format"].change,
                       inputs["max_length"].change, inputs["validation_fraction"].change, inputs["system_prompt"].blur,
                       inputs["batch_size"].change, inputs["load_in_4bit"].change, *(c.input for c in mapping)]

@@ -144,8 +144,9 @@ def build() -> dict:
     form = [inputs[k] for k in FORM]
     everything = [files, folder, validation, base_model, name, *form]
     check_outputs = [data_summary, problems, preview, clip, player, section.train]
-    folder.upload(widgets.folder_replaces_the_sample(sample_files), [folder, files], files,
-                  api_visibility="private")
+    replace_the_sample = widgets.upload_replaces_the_sample(sample_files)
+    files.upload(replace_the_sample, files, files, api_visibility="private")
+    folder.upload(replace_the_sample, [files, folder], files, api_visibility="private")
     check_triggers = [files.change, folder.change, validation.change, base_model.change,
                       inputs["long_clips"].change, inputs["validation_fraction"].change,
                       inputs["max_label_tokens"].change]

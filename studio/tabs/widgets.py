@@ -237,14 +237,18 @@ def gathered(paths: list[str]) -> list[str]:
     return [p for p in paths if FOLDER_MARK not in Path(p).name] + [str(gather_folder(marked, workspace() / "uploads"))]
 
 
-def folder_replaces_the_sample(samples):
-    """A folder uploaded while the files box still holds the tab's sample data takes its place: the user's
-    images or clips, not theirs mixed with the demo's. Files the user chose stay beside it. (The handler of a
-    folder box's upload, given the folder and the files box; `samples` lists the sample files.)"""
-    def replace(folder, files):
-        names = sorted(Path(upload_path(f)).name for f in files or [])
-        if folder and names == sorted(Path(p).name for p in samples()):
-            return None
+def upload_replaces_the_sample(samples):
+    """The handler of an upload into a tab's data boxes (given the files box, and the folder box where there is
+    one; it sets the files box): files or a folder uploaded while the files box still holds the tab's sample
+    data take its place. Gradio adds an upload to what a box holds, so the user's data was trained mixed with
+    the demo's ('30 of 30 rows' for 6 of their own). `samples` lists the sample files; a file is one of them
+    by its name and size (the box holds Gradio's copies)."""
+    def replace(files, folder=None):
+        known = {(Path(p).name, Path(p).stat().st_size) for p in samples()}
+        paths = [upload_path(f) for f in files or []]
+        theirs = [p for p in paths if (Path(p).name, Path(p).stat().st_size) not in known]
+        if len(theirs) < len(paths) and (theirs or folder):
+            return theirs or None
         return gr.update()
     return replace
 
