@@ -441,3 +441,22 @@ def test_tables_saved_under_another_shape_are_read(tmp_path, name, text, note):
     report = inspect_data(LLMConfig(train_files=[str(tmp_path / name)], validation_fraction=0))
     assert (report.rows_usable, [p.reason for p in report.problems]) == (2, [note] if note else [])
     assert report.preview[0]["prompt"] == ("Hi, you" if note is None else "Hi")
+
+
+def test_an_excel_workbook_is_read_from_its_first_sheet(tmp_path):
+    """Excel is where many people keep their question/answer pairs: an .xlsx was refused by the upload box."""
+    import openpyxl
+    book = openpyxl.Workbook()
+    book.active.title = "Q&A"
+    for row in (["Question", "Answer"], ["What is 2+2?", 4], [None, None], ["Name a colour.", "Blue"]):
+        book.active.append(row)
+    book.create_sheet("notes").append(["not data"])
+    book.save(tmp_path / "qa.xlsx")
+    (tmp_path / "broken.xlsx").write_bytes(b"PK\x03\x04 not really a workbook")
+    report = inspect_data(LLMConfig(train_files=[str(tmp_path / "qa.xlsx"), str(tmp_path / "broken.xlsx")],
+                                    validation_fraction=0))
+    assert report.preview == [{"prompt": "What is 2+2?", "response": "4"},
+                              {"prompt": "Name a colour.", "response": "Blue"}]
+    assert [str(p).split(" (")[0] for p in report.problems] == [
+        "qa.xlsx: has 2 sheets: only the first, 'Q&A', is read",
+        "broken.xlsx: cannot be read as an Excel workbook"]

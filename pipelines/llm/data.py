@@ -22,7 +22,7 @@ from pipelines.data import MAX_CELL_CHARS, MAX_TABLE_BYTES, DataReport, NotText,
 from pipelines.events import TrainingFailure
 from pipelines.llm.config import LLMConfig
 
-TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet"}
+TABLE_SUFFIXES = [".csv", ".tsv", ".jsonl", ".json", ".parquet", ".xlsx"]  # (the order the tabs list them in)
 
 # Column names recognised for each role, in order of preference (compared case-insensitively).
 ROLE_NAMES = {
@@ -79,7 +79,7 @@ def read_table(path: Path, report: DataReport) -> list[tuple[int, dict[str, Any]
         return []
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
-        report.problem(name, f"unsupported file type '{suffix}': use CSV, TSV, JSONL, JSON or Parquet")
+        report.problem(name, f"unsupported file type '{suffix}': use CSV, TSV, JSONL, JSON, Parquet or Excel (.xlsx)")
         return []
     size = path.stat().st_size
     if size == 0:
@@ -91,6 +91,8 @@ def read_table(path: Path, report: DataReport) -> list[tuple[int, dict[str, Any]
         return []
     if suffix == ".parquet":
         return _read_parquet(path, report)
+    if suffix == ".xlsx":
+        return _read_excel(path, report)
     try:
         text, read_as = decode_text(path.read_bytes())
     except NotText as err:
@@ -255,6 +257,37 @@ def _read_parquet(path: Path, report: DataReport) -> list[tuple[int, dict]]:
         report.problem(path.name, f"cannot be read as Parquet (truncated or damaged?): {str(err).splitlines()[0]}")
         return []
     return list(enumerate(records, start=1))
+
+
+def _read_excel(path: Path, report: DataReport) -> list[tuple[int, dict]]:
+    """An Excel workbook's first sheet: its first row names the columns, as in a CSV. Cells are read as Excel
+    shows them (a formula's last value); a number stays a number, as in the other formats."""
+    import openpyxl
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as err:  # openpyxl raises zipfile, KeyError and its own errors for damaged files
+        report.problem(path.name, f"cannot be read as an Excel workbook (damaged, or saved in another format?): {err}")
+        return []
+    try:
+        sheet = book.worksheets[0]
+        if len(book.worksheets) > 1:
+            report.problem(path.name, f"has {len(book.worksheets)} sheets: only the first, '{sheet.title}', is read",
+                           kept=True)
+        lines = sheet.iter_rows(values_only=True)
+        header = [str(h).strip() if h is not None else "" for h in next(lines, [])]
+        if not any(header):
+            report.problem(path.name, "the first row of the first sheet is empty: it must name the columns")
+            return []
+        report.columns = report.columns or [h for h in header if h]
+        rows = []
+        for number, cells in enumerate(lines, start=1):
+            if any(c is not None and str(c).strip() for c in cells):
+                rows.append((number, {h: cell for h, cell in zip(header, cells) if h}))
+    finally:
+        book.close()
+    if not rows:
+        report.problem(path.name, "has a header row but no data rows")
+    return rows
 
 
 # ---- shapes ----------------------------------------------------------------------------------

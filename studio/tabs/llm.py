@@ -11,6 +11,7 @@ import pandas as pd
 
 from pipelines.config import ConfigError
 from pipelines.llm.config import KNOWN_MODELS, LLMConfig
+from pipelines.llm.data import TABLE_SUFFIXES
 from studio import hardware, jobs
 from studio.runs import Registry
 from studio.tabs import widgets
@@ -68,7 +69,7 @@ def check_data(*args):
     """Data check shown under the upload: summary, problems, preview, token lengths; gates the Train button."""
     values = FORM_SPEC.values(*args)
     if not values["train_files"]:
-        return ("Upload a CSV, JSONL, JSON or Parquet file to begin.", gr.update(visible=False),
+        return ("Upload a CSV, JSONL, JSON, Parquet or Excel file to begin.", gr.update(visible=False),
                 gr.update(value=None, visible=False), None,
                 # one update each: Gradio takes the value out of an update as it applies it
                 *[gr.update(choices=[""], value="", info=COLUMN_HELP[key]) for key in COLUMNS],
@@ -190,10 +191,10 @@ def build() -> None:
         gr.Markdown("### Data")
         with gr.Row():
             files = gr.File(value=sample_files(), file_count="multiple", label="Training data",
-                            elem_id="llm-train-files", file_types=[".csv", ".tsv", ".jsonl", ".json", ".parquet"],
+                            elem_id="llm-train-files", file_types=TABLE_SUFFIXES,
                             height=140)
             validation_files = gr.File(file_count="multiple", label="Validation data (optional)",
-                                       file_types=[".csv", ".tsv", ".jsonl", ".json", ".parquet"], height=140)
+                                       file_types=TABLE_SUFFIXES, height=140)
         data_summary = gr.Markdown(elem_id="llm-data-summary")
         with gr.Row():  # the problems' reasons are long: they get twice the histogram's width
             problems = widgets.problems_box("llm", scale=2)
