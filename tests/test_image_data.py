@@ -337,3 +337,14 @@ def test_a_metadata_table_finds_images_whatever_the_case_and_unicode_form_of_the
                                          + ",a red square\nphoto.png,a green square\n")
     report = inspect_data(ImageConfig(data_path=str(folder), resolution=32))
     assert (report.rows_found, report.rows_usable, report.problems) == (2, 2, [])
+
+
+def test_a_caption_table_of_any_name_is_read(tmp_path):
+    """Only metadata.csv / metadata.jsonl were read: a captions.csv beside the images was 'not an image file:
+    skipped', and every image then had no caption."""
+    for i, colour in enumerate([(200, 0, 0), (0, 200, 0)]):
+        Image.new("RGB", (64, 64), colour).save(tmp_path / f"{i}.png")
+    (tmp_path / "captions.csv").write_text("file_name,text\n0.png,a red square\n1.png,a green square\n")
+    report = inspect_data(ImageConfig(data_path=str(tmp_path), resolution=32))
+    assert (report.rows_usable, report.problems) == (2, [])
+    assert sorted(p["caption"] for p in report.preview) == ["a green square", "a red square"]

@@ -28,7 +28,8 @@ from pipelines.image.config import ImageConfig, training_resolution
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_SUFFIXES = (".txt", ".caption")
-METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+# Caption tables: Hugging Face's imagefolder names them metadata.csv / metadata.jsonl; any name is read.
+METADATA_SUFFIXES = (".csv", ".tsv", ".jsonl")
 METADATA_TEXT_COLUMNS = ("text", "caption", "prompt")
 CONVERT_FIRST = {".heic", ".heif", ".avif", ".svg", ".psd", ".raw", ".cr2", ".cr3", ".nef", ".arw", ".dng", ".jxl"}
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "config.yaml", "README.md", "LICENSE"}
@@ -255,15 +256,14 @@ def load_examples(config: ImageConfig, report: DataReport | None = None, *, keep
     metadata: dict[Path, tuple[str, int]] = {}
     use_metadata = config.caption_source in ("auto", "metadata")
     for f in files:
-        if f.name.lower() in METADATA_NAMES and use_metadata:
+        if f.suffix.lower() in METADATA_SUFFIXES and use_metadata:
             metadata.update(_read_metadata(f, report, index))
-        elif f.name.lower() in METADATA_NAMES:
+        elif f.suffix.lower() in METADATA_SUFFIXES:
             report.problem(shown(f), f"not read: the caption source is {config.caption_source}; choose auto or "
                                      "metadata to take the captions from it")
         elif f.suffix.lower() in CONVERT_FIRST:
             report.problem(shown(f), f"{f.suffix} images are not supported: convert it to PNG or JPEG")
-        elif (f.suffix.lower() not in IMAGE_SUFFIXES | set(CAPTION_SUFFIXES)
-              and f.name.lower() not in METADATA_NAMES):
+        elif f.suffix.lower() not in IMAGE_SUFFIXES | set(CAPTION_SUFFIXES):
             report.problem(shown(f), "is not an image file: skipped")
     if config.caption_source in ("auto", "files"):  # a misnamed caption would otherwise vanish unnoticed
         stems, names = {f.with_suffix("") for f in images}, {f.stem for f in images}
@@ -271,8 +271,9 @@ def load_examples(config: ImageConfig, report: DataReport | None = None, *, keep
             if key not in stems and not (f.stem in names and len(by_stem[f.stem]) == 1):
                 report.problem(shown(f), "matches no image (a caption goes with the image of the same name): "
                                          "not used")
-    if config.caption_source == "metadata" and not any(f.name.lower() in METADATA_NAMES for f in files):
-        report.problem("metadata", "caption source is metadata, but no metadata.csv or metadata.jsonl was found")
+    if config.caption_source == "metadata" and not any(f.suffix.lower() in METADATA_SUFFIXES for f in files):
+        report.problem("metadata", "caption source is metadata, but no caption table (a metadata.csv or .jsonl with "
+                                   "file_name and text columns) was found")
     if config.caption_source == "instance_prompt" and not config.instance_prompt.strip():
         report.problem("instance prompt", "caption source is instance_prompt, but the instance prompt is empty")
 
