@@ -29,6 +29,8 @@ CSS = """
 .hardware { opacity: 0.8; font-size: 0.9em; }
 .live-refresh { display: none !important; }
 .live-curve-empty { opacity: 0.7; }
+/* a data preview shows a cell's line breaks: a prompt's lines and a chat's turns ran together */
+.keeps-lines .cell-wrap span.text { white-space: pre-wrap !important; }
 /* a disabled Cancel: grey, not a faded red, as there is nothing to cancel */
 button.stop:disabled { background: var(--button-secondary-background-fill); color: var(--body-text-color-subdued);
                        border-color: var(--button-secondary-border-color); }

@@ -41,6 +41,20 @@ def test_an_upload_takes_the_place_of_the_sample_data(server, page, tmp_path):
     expect(page.locator("#llm-data-summary")).to_contain_text("3 of 3 rows usable")
 
 
+def test_the_preview_keeps_line_breaks_and_cuts_long_cells(server, page, tmp_path):
+    """A prompt's lines ran together in the preview ("as the model will see it"), and a row of 20,000 characters
+    filled the table, its response out of sight."""
+    rows = tmp_path / "rows.csv"
+    rows.write_text('instruction,output\n"Write a poem.\nKeep it short.",Done.\n' + "Long," + "word " * 4000 + "\n")
+    page.goto(server.url)
+    expect(page.locator("#llm-data-summary")).to_contain_text("24 of 24")
+    page.locator("#llm-train-files input[type=file]").set_input_files(str(rows))
+    expect(page.locator("#llm-data-summary")).to_contain_text("2 of 2 rows usable")
+    shown = page.locator("#llm-preview").inner_text()  # (as laid out: a line break the page ignores is a space)
+    assert "Write a poem.\nKeep it short." in shown
+    assert "word … (19,500 more characters)" in shown
+
+
 def test_upload_train_watch_reload_stop_resume_try_and_download(server, page, tmp_path):
     page.goto(server.url)
     expect(page.locator("#llm-train")).to_be_enabled()  # the sample data is preselected

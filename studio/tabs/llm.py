@@ -101,7 +101,7 @@ def check_data(*args):
             summary += f" **{stats['no_reply_within_max_length']} of them keep no reply within it and will be " \
                        "skipped:** raise the max length."
     problems = widgets.problems_table(report)
-    preview = widgets.shown_if_any(report.preview)
+    preview = widgets.preview_table(report.preview)
     histogram = _histogram(stats) if stats else None
     # The boxes keep the user's choice (empty: detect, file by file); what each file is read with shows below them.
     in_use = {f"{role}_column": column for role, column in report.mapping.items()}
@@ -200,7 +200,8 @@ def build() -> None:
             problems = widgets.problems_box("llm", scale=2)
             histogram = gr.BarPlot(None, x="tokens", y="examples", color="fits", sort=None, height=220, scale=1,
                                    title="Token lengths", x_title="tokens per example", x_label_angle=-45)
-        preview = gr.Dataframe(label="Preview (as the model will see it)", wrap=True, max_height=240, visible=False)
+        preview = gr.Dataframe(label="Preview (as the model will see it)", wrap=True, max_height=240, visible=False,
+                               elem_id="llm-preview", elem_classes=["keeps-lines"])
 
     inputs = widgets.config_inputs(LLMConfig, FORM, defaults)
     for key in COLUMNS:

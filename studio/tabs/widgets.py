@@ -306,6 +306,22 @@ def problems_table(report) -> dict:
     return {**table, "column_widths": ["28%", "8%", "64%"] if rows else ["28%", "72%"]}
 
 
+PREVIEW_CHARS = 500
+
+
+def preview_table(rows: list[dict]) -> dict:
+    """A data check's preview rows as a table: each cell cut at PREVIEW_CHARS (a row of 20,000 characters filled
+    the table and pushed its response column out of sight), the columns sharing the width evenly. Line breaks
+    show as written (the table's `keeps-lines` style)."""
+    def cut(value):
+        if isinstance(value, str) and len(value) > PREVIEW_CHARS:
+            return f"{value[:PREVIEW_CHARS]}… ({len(value) - PREVIEW_CHARS:,} more characters)"
+        return value
+    table = shown_if_any([{key: cut(value) for key, value in row.items()} for row in rows])
+    columns = len(rows[0]) if rows else 0
+    return {**table, "column_widths": [f"{100 / columns:.0f}%"] * columns} if columns else table
+
+
 def upload_path(file) -> str:
     return file if isinstance(file, str) else getattr(file, "path", None) or getattr(file, "name", str(file))
 
