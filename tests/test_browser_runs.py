@@ -109,6 +109,9 @@ def test_list_select_compare_clone_and_delete(server, page, tmp_path):
     expect(page.locator("#runs-selected")).to_contain_text("run-a")
     page.locator("#runs-open").click()
     expect(page.locator("#llm-run-status")).to_contain_text("run-a")
+    # with run-a's settings in the form, not those left there (run-b's clone: rank 4), which Train would use
+    expect(page.locator("#llm-message")).to_contain_text("Opened run run-a")
+    expect(page.get_by_role("spinbutton", name="LoRA rank").first).to_have_value("8")
     page.get_by_role("button", name="Adapter (zip)").click()
     link = page.locator("#llm-download a").first
     expect(link).to_be_visible(timeout=120_000)
@@ -134,6 +137,7 @@ def test_list_select_compare_clone_and_delete(server, page, tmp_path):
     # the Language tab showed run-a (opened there above): it shows the tab's newest run now, not "No run yet"
     page.get_by_role("tab", name="Language model").click()
     expect(page.locator("#llm-run-status")).to_contain_text("run-b")
+    expect(page.locator("#llm-download")).to_be_hidden()  # run-a's adapter is not offered beside run-b
 
 
 def shown_row(page, run_id: str) -> str:

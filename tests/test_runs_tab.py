@@ -411,3 +411,15 @@ def test_a_run_that_ended_without_an_adapter_says_so_and_a_resumed_run_its_whole
     append_event(resumed.dir, "step", step=3000, total_steps=3000, loss=0.5, elapsed_s=1500.0)
     row = runs_tab.runs_table().set_index("id").loc[resumed.id]
     assert row["duration"] == widgets.format_seconds(1500.0)
+
+
+def test_a_checkpoint_removed_since_it_was_chosen_is_not_offered(runs):
+    """A run keeps its last few checkpoints: one chosen before it was removed (a run resumed and trained on) stayed
+    in the box, and Generate failed ('This run has no checkpoint step-90')."""
+    registry, _, short, *_ = runs
+    run = registry.get(short[0])
+    kept = widgets.checkpoint_choices(run.id)
+    assert kept[0] == "final" and len(kept) > 1
+    assert widgets.current_checkpoints(run.id, kept[-1])["value"] == kept[-1]
+    assert widgets.current_checkpoints(run.id, "step-90")["value"] == "final"
+    assert widgets.current_checkpoints(run.id, "step-90")["choices"] == kept

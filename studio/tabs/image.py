@@ -87,7 +87,7 @@ def try_prompt(run_id, checkpoint, prompt, negative, seed, steps, guidance, size
 
 def build() -> dict:
     defaults = default_config()
-    run_state = gr.State(None)
+    run_state = widgets.run_holder("image")
     gr.Markdown(hardware.hardware_line(), elem_classes=["hardware"])
     with gr.Row():
         base_model = gr.Dropdown(model_choices(), value=defaults.base_model, allow_custom_value=True, scale=3,
@@ -162,6 +162,7 @@ def build() -> dict:
                    [base_image, tuned_image], api_visibility="private")
     load_outputs = [files, folder, base_model, name, *form, section.message]
     widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
-                             {"lora": export_lora, "kohya": export_kohya, "merged": export_merged}, download)
+                             {"lora": export_lora, "kohya": export_kohya, "merged": export_merged}, download,
+                             [base_image, tuned_image])
     return {"run_state": run_state, "load_outputs": load_outputs,
             "check": (check_data, everything, check_outputs, check_triggers)}

@@ -178,7 +178,7 @@ def try_prompt(run_id, checkpoint, prompt, system, max_new_tokens, temperature, 
 
 def build() -> None:
     defaults = default_config()
-    run_state = gr.State(None)
+    run_state = widgets.run_holder("llm")
 
     gr.Markdown(hardware.hardware_line(), elem_classes=["hardware"])
     with gr.Row():
@@ -270,6 +270,7 @@ def build() -> None:
                    [base_answer, tuned_answer], api_visibility="private")
     load_outputs = [files, validation_files, base_model, name, *form, section.message]
     widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
-                             {"adapter": export_adapter, "merged": export_merged}, download)
+                             {"adapter": export_adapter, "merged": export_merged}, download,
+                             [base_answer, tuned_answer])
     return {"run_state": run_state, "load_outputs": load_outputs,
             "check": (check_data, everything, check_outputs, check_triggers)}

@@ -301,7 +301,7 @@ def _panel_values(run_id: str | None) -> list[Any]:
 
 
 def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None,
-          run_states: dict[str, gr.State] | None = None) -> dict[str, Any]:
+          run_states: dict[str, gr.Textbox] | None = None) -> dict[str, Any]:
     """`tabs` and `targets` (per modality, the components its Load config fills, in TabForm.load's order)
     let Clone switch to the run's tab with its settings filled in; `run_states` (per modality, the run its
     tab shows) let Open show the run there, to try and export it."""
@@ -481,7 +481,7 @@ def build(tabs: gr.Tabs | None = None, targets: dict[str, list] | None = None,
             lambda: gr.update(choices=run_choices()), None, compare_runs, **private)
     _wire_clone(clone, selected, message, clone_file, tabs, targets, [table_timer, panel.timer])
     if run_states and tabs is not None:
-        _wire_open(open_run, selected, message, tabs, run_states, [table_timer, panel.timer])
+        _wire_open(open_run, selected, message, tabs, run_states, targets, [table_timer, panel.timer])
     return {"run_state": selected, "table": (refresh_table, [modality, status, shown], table_outputs),
             "panel": (_panel_values, selected, panel.outputs()), "timers": [table_timer, panel.timer]}
 
@@ -528,17 +528,28 @@ def _wire_clone(clone: gr.Button, selected: gr.State, message: gr.Markdown, clon
 
 
 def _wire_open(open_run: gr.Button, selected: gr.State, message: gr.Markdown, tabs: gr.Tabs,
-               run_states: dict[str, gr.State], timers: list[gr.Timer]) -> None:
-    """Open shows the selected run in its tab, as if it were the tab's newest: its live panel, and Try it and
-    Export on it (they act on the tab's run, which was only ever its newest or the one just trained)."""
+               run_states: dict[str, gr.Textbox], targets: dict[str, list], timers: list[gr.Timer]) -> None:
+    """Open shows the selected run in its tab, as if it were the tab's newest: its live panel, Try it and Export
+    on it (they act on the tab's run, which was only ever its newest or the one just trained), and its settings
+    and data in the form, as Clone fills them: the form kept the tab's last settings beside another run's
+    panel, and Train then started a run of those."""
+    outputs = [message, tabs, *timers, *run_states.values()]
+    for components in targets.values():
+        outputs += [c for c in components if c not in outputs]
+
     def do_open(run_id):
         run = Registry().get(run_id) if run_id else None
         if run is None:
             gr.Warning(NOTHING_SELECTED)
             return {message: NOTHING_SELECTED}
-        return {run_states[run.modality]: run.id, tabs: gr.Tabs(selected=run.modality),
-                message: f"Opened **{run.name}** in the {MODALITIES[run.modality]} tab, to try it and export it "
-                         "there (**Clone** fills in its settings).",
+        update = {}
+        if run.modality in targets:
+            modality, values = clone_values(run_id)
+            values[-1] = (f"Opened run **{run.name}** (`{run.id}`): Try it and Export act on it, and its settings "
+                          "are filled in above; **Train** starts a new run from them.")
+            update = dict(zip(targets[modality], values))
+        return {**update, run_states[run.modality]: run.id, tabs: gr.Tabs(selected=run.modality),
+                message: f"Opened **{run.name}** in the {MODALITIES[run.modality]} tab.",
                 **{timer: gr.Timer(active=False) for timer in timers}}  # as showing another tab does
 
-    open_run.click(do_open, selected, [message, tabs, *timers, *run_states.values()], api_visibility="private")
+    open_run.click(do_open, selected, outputs, api_visibility="private")

@@ -80,7 +80,7 @@ def try_audio(run_id, checkpoint, audio):
 
 def build() -> dict:
     defaults = default_config()
-    run_state = gr.State(None)
+    run_state = widgets.run_holder("speech")
     gr.Markdown(hardware.hardware_line(), elem_classes=["hardware"])
     with gr.Row():
         base_model = gr.Dropdown([(f"{name} — {text}", name) for name, text in BASE_MODELS.items()],
@@ -155,6 +155,7 @@ def build() -> dict:
                      api_visibility="private")
     load_outputs = [files, folder, validation, base_model, name, *form, section.message]
     widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
-                             {"adapter": export_adapter, "merged": export_merged}, download)
+                             {"adapter": export_adapter, "merged": export_merged}, download,
+                             [base_text, base_time, tuned_text, tuned_time])
     return {"run_state": run_state, "load_outputs": load_outputs,
             "check": (check_data, everything, check_outputs, check_triggers)}

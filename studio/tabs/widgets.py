@@ -539,7 +539,7 @@ def live_update(run_id: str, version: str) -> dict[str, Any]:
             "log": read_log_tail(run.dir)}
 
 
-def wire_controls(panel: LivePanel, run_state: gr.State) -> None:
+def wire_controls(panel: LivePanel, run_state: gr.Component) -> None:
     """Stop / Cancel / Resume act on the run shown and the panel refreshes at once; later, when live.js presses
     the hidden Refresh button (or, without FAST_REFRESH, on the panel's timer)."""
     panel.timer.tick(live_values, run_state, panel.outputs(), show_progress="hidden", api_visibility="private")
@@ -557,6 +557,13 @@ def wire_controls(panel: LivePanel, run_state: gr.State) -> None:
     panel.stop.click(act(jobs.request_stop), run_state, panel.outputs(), api_visibility="private")
     panel.cancel.click(act(jobs.cancel), run_state, panel.outputs(), api_visibility="private")
     panel.resume.click(act(jobs.resume), run_state, panel.outputs(), api_visibility="private")
+
+
+def run_holder(modality: str) -> gr.Textbox:
+    """The id of the run a tab shows (its panel, Try it and Export act on it), held in the page: a gr.State lives
+    in the server's memory, so after the server restarted a page left open went on showing its run while every
+    button said "Train a run first"."""
+    return gr.Textbox(visible=False, elem_id=f"{modality}-run-id")
 
 
 def still_there(modality: str):
@@ -630,10 +637,12 @@ def run_section(key: str) -> RunSection:
     return RunSection(train, message, live_panel(key), save, load, config_file)
 
 
-def wire_run_section(section: RunSection, form: TabForm, run_state: gr.State, inputs: list, load_outputs: list,
-                     checkpoint: gr.Dropdown, exports: dict[str, gr.Button], download: gr.File) -> None:
+def wire_run_section(section: RunSection, form: TabForm, run_state: gr.Textbox, inputs: list, load_outputs: list,
+                     checkpoint: gr.Dropdown, exports: dict[str, gr.Button], download: gr.File,
+                     results: list[gr.Component]) -> None:
     """The handlers every tab shares: train, save/load config, the live refresh, run controls, the
-    checkpoint choice and the export buttons."""
+    checkpoint choice and the export buttons. `results` are what Try it shows: emptied when the tab shows
+    another run, with the download, so that no answer or file is taken for that run's."""
     private = {"api_visibility": "private"}
     # A new run in this tab (Train, or the newest one shown when the page opens) fills the panel in and
     # starts its timer.
@@ -645,7 +654,10 @@ def wire_run_section(section: RunSection, form: TabForm, run_state: gr.State, in
     section.panel.refresh.click(still_there(form.modality), run_state, run_state, **private)
     run_state.change(lambda r: gr.update(choices=checkpoint_choices(r), value="final"), run_state, checkpoint,
                      **private)
-    checkpoint.focus(lambda r: gr.update(choices=checkpoint_choices(r)), run_state, checkpoint, **private)
+    run_state.change(lambda: [None] * len(results) + [gr.update(value=None, visible=False)], None,
+                     [*results, download], **private)
+
+    checkpoint.focus(current_checkpoints, [run_state, checkpoint], checkpoint, **private)
     for kind, button in exports.items():
         button.click(lambda r, c, kind=kind: gr.update(value=export_zip(r, kind, c), visible=True),
                      [run_state, checkpoint], download, **private)
@@ -659,6 +671,13 @@ def checkpoint_choices(run_id: str | None) -> list[str]:
     if run is None:
         return ["final"]
     return ["final"] + [p.name for p in reversed(checkpoint_dirs(run.dir))]
+
+
+def current_checkpoints(run_id: str | None, chosen: str | None) -> dict:
+    """The checkpoint box as it is opened: the run's checkpoints now, and the one chosen if it is still there
+    (a run keeps only its last few: a resumed run removed the step-90 still shown, and Generate failed)."""
+    choices = checkpoint_choices(run_id)
+    return gr.update(choices=choices, value=chosen if chosen in choices else "final")
 
 
 def refused(message: str) -> gr.Error:
