@@ -5,6 +5,7 @@ tabs' downloads and `studio export` all come through here."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pipelines import MODALITIES, pipeline_module
@@ -29,11 +30,15 @@ def export_run(run: Run, kind: str, destination: str | Path, checkpoint: str | N
 
 def model_card(run: Run, config: RunConfig, kind: str, path: Path, checkpoint: str | None = None) -> str:
     progress = read_progress(run.dir)
+    # A checkpoint's card tells of the training up to it (the run's end came later, or never).
+    step = int(checkpoint.split("-")[1]) if checkpoint else progress.step  # (named step-N)
+    progress.losses = [(s, loss) for s, loss in progress.losses if s <= step]
+    progress.evals = [e for e in progress.evals if e["step"] <= step]
     merged = kind in ("merged", "fused")
     what = (f"`{config.base_model}` with a LoRA adapter merged into its weights" if merged
             else f"A LoRA adapter for `{config.base_model}`")
     trained = [
-        f"- Steps: {progress.step} of {progress.total_steps}" + (f" (checkpoint {checkpoint})" if checkpoint else ""),
+        f"- Steps: {step} of {progress.total_steps}" + (f" (checkpoint {checkpoint})" if checkpoint else ""),
         f"- LoRA: rank {config.lora_rank}, alpha {config.lora_alpha:g}",
         f"- Learning rate {config.learning_rate:g}, batch size {config.batch_size}"
         + (f" x {config.gradient_accumulation} accumulated" if config.gradient_accumulation > 1 else ""),
@@ -44,7 +49,8 @@ def model_card(run: Run, config: RunConfig, kind: str, path: Path, checkpoint: s
         trained.append(f"- Best validation loss: {progress.best():.4f}")
     if getattr(config, "system_prompt", ""):
         trained.append(f"- System prompt (ask with it too): {config.system_prompt!r}")
-    front = "\n".join(["---", f"base_model: {config.base_model}", f"library_name: {LIBRARY[run.modality]}",
+    library = "transformers" if run.modality == "llm" and merged else LIBRARY[run.modality]  # (no adapter left)
+    front = "\n".join(["---", f"base_model: {config.base_model}", f"library_name: {library}",
                        "tags:", *[f"- {t}" for t in ["lora", "lora-studio", *TAGS[run.modality]]], "---"])
     return (f"{front}\n\n# {run.name}\n\n{what}, fine-tuned with LoRA Studio ({MODALITIES[run.modality]}, run "
             f"`{run.id}`).\n\n## Training\n\n" + "\n".join(trained)

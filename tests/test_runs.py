@@ -83,6 +83,13 @@ def test_train_then_generate_from_the_command_line(home, tmp_path):
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert "More Information Needed" not in card and "# zorbia-facts" in card and "base_model: tiny-llama" in card
     assert "- Steps: 90 of 90" in card and "- LoRA: rank 16" in card and "AutoPeftModelForCausalLM" in card
+    # a checkpoint's card tells of the training up to it, not of the run's end; a merged model has no adapter
+    merged = studio("export", run_id, "--merged", str(tmp_path / "merged"), "--checkpoint", "step-30")
+    assert merged.returncode == 0, merged.stderr
+    card = (tmp_path / "merged" / "README.md").read_text()
+    loss_at_30 = next(e["loss"] for e in read_events(run_dir)[0] if e["type"] == "step" and e["step"] == 30)
+    assert "- Steps: 30 of 90 (checkpoint step-30)" in card and f"- Last training loss: {loss_at_30:.4f}" in card
+    assert "library_name: transformers" in card
     again = studio("export", run_id, "--adapter", str(tmp_path / "adapter"))  # never into a folder with files
     assert again.returncode == 2 and again.stderr == (
         f"error: {tmp_path / 'adapter'} already exists and is not an empty folder: choose a new one.\n")
