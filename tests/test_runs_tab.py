@@ -423,3 +423,16 @@ def test_a_checkpoint_removed_since_it_was_chosen_is_not_offered(runs):
     assert widgets.current_checkpoints(run.id, kept[-1])["value"] == kept[-1]
     assert widgets.current_checkpoints(run.id, "step-90")["value"] == "final"
     assert widgets.current_checkpoints(run.id, "step-90")["choices"] == kept
+
+
+def test_try_it_and_export_on_a_run_deleted_meanwhile_say_so(tmp_path, monkeypatch):
+    """A run deleted in another window stayed on screen; Try it and Export on it said "Train a run first"."""
+    import gradio as gr
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "ws"))
+    with pytest.raises(gr.Error) as deleted:
+        widgets.export_zip("20261207-120000-llm-dead", "adapter", None)
+    assert deleted.value.message == ("Run 20261207-120000-llm-dead has been deleted. Open another run from the Runs "
+                                     "tab, or train one.")
+    with pytest.raises(gr.Error) as nothing:
+        widgets.export_zip(None, "adapter", None)
+    assert nothing.value.message == "Train a run first: there is nothing to export yet."

@@ -9,7 +9,6 @@ import gradio as gr
 
 from pipelines.image.config import HUB_MODELS, ImageConfig, oversize
 from studio import hardware, jobs
-from studio.runs import Registry
 from studio.tabs import widgets
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "image"
@@ -59,9 +58,7 @@ def check_data(*args):
 def try_prompt(run_id, checkpoint, prompt, negative, seed, steps, guidance, size, strength):
     """Base and tuned images for the same prompt and seed."""
     from studio import tryit
-    run = Registry().get(run_id) if run_id else None
-    if run is None:
-        raise widgets.refused("Train a run first, then try it here.")
+    run = widgets.shown_run(run_id, "Train a run first, then try it here.")
     checkpoint = None if checkpoint in (None, "", "final") else checkpoint
     if not (prompt or "").strip():  # the run's own sample prompt: one of its captions, not the demo's
         from studio.progress import read_progress

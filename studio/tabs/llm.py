@@ -13,7 +13,6 @@ from pipelines.config import ConfigError
 from pipelines.llm.config import KNOWN_MODELS, LLMConfig
 from pipelines.llm.data import TABLE_SUFFIXES
 from studio import hardware, jobs
-from studio.runs import Registry
 from studio.tabs import widgets
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "llm"
@@ -158,9 +157,7 @@ def try_prompt(run_id, checkpoint, prompt, system, max_new_tokens, temperature, 
     """The base model's and the tuned model's answers to the same prompt (after the system prompt typed, else
     the run's own)."""
     from studio import tryit
-    run = Registry().get(run_id) if run_id else None
-    if run is None:
-        raise widgets.refused("Train a run first, then try it here.")
+    run = widgets.shown_run(run_id, "Train a run first, then try it here.")
     if not (prompt or "").strip():
         raise widgets.refused("Type a prompt first.")
     checkpoint = None if checkpoint in (None, "", "final") else checkpoint

@@ -8,7 +8,6 @@ import gradio as gr
 
 from pipelines.speech.config import BASE_MODELS, SpeechConfig
 from studio import hardware, jobs
-from studio.runs import Registry
 from studio.tabs import widgets
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "speech"
@@ -64,9 +63,7 @@ def check_data(*args):
 def try_audio(run_id, checkpoint, audio):
     """Base and tuned transcriptions of the same audio, with the time each took."""
     from studio import tryit
-    run = Registry().get(run_id) if run_id else None
-    if run is None:
-        raise widgets.refused("Train a run first, then try it here.")
+    run = widgets.shown_run(run_id, "Train a run first, then try it here.")
     if not audio:
         raise widgets.refused("Upload or record some audio first.")
     checkpoint = None if checkpoint in (None, "", "final") else checkpoint

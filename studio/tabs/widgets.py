@@ -686,13 +686,22 @@ def refused(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
+def shown_run(run_id: str | None, when_none: str):
+    """The run a tab shows, for Try it and Export to act on; else they are refused with `when_none`, or for a run
+    deleted since (in the Runs tab, perhaps of another window) with that said ("Train a run first" beside the
+    deleted run still shown, and other runs in the tab, made no sense)."""
+    run = Registry().get(run_id) if run_id else None
+    if run is None and run_id:
+        raise refused(f"Run {run_id} has been deleted. Open another run from the Runs tab, or train one.")
+    if run is None:
+        raise refused(when_none)
+    return run
+
+
 def export_zip(run_id: str | None, kind: str, checkpoint: str | None) -> str:
     """Export into the run folder and zip it for download. Returns the zip's path."""
     from studio.exporting import export_run
-    registry = Registry()
-    run = registry.get(run_id) if run_id else None
-    if run is None:
-        raise refused("Train a run first: there is nothing to export yet.")
+    run = shown_run(run_id, "Train a run first: there is nothing to export yet.")
     checkpoint = None if checkpoint in (None, "", "final") else checkpoint
     if checkpoint is None and not (run.dir / "adapter").exists() and run.status != "completed":
         checkpoints = checkpoint_choices(run_id)[1:]
