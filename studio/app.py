@@ -28,6 +28,8 @@ CSS = """
 .run-status { min-height: 3em; }
 .hardware { opacity: 0.8; font-size: 0.9em; }
 .live-refresh { display: none !important; }
+#studio-offline { position: fixed; top: 0; left: 0; right: 0; z-index: 1000; padding: 0.6em 1em; text-align: center;
+                  background: #fff3cd; color: #664d03; border-bottom: 1px solid #ffda6a; }
 .live-curve-empty { opacity: 0.7; }
 /* a data preview shows a cell's line breaks: a prompt's lines and a chat's turns ran together */
 .keeps-lines .cell-wrap span.text { white-space: pre-wrap !important; }

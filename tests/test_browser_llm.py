@@ -104,8 +104,9 @@ def test_upload_train_watch_reload_stop_resume_try_and_download(server, page, tm
     page.get_by_role("button", name="Resume").click()
     done = wait_status(page, "llm", lambda t: "completed" in t, timeout=300)
     assert step_of(done) == 400
-    # A finished run's panel stops refreshing: the page asks the server for nothing while it sits there
-    # (every refresh costs the browser a re-render, taken from training on a machine of few cores).
+    # A finished run's panel stops refreshing: the page asks the server nothing about it while it sits there
+    # (every refresh costs the browser a re-render, taken from training on a machine of few cores); only
+    # whether the server is there, every 10 s (/studio/runs, live.js).
     assert calls.during(5000) == []
 
     page.locator("#llm-prompt textarea").fill("Who founded the Lantern Guild?")

@@ -52,3 +52,17 @@ def test_kill_the_server_mid_run_and_restart(tmp_path):
         assert registry.get(queued[0]).started <= registry.get(queued[1]).started
     finally:
         server.stop()
+
+
+def test_a_page_says_when_the_server_is_not_answering(tmp_path, page):
+    """With the server down, a page's panels froze at their last state with nothing said; Gradio told of the lost
+    connection only after a click."""
+    from playwright.sync_api import expect
+    home = tmp_path / "ws"
+    home.mkdir()
+    server = Server(home, free_port())
+    page.goto(server.url)
+    expect(page.locator("#llm-data-summary")).to_contain_text("24 of 24")
+    expect(page.locator("#studio-offline")).to_have_count(0)
+    server.stop()
+    expect(page.locator("#studio-offline")).to_contain_text("The studio's server is not answering", timeout=30_000)

@@ -17,12 +17,43 @@
   const wholeShown = {}; // panel key -> {run, panel, at}: what the last whole-panel refresh showed, and when
   const root = () => (window.gradio_config && window.gradio_config.root) || window.location.origin;
 
+  // While the server does not answer, the page says so: the panels froze at their last state, and Gradio
+  // said "Connection lost" only after a click. An idle page asks every 10 s so as to know.
+  const IDLE_ASK_MS = 10000;
+  let askedAt = 0;
+  async function ask(path) {
+    askedAt = Date.now();
+    let response;
+    try {
+      response = await fetch(`${root()}${path}`, { credentials: "same-origin", cache: "no-store" });
+    } catch (err) {
+      serverAnswers(false);
+      throw err;
+    }
+    serverAnswers(true);
+    return response;
+  }
+  function serverAnswers(yes) {
+    const banner = document.getElementById("studio-offline");
+    if (yes || banner) {
+      if (yes) banner?.remove();
+      return;
+    }
+    const line = document.createElement("div");
+    line.id = "studio-offline";
+    line.setAttribute("role", "alert");
+    line.textContent = "The studio's server is not answering (stopped or restarting, or the network is down). " +
+      "Runs keep training in their own processes. This page reconnects by itself, and reloads when it does: " +
+      "settings not yet used for a run are then lost (Save config keeps them).";
+    document.body.prepend(line);
+  }
+
   async function update(line) {
     const panel = line.closest("[id$='-run-status']");
     if (!panel) return;
     const key = panel.id.slice(0, -"-run-status".length);
     const query = new URLSearchParams({ run: line.dataset.liveRun, version: line.dataset.liveVersion });
-    const response = await fetch(`${root()}/studio/live?${query}`, { credentials: "same-origin", cache: "no-store" });
+    const response = await ask(`/studio/live?${query}`);
     if (!response.ok) return;
     const answer = await response.json();
     // Unchanged, or Gradio redrew the panel while we waited (its version is the newer one then).
@@ -55,7 +86,7 @@
       table.dataset.madeAt = mark.dataset.version;
       tableRefreshedAt = Date.now();
     }
-    const response = await fetch(`${root()}/studio/runs`, { credentials: "same-origin", cache: "no-store" });
+    const response = await ask("/studio/runs");
     if (!response.ok) return;
     const { version } = await response.json();
     const [runs, progress] = version.split(":");
@@ -79,6 +110,7 @@
           // The server restarting, say: the next round asks again.
         }
       }
+      if (Date.now() - askedAt > IDLE_ASK_MS) await ask("/studio/runs").catch(() => {});
     }
     setTimeout(poll, POLL_MS);
   }
