@@ -460,3 +460,17 @@ def test_an_excel_workbook_is_read_from_its_first_sheet(tmp_path):
     assert [str(p).split(" (")[0] for p in report.problems] == [
         "qa.xlsx: has 2 sheets: only the first, 'Q&A', is read",
         "broken.xlsx: cannot be read as an Excel workbook"]
+
+
+def test_rows_that_repeat_an_earlier_one_are_named(tmp_path):
+    """Exact repeats were trained without a word (the image tab names its duplicate images); one held out for
+    validation while its twin trains makes the validation loss look better than it is."""
+    (tmp_path / "a.csv").write_text("prompt,completion\nSame?,Same.\nOther?,Other.\nSame?,Same.\n")
+    (tmp_path / "b.jsonl").write_text('{"prompt": "Other?", "completion": "Other."}\n')
+    report = inspect_data(LLMConfig(train_files=[str(tmp_path / "a.csv"), str(tmp_path / "b.jsonl")],
+                                    validation_fraction=0))
+    assert report.rows_usable == 4  # kept: repeating an example can be meant
+    assert [str(p) for p in report.problems] == [
+        "data: 2 rows repeat an earlier one exactly: a.csv row 3 copies a.csv row 1; b.jsonl row 1 copies a.csv row 2. "
+        "Each copy is trained on, and one held out for validation makes the validation loss look better than it "
+        "is: remove them unless that is meant"]

@@ -8,6 +8,7 @@ exactly what trains. Bad rows are reported with their row number and reason, nev
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -382,11 +383,32 @@ def _chat_example(value: Any, column: str, system: list[dict]) -> Example | str:
 
 # ---- the whole data set ----------------------------------------------------------------------
 
+def _note_repeats(examples: list[Example], report: DataReport) -> None:
+    """Say which rows repeat an earlier one exactly: each copy is trained on (and may be held out to validate
+    on, where its twin trains, which makes the validation loss look better than it is); kept, as repeating an
+    example can be meant."""
+    seen: dict[bytes, str] = {}  # (a digest, not the text: a data set of 50,000 rows is checked in the server)
+    repeats = []
+    for example in examples:
+        key = hashlib.blake2b(json.dumps([example.messages, example.text]).encode(), digest_size=16).digest()
+        if key in seen:
+            repeats.append(f"{example.source} copies {seen[key]}")
+        else:
+            seen[key] = example.source
+    if repeats:
+        named = "; ".join(repeats[:3]) + (f"; and {len(repeats) - 3} more" if len(repeats) > 3 else "")
+        report.problem("data", f"{len(repeats)} row{'s repeat' if len(repeats) > 1 else ' repeats'} an earlier one "
+                               f"exactly: {named}. Each copy is trained on, and one held out for validation makes "
+                               "the validation loss look better than it is: remove them unless that is meant",
+                       kept=True)
+
+
 def load_examples(config: LLMConfig, report: DataReport | None = None
                   ) -> tuple[DataReport, list[Example], list[Example]]:
     """Read every file, report every problem, split train/validation. Never raises on bad data."""
     report = report or DataReport()
     train = _examples_from(config.train_files, config, report)
+    _note_repeats(train, report)
     validation: list[Example] = []
     if config.validation_files:
         validation = _examples_from(config.validation_files, config, report, count=False)
