@@ -289,6 +289,10 @@ def test_rename_changes_the_name_everywhere(runs):
     assert Registry().rebuild() == 3 and Registry().get(short[1]).name == "renamed run"  # the folder agrees
     with pytest.raises(ValueError, match="Type the new name"):
         runs_tab.rename_run(short[1], " ", registry)
+    with pytest.raises(ValueError) as refused:  # said of the name typed (it was "name: may hold only …")
+        runs_tab.rename_run(short[1], "a/b", registry)
+    assert str(refused.value).startswith("The name 'a/b' may hold only letters")
+    assert registry.get(short[1]).name == "renamed run"
 
 
 def test_delete_refuses_a_running_run_and_removes_folder_and_row(runs):

@@ -17,6 +17,7 @@ import gradio as gr
 import pandas as pd
 
 from pipelines import MODALITIES
+from pipelines.config import ConfigError
 from studio import jobs, tracking
 from studio.progress import Progress, format_seconds
 from studio.runs import ACTIVE, FINAL, Registry, Run
@@ -148,7 +149,10 @@ def rename_run(run_id: str | None, name: str, registry: Registry | None = None) 
     name = (name or "").strip()
     if not name:
         raise ValueError("Type the new name first.")
-    registry.rename(run.id, name)
+    try:
+        registry.rename(run.id, name)
+    except ConfigError as err:  # said of the name typed, not of the setting ("name: may hold only …")
+        raise ValueError(f"The name '{name}' " + "; ".join(why for _, why in err.problems) + ".") from None
     return f"Renamed `{run.id}` to **{name}**."
 
 
