@@ -474,3 +474,15 @@ def test_rows_that_repeat_an_earlier_one_are_named(tmp_path):
         "data: 2 rows repeat an earlier one exactly: a.csv row 3 copies a.csv row 1; b.jsonl row 1 copies a.csv row 2. "
         "Each copy is trained on, and one held out for validation makes the validation loss look better than it "
         "is: remove them unless that is meant"]
+
+
+def test_columns_chosen_by_hand_for_one_file_leave_the_others_to_detection(tmp_path):
+    """The check advised mapping the columns of a file it could not read alone; done, it refused the other files,
+    which had none of those columns ('the prompt column 'Q' ... are not in this file')."""
+    (tmp_path / "mine.csv").write_text("Q,A\nWhat is 2+2?,4\nName a colour.,Blue\n")
+    (tmp_path / "theirs.csv").write_text("question,answer\nCapital of Zorbia?,Quillton.\n")
+    report = inspect_data(LLMConfig(train_files=[str(tmp_path / "mine.csv"), str(tmp_path / "theirs.csv")],
+                                    validation_fraction=0, prompt_column="Q", response_column="A"))
+    assert report.rows_usable == 3
+    assert [str(p) for p in report.problems] == [
+        "theirs.csv: has none of the columns chosen by hand (Q, A): its own are used (question, answer)"]

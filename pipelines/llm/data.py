@@ -437,7 +437,17 @@ def _examples_from(files: list[str], config: LLMConfig, report: DataReport, coun
         if not rows:
             continue
         columns = list(dict.fromkeys(k for _, record in rows[:200] for k in record))
+        chosen = {role: name for role in ROLE_NAMES if (name := getattr(config, f"{role}_column"))}
+        absent = [f"{role} column '{name}'" for role, name in chosen.items() if name not in columns]
         fmt, mapping = detect_mapping(columns, config)
+        if chosen and len(absent) == len(chosen):
+            # None of the columns chosen by hand (for another file): this one's own are detected, as when none
+            # is chosen (the check had advised mapping one file's columns, which then refused the others).
+            fmt, mapping = detect_mapping(columns, config.changed(**{f"{role}_column": "" for role in chosen}))
+            absent = []
+            if fmt:
+                report.problem(path, f"has none of the columns chosen by hand ({', '.join(chosen.values())}): its "
+                                     f"own are used ({', '.join(dict.fromkeys(mapping.values()))})", kept=True)
         if count:  # over all the training files, each read with its own format and columns
             report.columns = list(dict.fromkeys(report.columns + columns))
             if fmt and fmt not in report.format.split(", "):
@@ -445,8 +455,6 @@ def _examples_from(files: list[str], config: LLMConfig, report: DataReport, coun
             for role, column in mapping.items():
                 used = report.mapping.get(role, "")
                 report.mapping[role] = used if column in used.split(" / ") else " / ".join(filter(None, [used, column]))
-        absent = [f"{role} column '{name}'" for role in ROLE_NAMES
-                  if (name := getattr(config, f"{role}_column")) and name not in columns]
         if absent:
             verb = "is" if len(absent) == 1 else "are"
             report.problem(path, f"the {' and '.join(absent)} set in the settings {verb} not in this file, whose "
