@@ -64,43 +64,63 @@ def unpack_once(archive: Path, folder: Path, report: DataReport) -> Path | None:
     return target / state["root"] if state["root"] else None
 
 
+# Gradio cuts an uploaded file's name at 200 bytes: a path longer than that is sent (and kept) as its name alone.
+MARKED_NAME_BYTES = 200
+
+
+def _link_or_copy(source: Path, place: Path) -> None:
+    """`source` at `place` (FileExistsError where something is there already, a folder too)."""
+    try:
+        os.link(source, place)
+    except FileExistsError:
+        raise
+    except OSError:  # another file system
+        shutil.copyfile(source, place)
+        shutil.copystat(source, place)
+
+
 def gather_folder(files: list[Path], folder: Path) -> Path:
     """The files of a folder upload (named with FOLDER_MARK) back in their folders, once, linked (or copied)
     into folder/<hash of their names and places>/: the data check, the run's copy and the preview all see the
-    folder as the user has it. Returns the folder the user picked (the first part of every name)."""
-    places = sorted((f.name.split(FOLDER_MARK), f) for f in files)
-    digest = hashlib.sha256(json.dumps([[parts, str(f)] for parts, f in places]).encode()).hexdigest()[:20]
-    target = folder / f"folder-{digest}"
+    folder as the user has it. Of two files at one place (a folder picked again, which Gradio adds to the first
+    pick) the later one is kept. Returns the folder the user picked (the first part of every name)."""
+    places: dict[tuple[str, ...], Path] = {}
+    for file in files:
+        parts = tuple(p for p in file.name.split(FOLDER_MARK) if p not in ("", ".", "..")) or (file.name,)
+        places.pop(parts, None)
+        places[parts] = file  # (never outside the folder: Gradio strips / and \ from names, and .. is dropped)
+    digest = hashlib.sha256(json.dumps(sorted([list(k), str(f)] for k, f in places.items())).encode()).hexdigest()
+    target = folder / f"folder-{digest[:20]}"
     if not target.exists():
         tmp = folder / f".tmp-{target.name}-{os.getpid()}-{secrets.token_hex(4)}"
-        for parts, file in places:
-            parts = [p for p in parts if p not in ("", ".", "..")] or [file.name]  # (never outside tmp)
+        for parts, file in sorted(places.items(), key=lambda item: -len(item[0])):  # (the deepest first)
             place = tmp.joinpath(*parts)
-            place.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.link(file, place)
-            except OSError:  # another file system
-                shutil.copy2(file, place)
+                place.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(file, place)
+            except OSError:  # a file where a folder of the same name goes: the folder's files win
+                continue
         try:
             os.replace(tmp, target)
         except OSError:  # gathered meanwhile by another check: the same files
             shutil.rmtree(tmp, ignore_errors=True)
-    tops = [p for p in target.iterdir()]
+    tops = list(target.iterdir())
     return tops[0] if len(tops) == 1 and tops[0].is_dir() else target
 
 
 def folder_as_uploads(source: Path, keep) -> list[str]:
     """The other way: a folder's files as a folder upload names them (`keep(path)` picks which), linked (or
-    copied) into a new temporary folder, for an upload box to hold (a run opened in its tab)."""
+    copied) once into a temporary folder of this source's, for an upload box to hold (a run opened in its tab;
+    a run's data does not change, so opening it again reuses them)."""
     import tempfile
-    out = Path(tempfile.mkdtemp(prefix="studio-folder-"))
+    out = Path(tempfile.gettempdir()) / f"studio-folder-{hashlib.sha256(str(source).encode()).hexdigest()[:20]}"
     named = []
     for path in sorted(p for p in source.rglob("*") if p.is_file() and keep(p)):
-        place = out / FOLDER_MARK.join((source.name, *path.relative_to(source).parts))
-        try:
-            os.link(path, place)
-        except OSError:
-            shutil.copy2(path, place)
+        name = FOLDER_MARK.join((source.name, *path.relative_to(source).parts))
+        place = out / (name if len(name.encode()) <= MARKED_NAME_BYTES else path.name)
+        if not place.exists():
+            out.mkdir(exist_ok=True)
+            _link_or_copy(path, place)
         named.append(str(place))
     return named
 

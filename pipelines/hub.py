@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -144,7 +145,9 @@ def _bytes_in(path: Path) -> int:
     for root, _, files in os.walk(path):
         for name in files:
             with contextlib.suppress(OSError):  # a part renamed into place meanwhile
-                total += os.stat(os.path.join(root, name)).st_size
+                info = os.lstat(os.path.join(root, name))
+                # (the hub cache's snapshots/ hold links to its blobs/: counted once, as the blobs)
+                total += 0 if stat.S_ISLNK(info.st_mode) else info.st_size
     return total
 
 
@@ -178,9 +181,9 @@ def reporting_download(where: Path, what: str, every_s: float = 5.0):
     finally:
         done.set()
         watcher.join()
-        arrived = (_bytes_in(where) if where.exists() else 0) - start
-        if arrived > 0:
-            download_progress(f"Downloaded {what}: {_size(arrived)} in {time.monotonic() - began:.0f} s.")
+    arrived = (_bytes_in(where) if where.exists() else 0) - start  # (not said when the load failed)
+    if arrived > 0:
+        download_progress(f"Downloaded {what}: {_size(arrived)} in {time.monotonic() - began:.0f} s.")
 
 
 def load_from_hub(loader: Callable[..., T], repo_id: str, **kwargs) -> T:

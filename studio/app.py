@@ -159,9 +159,9 @@ def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth_f
     app.queue(default_concurrency_limit=4, max_size=256)
     _poll_queue_gently(app)
     root = workspace()
+    allowed, blocked = widgets.served_paths()
     app.launch(server_name=host, server_port=port, share=share, auth=users or None, inbrowser=False,
-               allowed_paths=[str(root / "runs")],
-               blocked_paths=[str(root / "studio.db"), str(Path.home() / ".ssh"), str(Path.home() / ".cache")],
+               allowed_paths=[str(p) for p in allowed], blocked_paths=[str(p) for p in blocked],
                max_file_size=f"{MAX_UPLOAD_MB}mb", prevent_thread_lock=True, show_error=True, css=CSS,
                footer_links=["api"], quiet=True, mcp_server=False, ssr_mode=False,
                head=f"<script>{page.LIVE_JS.read_text()}</script>", app_kwargs={"lifespan": _studio_routes})

@@ -348,3 +348,23 @@ def test_a_caption_table_of_any_name_is_read(tmp_path):
     report = inspect_data(ImageConfig(data_path=str(tmp_path), resolution=32))
     assert (report.rows_usable, report.problems) == (2, [])
     assert sorted(p["caption"] for p in report.preview) == ["a green square", "a red square"]
+
+
+def test_a_folder_picked_again_keeps_its_later_files(tmp_path):
+    """Gradio adds a folder picked again to the first pick: two files at one place were both linked there, and
+    which one stayed depended on Gradio's hashes. The later pick's file is kept; a file where a folder of the same
+    name goes (a name with the marker character in it) is left out instead of failing every check."""
+    from pipelines.archives import FOLDER_MARK, gather_folder
+
+    def upload(pick: str, place: str, text: str) -> Path:  # as Gradio keeps an upload: a folder of its own
+        (tmp_path / pick).mkdir(exist_ok=True)
+        (tmp_path / pick / FOLDER_MARK.join(place.split("/"))).write_text(text)
+        return tmp_path / pick / FOLDER_MARK.join(place.split("/"))
+
+    files = [upload("a", "pets/cats/0.txt", "a cat, first try"), upload("b", "pets/cats", "not a folder"),
+             upload("c", "pets/cats/0.txt", "a cat, fixed"), upload("d", "pets/dogs/0.txt", "a dog")]
+    folder = gather_folder(files, tmp_path / "uploads")
+    assert folder.name == "pets"
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == ["cats/0.txt", "dogs/0.txt"]
+    assert (folder / "cats" / "0.txt").read_text() == "a cat, fixed"
+    assert gather_folder(files, tmp_path / "uploads") == folder  # once: a check again reuses it

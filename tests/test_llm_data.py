@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import zipfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -453,13 +454,19 @@ def test_an_excel_workbook_is_read_from_its_first_sheet(tmp_path):
     book.create_sheet("notes").append(["not data"])
     book.save(tmp_path / "qa.xlsx")
     (tmp_path / "broken.xlsx").write_bytes(b"PK\x03\x04 not really a workbook")
-    report = inspect_data(LLMConfig(train_files=[str(tmp_path / "qa.xlsx"), str(tmp_path / "broken.xlsx")],
-                                    validation_fraction=0))
+    with zipfile.ZipFile(tmp_path / "qa.xlsx") as whole, zipfile.ZipFile(tmp_path / "cut.xlsx", "w") as cut:
+        for entry in whole.infolist():  # a sheet cut short: found only as its rows are read
+            data = whole.read(entry)
+            cut.writestr(entry, data[:len(data) // 2] if entry.filename.endswith("sheet1.xml") else data)
+    files = [str(tmp_path / name) for name in ("qa.xlsx", "broken.xlsx", "cut.xlsx")]
+    report = inspect_data(LLMConfig(train_files=files, validation_fraction=0))
     assert report.preview == [{"prompt": "What is 2+2?", "response": "4"},
                               {"prompt": "Name a colour.", "response": "Blue"}]
     assert [str(p).split(" (")[0] for p in report.problems] == [
         "qa.xlsx: has 2 sheets: only the first, 'Q&A', is read",
-        "broken.xlsx: cannot be read as an Excel workbook"]
+        "broken.xlsx: cannot be read as an Excel workbook",
+        "cut.xlsx: has 2 sheets: only the first, 'Q&A', is read",
+        "cut.xlsx: cannot be read as an Excel workbook"]
 
 
 def test_rows_that_repeat_an_earlier_one_are_named(tmp_path):

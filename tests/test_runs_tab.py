@@ -421,7 +421,7 @@ def test_a_checkpoint_removed_since_it_was_chosen_is_not_offered(runs):
     """A run keeps its last few checkpoints: one chosen before it was removed (a run resumed and trained on) stayed
     in the box, and Generate failed ('This run has no checkpoint step-90')."""
     registry, _, short, *_ = runs
-    run = registry.get(short[0])
+    run = registry.get(short[1])  # (short[0] is deleted by an earlier test)
     kept = widgets.checkpoint_choices(run.id)
     assert kept[0] == "final" and len(kept) > 1
     assert widgets.current_checkpoints(run.id, kept[-1])["value"] == kept[-1]
@@ -440,3 +440,17 @@ def test_try_it_and_export_on_a_run_deleted_meanwhile_say_so(tmp_path, monkeypat
     with pytest.raises(gr.Error) as nothing:
         widgets.export_zip(None, "adapter", None)
     assert nothing.value.message == "Train a run first: there is nothing to export yet."
+
+
+def test_load_config_copies_no_folder_the_page_may_not_be_sent(tmp_path, monkeypatch):
+    """A folder a config names is copied into the temporary folder, named for an upload box: named by a config
+    uploaded in the browser, ~/.ssh was copied there, and Gradio (which refuses ~/.ssh) sent the copy."""
+    from studio.tabs import speech
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    keys = tmp_path / "home" / ".ssh"
+    keys.mkdir(parents=True)
+    (keys / "id_rsa").write_text("secret")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"modality: speech\ndata_path: {keys}\n")
+    values = speech.FORM_SPEC.load(str(config))
+    assert values[0] == [str(keys / "id_rsa")]  # where it is, for Gradio to refuse, not a copy it would send

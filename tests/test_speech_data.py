@@ -317,10 +317,22 @@ def test_ljspeech_layout_is_read(tmp_path):
                                       ("window.wav", "Open the window, please.")], start=1):
         shutil.copy(CLIPS / clip, tmp_path / "LJSpeech-1.1" / "wavs" / f"LJ001-000{n}.wav")
         lines.append(f"LJ001-000{n}|{text}|{text}")
+    lines.insert(0, "LJ001-0000|A clip cut from this copy of the data set.|A clip cut from this copy of the data set.")
     (tmp_path / "LJSpeech-1.1" / "metadata.csv").write_text("\n".join(lines) + "\n")
     report = inspect_data(SpeechConfig(data_path=str(tmp_path / "LJSpeech-1.1"), validation_fraction=0))
-    assert (report.rows_found, report.rows_usable) == (2, 2)
+    assert (report.rows_found, report.rows_usable) == (3, 2)  # (the row whose clip is missing counts as found)
     assert [p.reason for p in report.problems] == [
-        "read as LJSpeech's layout: no header, clip id|transcription|normalized on each line"]
+        "read as LJSpeech's layout: no header, clip id|transcription|normalized on each line",
+        "names 'LJ001-0000', which is not among the audio files"]
     assert [(p["name"], p["text"]) for p in report.preview] == [("wavs/LJ001-0001.wav", "The cat sat on the mat."),
                                                                 ("wavs/LJ001-0002.wav", "Open the window, please.")]
+
+
+
+def test_a_transcript_file_pairs_with_its_clip_whatever_the_case_of_its_name(tmp_path):
+    """Clip1.txt beside clip1.wav was neither used nor reported (a metadata table's rows had just learnt to
+    match names whatever their case; a transcript file's pairing had not)."""
+    shutil.copy(CLIPS / "cat.wav", tmp_path / "clip1.wav")
+    (tmp_path / "Clip1.txt").write_text("The cat sat on the mat.")
+    report = inspect_data(SpeechConfig(data_path=str(tmp_path), validation_fraction=0))
+    assert (report.rows_usable, report.problems) == (1, [])

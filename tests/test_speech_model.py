@@ -3,6 +3,7 @@ local checkpoints and where LoRA goes."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -181,4 +182,31 @@ def test_a_whisper_download_tells_its_progress_on_the_status_line(tmp_path, monk
     assert f"Loading the model and data… Downloaded Whisper 'tiny': {size}" in shown
     told.clear()
     load_base_model("tiny", CPU)  # now from the cache: nothing to tell
+    assert told == []
+
+
+def test_a_hub_download_is_counted_once_and_a_failed_one_is_not_called_downloaded(tmp_path, monkeypatch):
+    """The hub cache keeps each file once in blobs/ and links to it from snapshots/: counted through the links too,
+    a model showed twice its size. And a load that failed still said "Downloaded"."""
+    from pipelines import hub
+    repo = tmp_path / "models--org--model"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    told = []
+    monkeypatch.setattr(hub, "download_progress", told.append)
+
+    def download(fail: bool):
+        (repo / "blobs" / "weights").write_bytes(b"x" * 3 * 2**20)
+        (repo / "snapshots" / "abc" / "model.safetensors").symlink_to(repo / "blobs" / "weights")
+        if fail:
+            raise OSError("No space left on device")
+
+    with hub.reporting_download(repo, "org/model"):
+        download(fail=False)
+    assert hub._bytes_in(repo) == 3 * 2**20 and told[-1].startswith("Downloaded org/model: 3 MB in ")
+    shutil.rmtree(repo / "blobs"), shutil.rmtree(repo / "snapshots" / "abc")
+    (repo / "blobs").mkdir()
+    told.clear()
+    with pytest.raises(OSError), hub.reporting_download(repo, "org/model"):
+        download(fail=True)
     assert told == []

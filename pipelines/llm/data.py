@@ -137,16 +137,9 @@ def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -
     except (StopIteration, csv.Error) as err:
         report.problem(name, f"the header row cannot be read: {err}")
         return []
-    header = [h.strip() for h in header]
-    named = [h for h in header if h]
-    if len(set(named)) != len(named) or not named:
-        report.problem(name, f"the header row has empty or repeated column names: {header}")
+    header = _checked_header(name, header, report)
+    if header is None:
         return []
-    if len(named) < len(header):  # pandas' index column, Excel's empty columns at the end: nothing to map
-        unnamed = [str(i) for i, h in enumerate(header, start=1) if not h]
-        report.problem(name, f"column{'s' if len(unnamed) > 1 else ''} {', '.join(unnamed)} of the header "
-                             f"{'have' if len(unnamed) > 1 else 'has'} no name: ignored", kept=True)
-    report.columns = report.columns or named
     number, before, blank = 0, len(report.problems), 0
     unclosed_at_end, lines_in_file = text.count('"') % 2 == 1, text.rstrip("\n").count("\n") + 1
     while True:
@@ -181,6 +174,22 @@ def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -
     if not rows and len(report.problems) == before:  # (rows with every cell empty are no data either)
         report.problem(name, "has a header row but no data rows" + (f", only {blank} empty ones" if blank else ""))
     return rows
+
+
+def _checked_header(name: str, header: list[str], report: DataReport) -> list[str] | None:
+    """A table's header row (a CSV's, an Excel sheet's), its names stripped; None when it cannot name the
+    columns (the problem is reported)."""
+    header = [h.strip() for h in header]
+    named = [h for h in header if h]
+    if len(set(named)) != len(named) or not named:
+        report.problem(name, f"the header row has empty or repeated column names: {header}")
+        return None
+    if len(named) < len(header):  # pandas' index column, Excel's empty columns at the end: nothing to map
+        unnamed = [str(i) for i, h in enumerate(header, start=1) if not h]
+        report.problem(name, f"column{'s' if len(unnamed) > 1 else ''} {', '.join(unnamed)} of the header "
+                             f"{'have' if len(unnamed) > 1 else 'has'} no name: ignored", kept=True)
+    report.columns = report.columns or named
+    return header
 
 
 def _delimiter(text: str) -> str:
@@ -264,28 +273,26 @@ def _read_excel(path: Path, report: DataReport) -> list[tuple[int, dict]]:
     """An Excel workbook's first sheet: its first row names the columns, as in a CSV. Cells are read as Excel
     shows them (a formula's last value); a number stays a number, as in the other formats."""
     import openpyxl
+    rows = []
     try:
         book = openpyxl.load_workbook(path, read_only=True, data_only=True)
-    except Exception as err:  # openpyxl raises zipfile, KeyError and its own errors for damaged files
+        try:
+            sheet = book.worksheets[0]
+            if len(book.worksheets) > 1:
+                report.problem(path.name, f"has {len(book.worksheets)} sheets: only the first, '{sheet.title}', is "
+                                          "read", kept=True)
+            lines = sheet.iter_rows(values_only=True)
+            header = _checked_header(path.name, ["" if h is None else str(h) for h in next(lines, [])], report)
+            if header is None:
+                return []
+            for number, cells in enumerate(lines, start=1):
+                if any(c is not None and str(c).strip() for c in cells):
+                    rows.append((number, {h: cell for h, cell in zip(header, cells) if h}))
+        finally:
+            book.close()
+    except Exception as err:  # openpyxl raises zipfile, XML and its own errors for damaged files, some only as read
         report.problem(path.name, f"cannot be read as an Excel workbook (damaged, or saved in another format?): {err}")
         return []
-    try:
-        sheet = book.worksheets[0]
-        if len(book.worksheets) > 1:
-            report.problem(path.name, f"has {len(book.worksheets)} sheets: only the first, '{sheet.title}', is read",
-                           kept=True)
-        lines = sheet.iter_rows(values_only=True)
-        header = [str(h).strip() if h is not None else "" for h in next(lines, [])]
-        if not any(header):
-            report.problem(path.name, "the first row of the first sheet is empty: it must name the columns")
-            return []
-        report.columns = report.columns or [h for h in header if h]
-        rows = []
-        for number, cells in enumerate(lines, start=1):
-            if any(c is not None and str(c).strip() for c in cells):
-                rows.append((number, {h: cell for h, cell in zip(header, cells) if h}))
-    finally:
-        book.close()
     if not rows:
         report.problem(path.name, "has a header row but no data rows")
     return rows

@@ -90,24 +90,30 @@ def _pick(columns: list[str], names: list[str]) -> str:
 
 def _ljspeech_rows(table: Path, index: FileIndex, report: DataReport) -> list[tuple[int, dict]]:
     """LJSpeech's metadata.csv: no header row, `id|transcription|normalized transcription` on each line (the
-    transcription keeps its digits, as Whisper writes them). Told from a table with a header by its first
-    field naming a clip; [] for any other table."""
+    transcription keeps its digits, as Whisper writes them; with two fields, `id|transcription`). Told from a
+    table with a header by its first lines: '|' in each, and one of them naming a clip by its first field (a
+    data set cut down may lack the first clip). [] for any other table."""
     if table.suffix.lower() != ".csv" or not 0 < table.stat().st_size <= MAX_TABLE_BYTES:
         return []
     try:
-        text, _ = decode_text(table.read_bytes())
+        text, read_as = decode_text(table.read_bytes())
     except NotText:
         return []  # (read_table says so)
-    first = text.split("\n", 1)[0].split("|")
-    if len(first) < 2 or index.find(first[0].strip(), table.parent) is None:
+    lines = [line for line in text.splitlines() if line.strip()]
+    first = [line.split("|") for line in lines[:10]]
+    if not all(len(fields) >= 2 for fields in first) or not any(
+            index.find(fields[0].strip(), table.parent) for fields in first):
         return []
     report.problem(table, "read as LJSpeech's layout: no header, clip id|transcription|normalized on each line",
                    kept=True)
+    if read_as:
+        report.problem(table, read_as, kept=True)
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
-        fields = line.split("|") + [""]
-        if line.strip():
-            rows.append((number, {"file_name": fields[0].strip(), "transcription": fields[1]}))
+        fields = line.split("|")
+        if line.strip():  # (a '|' within a transcription: the fields between the first and the last)
+            words = "|".join(fields[1:-1]) if len(fields) > 3 else (fields + [""])[1]
+            rows.append((number, {"file_name": fields[0].strip(), "transcription": words}))
     return rows
 
 
@@ -149,26 +155,20 @@ def _transcripts(tables: list[Path], texts: list[Path], audio: list[Path], other
                 continue
             text = record.get(text_column)
             found[clip] = _Transcript("" if text is None else str(text).strip(), table.name, number)
-    by_stem: dict[str, list[Path]] = {}
-    for text_file in texts:
-        by_stem.setdefault(text_file.stem, []).append(text_file)
-    text_set = set(texts)
+    text_files = FileIndex(texts, {".txt"})  # the same-name .txt beside the clip, else the only one so named
     for clip in audio:
-        if clip in found:
-            continue
-        beside = clip.with_suffix(".txt")
-        candidates = [beside] if beside in text_set else by_stem.get(clip.stem, [])
-        if len(candidates) != 1:
+        text_file = None if clip in found else text_files.find(clip.stem + ".txt", clip.parent)
+        if text_file is None:
             continue
         try:
-            text, read_as = decode_text(candidates[0].read_bytes())
+            text, read_as = decode_text(text_file.read_bytes())
         except (NotText, OSError) as err:
-            report.problem(candidates[0], str(err) if isinstance(err, NotText) else f"cannot be read ({err})")
-            found[clip] = _Transcript("", candidates[0].name, readable=False)
+            report.problem(text_file, str(err) if isinstance(err, NotText) else f"cannot be read ({err})")
+            found[clip] = _Transcript("", text_file.name, readable=False)
             continue
         if read_as:
-            report.problem(candidates[0], read_as, kept=True)
-        found[clip] = _Transcript(" ".join(text.split()), candidates[0].name)
+            report.problem(text_file, read_as, kept=True)
+        found[clip] = _Transcript(" ".join(text.split()), text_file.name)
     used = {t.origin for t in found.values()}
     for text_file in texts:
         if text_file.name not in used and not index.has_stem(text_file.stem):

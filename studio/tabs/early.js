@@ -19,7 +19,8 @@
 // place in the folder, so cat/001.png and dog/001.png would meet as two 001.png and a kohya-style 10_cat/
 // would lose its name. Before Gradio's own listener reads the files, each is renamed after its path in the
 // folder, with U+2215 for "/" (a character Gradio's file names keep); the server puts them back in their
-// folders (pipelines/archives.py, gather_folder).
+// folders (pipelines/archives.py, gather_folder). A path longer than Gradio keeps of a name (200 bytes, see
+// MARKED_NAME_BYTES) is sent as the file's name alone, as before.
 document.addEventListener("change", (event) => {
   const input = event.target;
   if (!(input instanceof HTMLInputElement) || !input.webkitdirectory || !input.files) return;
@@ -27,8 +28,10 @@ document.addEventListener("change", (event) => {
   if (!files.some((file) => file.webkitRelativePath.includes("/"))) return;
   const named = new DataTransfer();
   for (const file of files) {
-    const place = (file.webkitRelativePath || file.name).split("/").join("\u2215");
-    named.items.add(new File([file], place, { type: file.type, lastModified: file.lastModified }));
+    const parts = (file.webkitRelativePath || file.name).split("/").map((part) => part.replaceAll("\u2215", "_"));
+    const place = parts.join("\u2215");
+    const name = new TextEncoder().encode(place).length <= 200 ? place : file.name;
+    named.items.add(new File([file], name, { type: file.type, lastModified: file.lastModified }));
   }
   input.files = named.files;
 }, true);

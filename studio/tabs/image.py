@@ -13,7 +13,7 @@ from studio.tabs import widgets
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "image"
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".txt", ".caption", ".csv",
-                ".jsonl", ".zip"]
+                ".tsv", ".jsonl", ".zip"]
 
 DATA = ["caption_source", "instance_prompt", "resolution", "center_crop", "random_flip"]
 TRAINING = ["lora_rank", "lora_alpha", "learning_rate", "epochs", "max_steps", "batch_size", "gradient_accumulation",

@@ -18,19 +18,21 @@
   const root = () => (window.gradio_config && window.gradio_config.root) || window.location.origin;
 
   // While the server does not answer, the page says so: the panels froze at their last state, and Gradio
-  // said "Connection lost" only after a click. An idle page asks every 10 s so as to know.
+  // said "Connection lost" only after a click. An idle page asks every 10 s so as to know. A request that
+  // hangs (a network gone) ends after 10 s; a proxy's "bad gateway" (5xx) is no answer either.
   const IDLE_ASK_MS = 10000;
   let askedAt = 0;
   async function ask(path) {
     askedAt = Date.now();
     let response;
     try {
-      response = await fetch(`${root()}${path}`, { credentials: "same-origin", cache: "no-store" });
+      response = await fetch(`${root()}${path}`, { credentials: "same-origin", cache: "no-store",
+                                                   signal: AbortSignal.timeout(10000) });
     } catch (err) {
       serverAnswers(false);
       throw err;
     }
-    serverAnswers(true);
+    serverAnswers(response.status < 500);
     return response;
   }
   function serverAnswers(yes) {
@@ -43,8 +45,8 @@
     line.id = "studio-offline";
     line.setAttribute("role", "alert");
     line.textContent = "The studio's server is not answering (stopped or restarting, or the network is down). " +
-      "Runs keep training in their own processes. This page reconnects by itself, and reloads when it does: " +
-      "settings not yet used for a run are then lost (Save config keeps them).";
+      "Runs keep training in their own processes. This page reconnects by itself, and may reload when it " +
+      "does: settings not yet used for a run are then lost (Save config keeps them).";
     document.body.prepend(line);
   }
 

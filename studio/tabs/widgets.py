@@ -22,6 +22,7 @@ import pandas as pd
 from pipelines.archives import FOLDER_MARK, folder_as_uploads, gather_folder
 from pipelines.config import ConfigError, RunConfig
 from pipelines.distributed import read_ranks
+from pipelines.hub import workspace
 from pipelines.events import STOP_FILE, checkpoint_dirs
 from studio import jobs
 from studio.progress import Progress, format_seconds
@@ -147,6 +148,18 @@ class TabForm:
         """Whether the tab's first upload box takes this file."""
         return self.upload_types is None or path.suffix.lower() in self.upload_types
 
+    def _folder_files(self, path: Path, keep=None) -> list[str]:
+        """A path a config names, as an upload box holds it: a file as it is, a folder as its files, with their
+        subfolders (named as a folder upload names them, archives.FOLDER_MARK). Only a folder the page may be
+        sent is copied so (a config uploaded in the browser may name any folder: ~/.ssh); any other gives its
+        files where they are, for Gradio to refuse."""
+        if not path.is_dir():
+            return [str(path)] if path.exists() else []
+        keep = keep or self.takes
+        if may_serve(path):
+            return folder_as_uploads(path, keep)
+        return [str(p) for p in sorted(path.rglob("*")) if p.is_file() and keep(p)]
+
     def start(self, *args):
         """Train: validate every setting and the data, create the run (with its own copy of the data), queue it."""
         config, problems = build_config(self.config_cls, self.values(*args))
@@ -202,13 +215,11 @@ class TabForm:
             found[field] = [str(beside[p]) if beside[p].exists() else held[Path(p).name] for p in named
                             if beside[p].exists() or Path(p).name in held]
             if typing.get_origin(types[field]) is list:  # (a box of one file takes a folder zipped, below)
-                found[field] = [q for p in found[field] for q in (folder_as_uploads(Path(p), self.takes)
-                                                                  if Path(p).is_dir() else [p])]
+                found[field] = [q for p in found[field] for q in self._folder_files(Path(p))]
             missing += [p for p in named if not beside[p].exists() and Path(p).name not in held]
         if getattr(config, "data_path", ""):
             source = (config_file.parent / config.data_path).resolve()
-            files = (folder_as_uploads(source, lambda p: p != config_file and self.takes(p)) if source.is_dir()
-                     else [str(source)] if source.exists() else [])
+            files = self._folder_files(source, lambda p: p != config_file and self.takes(p))
             first = found[self.upload_fields[0]]
             first += [p for p in files if p not in first]
             missing += [] if files else [config.data_path]
@@ -227,13 +238,30 @@ class TabForm:
         return uploads + [config.base_model, config.name, *config_to_form(config, self.form), message]
 
 
+def served_paths() -> tuple[list[Path], list[Path]]:
+    """Gradio's allowed and blocked paths (app.serve): the page may be sent the runs' files (and, as Gradio
+    allows by itself, the working folder's and the temporary folder's), never the index, SSH keys or caches."""
+    root = workspace()
+    return [root / "runs"], [root / "studio.db", Path.home() / ".ssh", Path.home() / ".cache"]
+
+
+def may_serve(path: Path) -> bool:
+    """Whether Gradio would send the page this file or folder's files: what the studio copies for an upload box
+    (a run opened in its tab) must not widen that."""
+    import tempfile
+    allowed, blocked = served_paths()
+    path = path.resolve()
+    if any(path.is_relative_to(b.resolve()) for b in blocked):
+        return False
+    return any(path.is_relative_to(a.resolve()) for a in [*allowed, Path.cwd(), Path(tempfile.gettempdir())])
+
+
 def gathered(paths: list[str]) -> list[str]:
     """An upload box's files, those of a folder upload (named by their places in it, see
     archives.FOLDER_MARK) put back in their folders: the folder instead of its loose files."""
     marked = [Path(p) for p in paths if FOLDER_MARK in Path(p).name]
     if not marked:
         return paths
-    from pipelines.hub import workspace  # (it imports torch, which the page's start-up does without)
     return [p for p in paths if FOLDER_MARK not in Path(p).name] + [str(gather_folder(marked, workspace() / "uploads"))]
 
 
@@ -243,10 +271,16 @@ def upload_replaces_the_sample(samples):
     data take its place. Gradio adds an upload to what a box holds, so the user's data was trained mixed with
     the demo's ('30 of 30 rows' for 6 of their own). `samples` lists the sample files; a file is one of them
     by its name and size (the box holds Gradio's copies)."""
+    def name_and_size(path: str) -> tuple[str, int]:
+        try:
+            return Path(path).name, Path(path).stat().st_size
+        except OSError:  # gone from Gradio's cache (a page open for days): not the sample's
+            return Path(path).name, -1
+
     def replace(files, folder=None):
-        known = {(Path(p).name, Path(p).stat().st_size) for p in samples()}
+        known = {name_and_size(p) for p in samples()}
         paths = [upload_path(f) for f in files or []]
-        theirs = [p for p in paths if (Path(p).name, Path(p).stat().st_size) not in known]
+        theirs = [p for p in paths if name_and_size(p) not in known]
         if len(theirs) < len(paths) and (theirs or folder):
             return theirs or None
         return gr.update()
@@ -259,9 +293,9 @@ def _paths(uploads) -> list[str]:
 
 
 def _one_upload(path: str) -> str:
-    """A path for an upload box of one file: a folder (a run's copied validation folder) is zipped, as the
-    user would upload it."""
-    if not Path(path).is_dir():
+    """A path for an upload box of one file: a folder of the studio's own (a run's copied validation folder) is
+    zipped, as the user would upload it; any other path is left for Gradio to judge (TabForm._folder_files)."""
+    if not Path(path).is_dir() or not may_serve(Path(path)):
         return path
     import tempfile
     archive = Path(tempfile.mkdtemp(prefix="studio-upload-")) / Path(path).name
