@@ -18,7 +18,8 @@ from typing import Any
 class Problem:
     file: str
     reason: str
-    row: int | None = None  # 1-based data row (or line, for JSONL); None for the whole file
+    row: int | None = None  # as a spreadsheet numbers a CSV's or Excel's rows (the header is row 1), the line of a
+    # JSONL, the item of a JSON list (from 1); None for the whole file
     kept: bool = False      # a warning: the file or row still trains (an image smaller than the training size)
     rows: int = 1           # the data rows it lost, where a row is named: a quote never closed takes the lines after
 

@@ -287,7 +287,7 @@ def test_the_tab_names_files_inside_the_zip_and_says_what_it_did(tmp_path):
     summary, problems, *_ = tab.check_data([str(tmp_path / "pets.zip")], None, "tiny-sd", "",
                                            *[settings[key] for key in tab.FORM])
     rows = {(row["file"], row["row"]): row["problem"] for row in problems["value"].to_dict("records")}
-    assert rows[("metadata.csv", 3)] == "names 'cats/001.png' again (already in row 1): this row is skipped"
+    assert rows[("metadata.csv", 4)] == "names 'cats/001.png' again (already in row 2): this row is skipped"
     assert rows[("dogs/001.png", "")].startswith("is truncated")  # not "001.png", as the good cat is
     assert rows[("prnt.txt", "")] == "matches no image (a caption goes with the image of the same name): not used"
     assert "2 of 3 images usable" in summary and "Used as follows:\n- print.jpg: is a CMYK" in summary

@@ -69,10 +69,10 @@ BAD = [
     ("header.csv", "instruction,output\n", "has a header row but no data rows", None),
     ("blankrows.csv", 'instruction,output\n,\n"",""\n', "has a header row but no data rows, only 2 empty ones",
      None),
-    ("ragged.csv", "instruction,output\na,b\nc,d,e\nf,g\n", "has 3 fields but the header has 2", 2),
+    ("ragged.csv", "instruction,output\na,b\nc,d,e\nf,g\n", "has 3 fields but the header has 2", 3),
     ("unclosed.csv", "instruction,output\na,b\n\"c,d\ne,f\ng,h\n",
-     "a quote opened in this row is never closed, so the 2 lines after it were read as one cell", 2),
-    ("lastquote.csv", 'instruction,output\na,b\n"c,d\n', "a quote opened in this row is never closed: close it", 2),
+     "a quote opened in this row is never closed, so the 2 lines after it were read as one cell", 3),
+    ("lastquote.csv", 'instruction,output\na,b\n"c,d\n', "a quote opened in this row is never closed: close it", 3),
     ("garbage.csv", bytes(range(256)) * 40, "looks like a binary file", None),
     ("cyrillic.csv", "instruction,output\nКак дела у тебя сегодня?,Хорошо, спасибо.\n".encode("cp1251"),
      "is not UTF-8 text", None),
@@ -80,7 +80,7 @@ BAD = [
     ("list.jsonl", '[1, 2]\n', "is a JSON list, not an object", 1),
     ("broken.json", '[{"prompt": "a"', "is not valid JSON", None),
     ("wrongcols.csv", "foo,bar\n1,2\n", "no known columns among ['foo', 'bar']", None),
-    ("emptyanswer.csv", "instruction,output\nSay hi,\nSay bye,bye\n", "the 'output' column is empty", 1),
+    ("emptyanswer.csv", "instruction,output\nSay hi,\nSay bye,bye\n", "the 'output' column is empty", 2),
     ("noassistant.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n",
      "no assistant message", 1),
     ("badrole.jsonl", json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}) + "\n", "unknown role", 1),
@@ -159,7 +159,7 @@ def test_huge_cell_is_reported_with_its_row(tmp_path, monkeypatch):
     big = "instruction,output\nfine,ok\nhuge," + "x" * 50_000_000 + "\n"
     report = check(tmp_path, "big.csv", big)
     assert report.rows_usable == 1
-    assert any(p.row == 2 and "longer than the 1,000,000 character limit" in p.reason for p in report.problems)
+    assert any(p.row == 3 and "longer than the 1,000,000 character limit" in p.reason for p in report.problems)
 
 
 def test_missing_file_and_validation_split(tmp_path, assets):
@@ -478,7 +478,7 @@ def test_rows_that_repeat_an_earlier_one_are_named(tmp_path):
                                     validation_fraction=0))
     assert report.rows_usable == 4  # kept: repeating an example can be meant
     assert [str(p) for p in report.problems] == [
-        "data: 2 rows repeat an earlier one exactly: a.csv row 3 copies a.csv row 1; b.jsonl row 1 copies a.csv row 2. "
+        "data: 2 rows repeat an earlier one exactly: a.csv row 4 copies a.csv row 2; b.jsonl row 1 copies a.csv row 3. "
         "Each copy is trained on, and one held out for validation makes the validation loss look better than it "
         "is: remove them unless that is meant"]
 

@@ -209,7 +209,7 @@ def test_bad_settings_are_refused_with_the_field_name_and_no_run(home, tmp_path)
     unusable = studio("train", str(config_file(tmp_path, train_files=[str(empty)])))
     assert unusable.returncode == 2 and unusable.stderr == (
         "error: No usable data: 0 of 1 rows usable (alpaca); 1 row dropped\n"
-        "- empty.csv, row 1: the 'instruction' column is empty\n")
+        "- empty.csv, row 2: the 'instruction' column is empty\n")
     header = tmp_path / "header.csv"
     header.write_text("instruction,output\n")
     no_rows = studio("train", str(config_file(tmp_path, train_files=[str(header)])))  # said once, not twice

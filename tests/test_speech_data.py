@@ -92,9 +92,9 @@ def test_every_bad_file_gets_its_own_message(messy):
     assert "codec is unknown" in found["strange_codec.wav"]
     assert "has no transcript" in found["untranscribed.wav"]
     by_row = {p.row: p.reason for p in report.problems if p.file == "metadata.csv"}
-    assert by_row[2] == "names 'photo.png', which is not an audio file"
-    assert "transcript of blank.wav is empty" in by_row[11]
-    assert "'ghost.wav', which is not among the audio files" in by_row[12]
+    assert by_row[3] == "names 'photo.png', which is not an audio file"  # (rows as a spreadsheet numbers them)
+    assert "transcript of blank.wav is empty" in by_row[12]
+    assert "'ghost.wav', which is not among the audio files" in by_row[13]
     # Usable: the good clip, the converted 8-bit/48 kHz/stereo file, the Ogg file, the odd transcript.
     assert report.rows_usable == 4
     assert sorted(Path(p["audio"]).name for p in report.preview) == ["apples.ogg", "eightbit.wav", "good.wav",
@@ -221,7 +221,7 @@ def test_the_tab_names_files_inside_the_zip_and_says_what_it_converted(tmp_path)
     summary, problems, preview, *_ = tab.check_data([str(archive)], None, None, "tiny-whisper", "",
                                                     *[settings[key] for key in tab.FORM])
     rows = problems["value"].to_dict("records")
-    assert rows[0] == {"file": "metadata.csv", "row": 3, "problem": "names 'ben/002.wav', which is not among the "
+    assert rows[0] == {"file": "metadata.csv", "row": 4, "problem": "names 'ben/002.wav', which is not among the "
                                                                    "audio files"}
     assert rows[1]["file"] == "ben/001.wav" and rows[1]["problem"].startswith("is silent") and rows[1]["row"] == ""
     assert "Sample rates: 16000 Hz (1), 48000 Hz (1)." in summary

@@ -140,7 +140,7 @@ def _read_csv(name: str, text: str, delimiter: str | None, report: DataReport) -
     header = _checked_header(name, header, report)
     if header is None:
         return []
-    number, before, blank = 0, len(report.problems), 0
+    number, before, blank = 1, len(report.problems), 0  # rows as a spreadsheet numbers them: the header is row 1
     unclosed_at_end, lines_in_file = text.count('"') % 2 == 1, text.rstrip("\n").count("\n") + 1
     while True:
         number += 1
@@ -285,7 +285,7 @@ def _read_excel(path: Path, report: DataReport) -> list[tuple[int, dict]]:
             header = _checked_header(path.name, ["" if h is None else str(h) for h in next(lines, [])], report)
             if header is None:
                 return []
-            for number, cells in enumerate(lines, start=1):
+            for number, cells in enumerate(lines, start=2):  # (as Excel numbers them: the header is row 1)
                 if any(c is not None and str(c).strip() for c in cells):
                     rows.append((number, {h: cell for h, cell in zip(header, cells) if h}))
         finally:
