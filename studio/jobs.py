@@ -52,6 +52,32 @@ _MAKING: dict[str, threading.Lock] = {}  # the checks being made, each held by t
 _CHECKS_LOCK = threading.Lock()
 
 
+_IMPORTING = threading.Lock()
+_imported = False
+
+
+def _import_libraries() -> None:
+    """The libraries the data checks load (transformers, accelerate, diffusers, whisper), imported once and by one
+    thread. A page opening checks its three tabs at once, and two threads importing them together got half-made
+    modules: "token lengths not computed: cannot import name 'dispatch_model' from partially initialized module
+    'accelerate.big_modeling'" beside data uploaded as the page opened."""
+    global _imported
+    with _IMPORTING:
+        if not _imported:
+            import accelerate.big_modeling  # noqa: F401
+            import diffusers
+            import transformers
+
+            import pipelines.image.model  # noqa: F401
+            import pipelines.llm.model  # noqa: F401
+            import pipelines.speech.model  # noqa: F401
+            for name in ("AutoencoderKL", "EulerDiscreteScheduler", "StableDiffusionPipeline", "UNet2DConditionModel"):
+                getattr(diffusers, name)  # (diffusers and transformers import what they hold when first asked)
+            for name in ("CLIPTextConfig", "CLIPTextModel", "CLIPTokenizer", "AutoModelForCausalLM"):
+                getattr(transformers, name)
+            _imported = True
+
+
 def check_data(config: RunConfig) -> DataReport:
     """The modality's data check, kept for what it reads: the settings, but those of training alone, and the times
     and sizes of the data's files and a local base model's. The tabs check as the user changes things, and Train
@@ -71,6 +97,7 @@ def check_data(config: RunConfig) -> DataReport:
             if key in _CHECKS:
                 return _CHECKS[key]
         try:
+            _import_libraries()
             report = data_module(config.modality).inspect_data(config)
             with _CHECKS_LOCK:
                 _CHECKS[key] = report
