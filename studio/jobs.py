@@ -56,11 +56,13 @@ _IMPORTING = threading.Lock()
 _imported = False
 
 
-def _import_libraries() -> None:
-    """The libraries the data checks load (transformers, accelerate, diffusers, whisper), imported once and by one
-    thread. A page opening checks its three tabs at once, and two threads importing them together got half-made
-    modules: "token lengths not computed: cannot import name 'dispatch_model' from partially initialized module
-    'accelerate.big_modeling'" beside data uploaded as the page opened."""
+def import_libraries() -> None:
+    """The libraries the server's handlers load (transformers, accelerate, peft, diffusers, whisper), imported once
+    and by one thread; the server starts it as it starts (app.serve), and the data checks, Try it and Export wait
+    for it. Imported by two threads at once they came out half-made, for good: a page opening checks its three tabs
+    at once, and data uploaded meanwhile got "token lengths not computed: cannot import name AutoModelForCausalLM
+    from transformers", or every image check of that server failed ("partially initialized module
+    'accelerate.state'")."""
     global _imported
     with _IMPORTING:
         if not _imported:
@@ -68,9 +70,10 @@ def _import_libraries() -> None:
             import diffusers
             import transformers
 
-            import pipelines.image.model  # noqa: F401
-            import pipelines.llm.model  # noqa: F401
-            import pipelines.speech.model  # noqa: F401
+            from pipelines import MODALITIES, model_module, pipeline_module
+            for modality in MODALITIES:
+                pipeline_module(modality)
+                model_module(modality)
             for name in ("AutoencoderKL", "EulerDiscreteScheduler", "StableDiffusionPipeline", "UNet2DConditionModel"):
                 getattr(diffusers, name)  # (diffusers and transformers import what they hold when first asked)
             for name in ("CLIPTextConfig", "CLIPTextModel", "CLIPTokenizer", "AutoModelForCausalLM"):
@@ -97,7 +100,7 @@ def check_data(config: RunConfig) -> DataReport:
             if key in _CHECKS:
                 return _CHECKS[key]
         try:
-            _import_libraries()
+            import_libraries()
             report = data_module(config.modality).inspect_data(config)
             with _CHECKS_LOCK:
                 _CHECKS[key] = report

@@ -14,9 +14,15 @@ from typing import Any
 from pipelines import pipeline_module
 from pipelines.config import RunConfig
 from pipelines.events import TrainingFailure
+from studio import jobs
 
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {"key": None, "value": None}
+
+
+def _pipeline(modality: str):
+    jobs.import_libraries()  # (in the server: not while another thread imports them)
+    return pipeline_module(modality)
 
 
 def _cached(key: tuple, load) -> Any:
@@ -50,7 +56,7 @@ def generate_text(config: RunConfig, run_dir: str | Path | None, prompt: str, *,
     """The run's answer (run_dir given and use_adapter), or the base model's; after the run's system prompt
     unless `system` is given (both sides get the same prompt)."""
     options.setdefault("system", config.system_prompt)
-    llm = pipeline_module("llm")
+    llm = _pipeline("llm")
     key = _key(llm, config, run_dir, checkpoint)
     with _lock:
         model, tokenizer = _cached(key, lambda: llm.load_for_generation(config, run_dir, checkpoint))
@@ -60,7 +66,7 @@ def generate_text(config: RunConfig, run_dir: str | Path | None, prompt: str, *,
 
 def generate_image(config: RunConfig, run_dir: str | Path | None, prompt: str, *, checkpoint: str | None = None,
                    lora_scale: float = 1.0, **options):
-    image = pipeline_module("image")
+    image = _pipeline("image")
     key = _key(image, config, run_dir, checkpoint)
     with _lock:
         pipe = _cached(key, lambda: image.load_for_generation(config, run_dir, checkpoint))
@@ -69,7 +75,7 @@ def generate_image(config: RunConfig, run_dir: str | Path | None, prompt: str, *
 
 def transcribe(config: RunConfig, run_dir: str | Path | None, audio: str | Path, *, checkpoint: str | None = None,
                use_adapter: bool = True) -> tuple[str, float]:
-    speech = pipeline_module("speech")
+    speech = _pipeline("speech")
     key = _key(speech, config, run_dir, checkpoint)
     with _lock:
         model = _cached(key, lambda: speech.load_for_transcription(config, run_dir, checkpoint))
