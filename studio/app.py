@@ -155,8 +155,8 @@ def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth_f
     stop = threading.Event()
     threading.Thread(target=_keep_queue_moving, args=(stop,), daemon=True).start()
     # The libraries the handlers load, imported as the page is first served (not delaying it), before the first
-    # data check asks for them: the checks, Try it and Export wait for it (jobs.import_libraries).
-    threading.Thread(target=jobs.import_libraries, daemon=True, name="import-libraries").start()
+    # data check asks for them: the checks, Try it and Export wait for it.
+    jobs.import_libraries_in_background()
     started = time.monotonic()
     app = build_app()
     app.queue(default_concurrency_limit=4, max_size=256)

@@ -22,7 +22,7 @@ TAGS = {"llm": ["text-generation"], "image": ["stable-diffusion", "text-to-image
 def export_run(run: Run, kind: str, destination: str | Path, checkpoint: str | None = None) -> Path:
     """The run's adapter (or a checkpoint's) exported as `kind` into `destination`, with its model card beside
     it. Returns what the pipeline wrote (a folder, or a file for kohya and a merged Whisper)."""
-    jobs.import_libraries()  # (in the server: not while another thread imports them)
+    jobs.wait_for_libraries()  # (in the server: not while another thread imports them)
     config = run.config()
     path = Path(pipeline_module(run.modality).export(config, run.dir, kind, destination, checkpoint=checkpoint))
     folder = path if path.is_dir() else path.parent

@@ -52,33 +52,41 @@ _MAKING: dict[str, threading.Lock] = {}  # the checks being made, each held by t
 _CHECKS_LOCK = threading.Lock()
 
 
-_IMPORTING = threading.Lock()
-_imported = False
+_importer: threading.Thread | None = None
 
 
-def import_libraries() -> None:
-    """The libraries the server's handlers load (transformers, accelerate, peft, diffusers, whisper), imported once
-    and by one thread; the server starts it as it starts (app.serve), and the data checks, Try it and Export wait
-    for it. Imported by two threads at once they came out half-made, for good: a page opening checks its three tabs
-    at once, and data uploaded meanwhile got "token lengths not computed: cannot import name AutoModelForCausalLM
-    from transformers", or every image check of that server failed ("partially initialized module
-    'accelerate.state'")."""
-    global _imported
-    with _IMPORTING:
-        if not _imported:
-            import accelerate.big_modeling  # noqa: F401
-            import diffusers
-            import transformers
+def import_libraries_in_background() -> None:
+    """The libraries the server's handlers load (transformers, accelerate, peft, diffusers, whisper), imported
+    once, by one thread of their own, as the server starts (app.serve); the data checks, Try it and Export wait
+    for it (wait_for_libraries). Imported by two threads at once they came out half-made, for good: a page
+    opening checks its three tabs at once, and data uploaded meanwhile got "token lengths not computed: cannot
+    import name AutoModelForCausalLM from transformers", or every image check of that server failed ("partially
+    initialized module 'accelerate.state'")."""
+    global _importer
+    _importer = threading.Thread(target=_import_libraries, daemon=True, name="import-libraries")
+    _importer.start()
 
-            from pipelines import MODALITIES, model_module, pipeline_module
-            for modality in MODALITIES:
-                pipeline_module(modality)
-                model_module(modality)
-            for name in ("AutoencoderKL", "EulerDiscreteScheduler", "StableDiffusionPipeline", "UNet2DConditionModel"):
-                getattr(diffusers, name)  # (diffusers and transformers import what they hold when first asked)
-            for name in ("CLIPTextConfig", "CLIPTextModel", "CLIPTokenizer", "AutoModelForCausalLM"):
-                getattr(transformers, name)
-            _imported = True
+
+def wait_for_libraries() -> None:
+    """Where the server imports the libraries (above), until it has; elsewhere (`studio train`, `generate`,
+    `export`: one thread, one modality) at once, importing nothing."""
+    if _importer is not None:
+        _importer.join()
+
+
+def _import_libraries() -> None:
+    import accelerate.big_modeling  # noqa: F401
+    import diffusers
+    import transformers
+
+    from pipelines import MODALITIES, model_module, pipeline_module
+    for modality in MODALITIES:
+        pipeline_module(modality)
+        model_module(modality)
+    for name in ("AutoencoderKL", "EulerDiscreteScheduler", "StableDiffusionPipeline", "UNet2DConditionModel"):
+        getattr(diffusers, name)  # (diffusers and transformers import what they hold when first asked)
+    for name in ("CLIPTextConfig", "CLIPTextModel", "CLIPTokenizer", "AutoModelForCausalLM"):
+        getattr(transformers, name)
 
 
 def check_data(config: RunConfig) -> DataReport:
@@ -100,7 +108,7 @@ def check_data(config: RunConfig) -> DataReport:
             if key in _CHECKS:
                 return _CHECKS[key]
         try:
-            import_libraries()
+            wait_for_libraries()
             report = data_module(config.modality).inspect_data(config)
             with _CHECKS_LOCK:
                 _CHECKS[key] = report

@@ -21,7 +21,7 @@ _loaded: dict[str, Any] = {"key": None, "value": None}
 
 
 def _pipeline(modality: str):
-    jobs.import_libraries()  # (in the server: not while another thread imports them)
+    jobs.wait_for_libraries()  # (in the server: not while another thread imports them)
     return pipeline_module(modality)
 
 
