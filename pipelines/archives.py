@@ -87,7 +87,6 @@ def gather_folder(files: list[Path], folder: Path) -> Path:
     places: dict[tuple[str, ...], Path] = {}
     for file in files:
         parts = tuple(p for p in file.name.split(FOLDER_MARK) if p not in ("", ".", "..")) or (file.name,)
-        places.pop(parts, None)
         places[parts] = file  # (never outside the folder: Gradio strips / and \ from names, and .. is dropped)
     digest = hashlib.sha256(json.dumps(sorted([list(k), str(f)] for k, f in places.items())).encode()).hexdigest()
     target = folder / f"folder-{digest[:20]}"

@@ -139,6 +139,7 @@ download_progress: Callable[[str], None] = print
 
 
 def _bytes_in(path: Path) -> int:
+    """The bytes in a file or under a folder; 0 for neither (not downloaded yet)."""
     if path.is_file():
         return path.stat().st_size
     total = 0
@@ -161,14 +162,14 @@ def reporting_download(where: Path, what: str, every_s: float = 5.0):
     every few seconds how much has arrived and how fast. A model of gigabytes otherwise showed "Loading the
     model" for minutes with nothing moving; the libraries' own progress bars are off (in a log file each
     becomes one line of carriage returns). Nothing is told when nothing arrives (the model was cached)."""
-    start = _bytes_in(where) if where.exists() else 0
+    start = _bytes_in(where)
     began = time.monotonic()
     done = threading.Event()
 
     def watch() -> None:
         last = start
         while not done.wait(every_s):
-            now = _bytes_in(where) if where.exists() else 0
+            now = _bytes_in(where)
             if now > last:
                 rate = (now - start) / (time.monotonic() - began)
                 download_progress(f"Downloading {what}: {_size(now - start)} so far ({_size(rate)}/s).")
@@ -181,7 +182,7 @@ def reporting_download(where: Path, what: str, every_s: float = 5.0):
     finally:
         done.set()
         watcher.join()
-    arrived = (_bytes_in(where) if where.exists() else 0) - start  # (not said when the load failed)
+    arrived = _bytes_in(where) - start  # (not said when the load failed)
     if arrived > 0:
         download_progress(f"Downloaded {what}: {_size(arrived)} in {time.monotonic() - began:.0f} s.")
 
@@ -194,7 +195,9 @@ def load_from_hub(loader: Callable[..., T], repo_id: str, **kwargs) -> T:
         if not online:
             return loader(repo_id, local_files_only=True, **kwargs)
         from huggingface_hub import constants
-        with reporting_download(Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}", repo_id):
+        from huggingface_hub.file_download import repo_folder_name
+        with reporting_download(Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model"),
+                                repo_id):
             return loader(repo_id, local_files_only=False, **kwargs)
     except Exception as err:  # the hub client raises many kinds; sort them by what the user can do
         name = type(err).__name__
