@@ -149,13 +149,16 @@ def test_an_idle_page_asks_for_no_animation_frames(server, page):
 def test_broken_csv_gets_a_message_and_no_train_button(server, page, tmp_path):
     bad = tmp_path / "broken.csv"
     bad.write_text("instruction,output\nSay hi,hi,extra\n,\n", encoding="utf-8")
+    old_excel = tmp_path / "old.xls"  # the browser used to refuse it with a bare "Invalid file type"
+    old_excel.write_bytes(b"\xd0\xcf\x11\xe0 an Excel 97 workbook")
     page.goto(server.url)
     expect(page.locator("#llm-train")).to_be_enabled()
     page.locator("#llm-train-files button[aria-label='Clear']").first.click()
-    page.locator("#llm-train-files input[type=file]").set_input_files(str(bad))
+    page.locator("#llm-train-files input[type=file]").set_input_files([str(bad), str(old_excel)])
     expect(page.locator("#llm-data-summary")).to_contain_text("No usable data")
     problems = page.locator("#llm-problems")
     expect(problems).to_contain_text("has 3 fields but the header has 2")
+    expect(problems).to_contain_text("save it as an Excel Workbook (.xlsx) or as CSV")
     expect(page.locator("#llm-train")).to_be_disabled()
     screenshot(page, "llm-bad-data.png")
 

@@ -72,7 +72,7 @@ def test_every_broken_file_is_named_with_its_reason(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
     bomb_png(tmp_path / "bomb.png", 10_000)
     (tmp_path / "scan.pdf").write_bytes(b"%PDF-1.4")
-    (tmp_path / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (tmp_path / "layers.psd").write_bytes(b"8BPS\x00\x01")
     for name in ("notes", "empty", "cut", "bomb"):
         (tmp_path / f"{name}.txt").write_text("a caption")
 
@@ -84,7 +84,7 @@ def test_every_broken_file_is_named_with_its_reason(tmp_path):
     assert "truncated" in found["cut.png"] and "truncated" in found["cut.jpg"]
     assert "100 megapixels" in found["bomb.png"] and "STUDIO_MAX_IMAGE_PIXELS" in found["bomb.png"]
     assert "not an image file" in found["scan.pdf"]
-    assert "convert it to PNG or JPEG" in found["phone.heic"]
+    assert "convert it to PNG or JPEG" in found["layers.psd"]
     assert report.summary() == "1 of 6 images usable; 5 images dropped"
 
 
@@ -129,6 +129,24 @@ def test_exif_rotation_is_applied(tmp_path):
     assert report.stats["sizes"] == [[20, 40]] and report.preview[0]["size"] == "20x40"
     assert "phone.jpg: was turned upright following its EXIF orientation" in report.stats["notes"]
     upright = np.asarray(read_image(tmp_path / "phone.jpg")[0]).astype(int)
+    assert upright[5, 10, 0] > 150 and upright[5, 10, 2] < 80   # top: the stored left half, red
+    assert upright[35, 10, 2] > 150 and upright[35, 10, 0] < 80  # bottom: blue
+
+
+@pytest.mark.parametrize("suffix", [".heic", ".avif"])
+def test_phone_photos_in_heic_and_avif_are_read_upright(tmp_path, suffix):
+    """Phones save photos as HEIC (and some apps as AVIF): they were refused with "convert it to PNG or JPEG"."""
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = (220, 0, 0)
+    stored[:, 20:] = (0, 0, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned 90 deg clockwise on display, as a phone held upright stores it
+    Image.fromarray(stored).save(tmp_path / f"IMG_0001{suffix}", exif=exif.tobytes(), quality=95)
+    (tmp_path / "IMG_0001.txt").write_text("a phone photo")
+
+    report = check(tmp_path, resolution=16)
+    assert report.rows_usable == 1 and report.preview[0]["size"] == "20x40", report.problems
+    upright = np.asarray(read_image(tmp_path / f"IMG_0001{suffix}")[0]).astype(int)
     assert upright[5, 10, 0] > 150 and upright[5, 10, 2] < 80   # top: the stored left half, red
     assert upright[35, 10, 2] > 150 and upright[35, 10, 0] < 80  # bottom: blue
 

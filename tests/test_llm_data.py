@@ -469,6 +469,24 @@ def test_an_excel_workbook_is_read_from_its_first_sheet(tmp_path):
         "cut.xlsx: cannot be read as an Excel workbook"]
 
 
+def test_other_spreadsheet_formats_say_how_to_save_them(tmp_path):
+    """An .xls, .ods or .numbers file got only the browser's "Invalid file type"; a macro workbook (.xlsm) is an
+    Excel workbook like any other."""
+    import openpyxl
+    book = openpyxl.Workbook()
+    book.active.append(["instruction", "output"])
+    book.active.append(["Say hi", "hi"])
+    book.save(tmp_path / "macros.xlsm")
+    for name in ("old.xls", "calc.ods", "mac.numbers"):
+        (tmp_path / name).write_bytes(b"\xd0\xcf\x11\xe0 a spreadsheet")
+    files = [str(tmp_path / name) for name in ("macros.xlsm", "old.xls", "calc.ods", "mac.numbers")]
+    report = inspect_data(LLMConfig(train_files=files, validation_fraction=0))
+    assert report.preview == [{"prompt": "Say hi", "response": "hi"}]
+    found = {p.file: p.reason for p in report.problems}
+    assert "save it as an Excel Workbook (.xlsx) or as CSV" in found["old.xls"]
+    assert "LibreOffice: File > Save As" in found["calc.ods"] and "File > Export To" in found["mac.numbers"]
+
+
 def test_rows_that_repeat_an_earlier_one_are_named(tmp_path):
     """Exact repeats were trained without a word (the image tab names its duplicate images); one held out for
     validation while its twin trains makes the validation loss look better than it is."""

@@ -336,3 +336,22 @@ def test_a_transcript_file_pairs_with_its_clip_whatever_the_case_of_its_name(tmp
     (tmp_path / "Clip1.txt").write_text("The cat sat on the mat.")
     report = inspect_data(SpeechConfig(data_path=str(tmp_path), validation_fraction=0))
     assert (report.rows_usable, report.problems) == (1, [])
+
+
+def test_what_phones_and_meeting_tools_save_is_read_and_a_silent_video_is_named(tmp_path):
+    """A video's sound track (a meeting's .mp4), an Android .3gp and an Apple .aiff were "not an audio file"."""
+    ffmpeg = ["ffmpeg", "-nostdin", "-v", "error"]
+    picture = ["-f", "lavfi", "-i", "color=c=blue:s=64x48:r=5:d=2"]
+    subprocess.run(ffmpeg + picture + ["-i", str(CLIPS / "cat.wav"), "-shortest", "-c:v", "mpeg4", "-c:a", "aac",
+                                       str(tmp_path / "meeting.mp4")], check=True)
+    subprocess.run(ffmpeg + ["-i", str(CLIPS / "window.wav"), str(tmp_path / "memo.aiff")], check=True)
+    subprocess.run(ffmpeg + ["-i", str(CLIPS / "bridge.wav"), "-ar", "8000", "-c:a", "aac",
+                             str(tmp_path / "call.3gp")], check=True)
+    subprocess.run(ffmpeg + picture + ["-c:v", "mpeg4", str(tmp_path / "no_sound.mov")], check=True)
+    write_metadata(tmp_path, [("meeting.mp4", "The cat sat on the mat."), ("memo.aiff", "Open the window, please."),
+                              ("call.3gp", "Turn left at the bridge."), ("no_sound.mov", "nothing to hear")])
+    report = inspect_data(config(data_path=str(tmp_path)))
+    assert reasons(report) == {"no_sound.mov": "it has no audio track"}
+    assert report.rows_usable == 3
+    heard = read_audio(tmp_path / "meeting.mp4").samples
+    assert abs(len(heard) - len(speech())) < SAMPLE_RATE // 10  # the sound track, not the picture's 2 s

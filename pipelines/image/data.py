@@ -20,18 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.archives import unpack_once
 from pipelines.data import DataReport, FileIndex, NotText, decode_text, int_setting
 from pipelines.image.config import ImageConfig, training_resolution
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# HEIC/HEIF is what phones save photos as; Pillow reads AVIF itself, and HEIC through pillow-heif.
+pillow_heif.register_heif_opener()
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 CAPTION_SUFFIXES = (".txt", ".caption")
 # Caption tables: Hugging Face's imagefolder names them metadata.csv / metadata.jsonl; any name is read.
 METADATA_SUFFIXES = (".csv", ".tsv", ".jsonl")
 METADATA_TEXT_COLUMNS = ("text", "caption", "prompt")
-CONVERT_FIRST = {".heic", ".heif", ".avif", ".svg", ".psd", ".raw", ".cr2", ".cr3", ".nef", ".arw", ".dng", ".jxl"}
+CONVERT_FIRST = {".svg", ".psd", ".raw", ".cr2", ".cr3", ".nef", ".arw", ".dng", ".jxl"}
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "config.yaml", "README.md", "LICENSE"}
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya_ss layout: "10_sks dog" = 10 repeats, class words
 
@@ -65,7 +68,7 @@ def read_image(path: Path) -> tuple[Image.Image | None, str, list[str]]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size ourselves
             image = Image.open(path)
     except UnidentifiedImageError:
-        return None, "is not an image (not PNG, JPEG, WebP, BMP, GIF or TIFF data inside)", []
+        return None, "is not an image (not PNG, JPEG, WebP, HEIC, AVIF, BMP, GIF or TIFF data inside)", []
     except Image.DecompressionBombError as err:  # Pillow's own, larger limit, hit while reading the header
         return None, f"is a decompression bomb: {err}", []
     except (OSError, SyntaxError, ValueError, EOFError) as err:

@@ -27,7 +27,7 @@ class LLMConfig(RunConfig):
                                      advanced=True)
     load_in_4bit: bool = option(False, "QLoRA: load the base model in 4 bits (needs an NVIDIA GPU and bitsandbytes).")
 
-    train_files: list[str] = option([], "Training data: CSV, JSONL, JSON, Parquet or Excel (.xlsx) files.")
+    train_files: list[str] = option([], "Training data: CSV, JSONL, JSON, Parquet or Excel (.xlsx, .xlsm) files.")
     validation_files: list[str] = option([], "Optional validation files; otherwise a fraction of the training rows.")
     validation_fraction: float = option(0.1, "Share of training rows held out for validation when no validation "
                                              "file is given.", min=0.0, max=0.5, step=0.05)

@@ -23,7 +23,17 @@ from pipelines.data import MAX_CELL_CHARS, MAX_TABLE_BYTES, DataReport, NotText,
 from pipelines.events import TrainingFailure
 from pipelines.llm.config import LLMConfig
 
-TABLE_SUFFIXES = [".csv", ".tsv", ".jsonl", ".json", ".parquet", ".xlsx"]  # (the order the tabs list them in)
+TABLE_SUFFIXES = [".csv", ".tsv", ".jsonl", ".json", ".parquet", ".xlsx", ".xlsm"]  # (the order the tabs list them in)
+# Spreadsheets in formats the studio does not read, and the way out. The upload box takes them, so that the
+# check says this instead of the browser's bare "Invalid file type".
+SAVE_AS_FIRST = {
+    ".xls": "is an Excel 97-2003 workbook, which the studio does not read: open it in Excel and save it as an "
+            "Excel Workbook (.xlsx) or as CSV",
+    ".ods": "is an OpenDocument spreadsheet, which the studio does not read: save it as .xlsx or CSV "
+            "(LibreOffice: File > Save As)",
+    ".numbers": "is an Apple Numbers document, which the studio does not read: export it to Excel or CSV "
+                "(Numbers: File > Export To)",
+}
 
 # Column names recognised for each role, in order of preference (compared case-insensitively).
 ROLE_NAMES = {
@@ -79,6 +89,9 @@ def read_table(path: Path, report: DataReport) -> list[tuple[int, dict[str, Any]
         report.problem(name, "file not found")
         return []
     suffix = path.suffix.lower()
+    if suffix in SAVE_AS_FIRST:
+        report.problem(name, SAVE_AS_FIRST[suffix])
+        return []
     if suffix not in TABLE_SUFFIXES:
         report.problem(name, f"unsupported file type '{suffix}': use CSV, TSV, JSONL, JSON, Parquet or Excel (.xlsx)")
         return []
@@ -92,7 +105,7 @@ def read_table(path: Path, report: DataReport) -> list[tuple[int, dict[str, Any]
         return []
     if suffix == ".parquet":
         return _read_parquet(path, report)
-    if suffix == ".xlsx":
+    if suffix in (".xlsx", ".xlsm"):
         return _read_excel(path, report)
     try:
         text, read_as = decode_text(path.read_bytes())

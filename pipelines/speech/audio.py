@@ -18,7 +18,9 @@ import soundfile
 
 SAMPLE_RATE = 16_000
 WINDOW_SECONDS = 30.0  # Whisper hears 30 s at a time: longer training clips must be rejected or split
-AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".webm"}
+# What recorders, phones and meeting tools save (a video's sound track included): ffmpeg decodes them all.
+AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".webm", ".aif", ".aiff",
+                  ".caf", ".wma", ".amr", ".3gp", ".mp4", ".mov", ".mkv"}
 SILENCE_DBFS = -50.0   # no 25 ms stretch louder than this = nothing to transcribe
 MAX_DECODE_SECONDS = 3600.0
 FFMPEG_TIMEOUT_S = 120

@@ -55,8 +55,8 @@ class SpeechConfig(RunConfig):
                                              "large-v3, turbo; .en = English only) or a local .pt checkpoint.")
     data_path: str = option("", "A folder or .zip of audio clips with transcripts: a metadata.csv "
                                 "(file_name, transcription) or a same-name .txt file per clip.")
-    data_files: list[str] = option([], "Uploaded files: audio clips (wav, flac, mp3, ogg, m4a, webm) plus a "
-                                       "metadata.csv or .txt transcripts, or zips of them.")
+    data_files: list[str] = option([], "Uploaded files: audio clips (wav, flac, mp3, ogg, m4a, webm, a video's "
+                                       "sound track…) plus a metadata.csv or .txt transcripts, or zips of them.")
     validation_path: str = option("", "Optional folder or .zip of held-out clips to measure the word error rate on.")
     validation_fraction: float = option(0.1, "Share of clips held out for validation when no validation data is "
                                              "given (only with 5 clips or more).", min=0.0, max=0.5, step=0.05)

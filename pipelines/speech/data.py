@@ -196,10 +196,10 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
             report.problem(other, "is a zip inside the data: unpack it, or upload it on its own")
         else:
             report.problem(other, f"is not an audio file ({other.suffix or 'no extension'}); use "
-                                  "wav, flac, mp3, ogg, m4a or webm")
+                                  "wav, flac, mp3, ogg, m4a, webm or a video's sound track (mp4, mov)")
     if not audio:
-        report.problem(paths[0] if len(paths) == 1 else "data", "holds no audio files (wav, flac, mp3, ogg, m4a "
-                                                                "or webm)")
+        report.problem(paths[0] if len(paths) == 1 else "data", "holds no audio files (wav, flac, mp3, ogg, m4a, "
+                                                                "webm, mp4...)")
     transcripts, orphans = _transcripts(tables, texts, audio, others, report, count)
     if count:
         report.rows_found += len(audio) + orphans

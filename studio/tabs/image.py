@@ -8,12 +8,14 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines.image.config import HUB_MODELS, ImageConfig, oversize
+from pipelines.image.data import CAPTION_SUFFIXES, CONVERT_FIRST, IMAGE_SUFFIXES, METADATA_SUFFIXES
 from studio import hardware, jobs
 from studio.tabs import widgets
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "image"
-UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".txt", ".caption", ".csv",
-                ".tsv", ".jsonl", ".zip"]
+# (files to convert first are taken too: the check says so, where the browser would only say "Invalid file type")
+UPLOAD_TYPES = (sorted(IMAGE_SUFFIXES) + sorted(CONVERT_FIRST) + list(CAPTION_SUFFIXES) + list(METADATA_SUFFIXES)
+                + [".zip"])
 
 DATA = ["caption_source", "instance_prompt", "resolution", "center_crop", "random_flip"]
 TRAINING = ["lora_rank", "lora_alpha", "learning_rate", "epochs", "max_steps", "batch_size", "gradient_accumulation",

@@ -11,7 +11,7 @@ import pandas as pd
 
 from pipelines.config import ConfigError
 from pipelines.llm.config import KNOWN_MODELS, LLMConfig
-from pipelines.llm.data import TABLE_SUFFIXES
+from pipelines.llm.data import SAVE_AS_FIRST, TABLE_SUFFIXES
 from studio import hardware, jobs
 from studio.tabs import widgets
 
@@ -62,6 +62,7 @@ def model_size(base_model: str) -> float | None:
 
 
 FORM_SPEC = widgets.TabForm(LLMConfig, FORM, ["train_files", "validation_files"])
+UPLOAD_TYPES = TABLE_SUFFIXES + list(SAVE_AS_FIRST)  # (the check explains the second kind)
 
 
 def check_data(*args):
@@ -188,10 +189,10 @@ def build() -> None:
         gr.Markdown("### Data")
         with gr.Row():
             files = gr.File(value=sample_files(), file_count="multiple", label="Training data",
-                            elem_id="llm-train-files", file_types=TABLE_SUFFIXES,
+                            elem_id="llm-train-files", file_types=UPLOAD_TYPES,
                             height=140)
             validation_files = gr.File(file_count="multiple", label="Validation data (optional)",
-                                       file_types=TABLE_SUFFIXES, height=140)
+                                       file_types=UPLOAD_TYPES, height=140)
         data_summary = gr.Markdown(elem_id="llm-data-summary")
         with gr.Row():  # the problems' reasons are long: they get twice the histogram's width
             problems = widgets.problems_box("llm", scale=2)

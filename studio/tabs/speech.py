@@ -6,13 +6,14 @@ from pathlib import Path
 
 import gradio as gr
 
+from pipelines.speech.audio import AUDIO_SUFFIXES
 from pipelines.speech.config import BASE_MODELS, SpeechConfig
+from pipelines.speech.data import TABLE_SUFFIXES
 from studio import hardware, jobs
 from studio.tabs import widgets
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "speech"
-UPLOAD_TYPES = [".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".webm", ".txt", ".csv", ".tsv",
-                ".jsonl", ".json", ".zip"]
+UPLOAD_TYPES = sorted(AUDIO_SUFFIXES) + sorted(TABLE_SUFFIXES) + [".txt", ".zip"]
 
 DATA = ["language", "task", "long_clips", "validation_fraction"]
 TRAINING = ["target", "decoder_only", "lora_rank", "lora_alpha", "lora_dropout", "learning_rate", "epochs",
