@@ -25,7 +25,7 @@ import yaml
 
 from pipelines import MODALITIES, config_from_dict, load_config
 from pipelines.archives import safe_name
-from pipelines.config import RunConfig
+from pipelines.config import ConfigError, RunConfig
 from pipelines.hub import workspace
 
 # queued: waiting for a free slot; starting: worker launched; running: training.
@@ -174,9 +174,9 @@ class Registry:
         except BaseException:  # a file gone meanwhile, a full disk: no half-made run folder stays behind
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        if not config.name.strip():
-            config = config.changed(name=f"{config.modality} run {time.strftime('%m-%d %H.%M.%S')}")
-            config.check()
+        name = config.name.strip() or f"{config.modality} run {time.strftime('%m-%d %H.%M.%S')}"
+        config = config.changed(name=self.unused_name(name))
+        config.check()
         config.save(run_dir / "config.yaml")
         now = time.time()
         append_event(run_dir, "status", status=status)  # first: a rebuild made meanwhile finds the run queued
@@ -239,10 +239,21 @@ class Registry:
             return changed
         return self._with_db(change)
 
+    def unused_name(self, name: str, run_id: str = "") -> str:
+        """`name`, or `name 2`, `name 3`… where another run has it: runs compared side by side, or picked in
+        a list, need names apart."""
+        taken = {row["name"] for row in self._sql("SELECT name FROM runs WHERE id != ?", (run_id,))}
+        found, n = name, 2
+        while found in taken:
+            found, n = f"{name[:79 - len(str(n))].rstrip()} {n}", n + 1
+        return found
+
     def rename(self, run_id: str, name: str) -> None:
         run = self.get(run_id)
         config = run.config().changed(name=name)
         config.check()
+        if self.unused_name(config.name, run_id) != config.name:
+            raise ConfigError([("name", "is already another run's name")])
         _save_config(run.dir, config)
         self._sql("UPDATE runs SET name = ? WHERE id = ?", (config.name, run_id))
 

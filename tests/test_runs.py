@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from pipelines import load_config
+from pipelines.config import ConfigError
 from pipelines.training import STOP_FILE, read_events
 from studio import jobs
 from studio.runs import Registry
@@ -402,3 +403,17 @@ def test_only_a_damaged_file_sets_the_index_aside(home):
     with pytest.raises(sqlite3.IntegrityError):
         registry._sql("INSERT INTO runs (id) VALUES ('x')")  # (the other columns may not be NULL)
     assert not list(home.glob("studio.db.damaged-*"))
+
+
+def test_a_run_given_a_name_another_run_has_is_named_apart(home, tmp_path):
+    """Training again with the name still in the form made two runs the Runs tab and its chart could not tell
+    apart; a rename could do the same."""
+    registry = Registry()
+    config = load_config(config_file(tmp_path, name="support bot"))
+    names = [registry.create(config, status="stopped").name for _ in range(3)]
+    assert names == ["support bot", "support bot 2", "support bot 3"]
+    first = registry.list()[-1]
+    with pytest.raises(ConfigError, match="is already another run's name"):
+        registry.rename(first.id, "support bot 2")
+    registry.rename(first.id, "support bot")  # its own name is no clash
+    assert sorted(run.name for run in registry.list()) == names

@@ -292,6 +292,8 @@ def test_rename_changes_the_name_everywhere(runs):
     with pytest.raises(ValueError) as refused:  # said of the name typed (it was "name: may hold only …")
         runs_tab.rename_run(short[1], "a/b", registry)
     assert str(refused.value).startswith("The name 'a/b' may hold only letters")
+    with pytest.raises(ValueError, match="^The name 'short-a' is already another run's name.$"):
+        runs_tab.rename_run(short[1], "short-a", registry)
     assert registry.get(short[1]).name == "renamed run"
 
 

@@ -169,7 +169,10 @@ class TabForm:
             run = jobs.submit(config)
         except jobs.UnusableData as err:
             return gr.update(), str(err)
-        return run.id, f"Started run `{run.id}`." if run.status != "queued" else f"Run `{run.id}` is queued."
+        said = f"Started run `{run.id}`." if run.status != "queued" else f"Run `{run.id}` is queued."
+        if config.name.strip() and run.name != config.name.strip():
+            said += f" It is named **{run.name}**: another run is named {config.name.strip()}."
+        return run.id, said
 
     def save(self, *args):
         """Save config: the run's config.yaml, for `studio train` or for loading back later."""
