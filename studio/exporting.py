@@ -24,7 +24,11 @@ def export_run(run: Run, kind: str, destination: str | Path, checkpoint: str | N
     it. Returns what the pipeline wrote (a folder, or a file for kohya and a merged Whisper)."""
     jobs.wait_for_libraries()  # (in the server: not while another thread imports them)
     config = run.config()
-    path = Path(pipeline_module(run.modality).export(config, run.dir, kind, destination, checkpoint=checkpoint))
+    pipeline = pipeline_module(run.modality)
+    if checkpoint is None:  # a run with no final adapter (stopped, or still training) gives its latest checkpoint's
+        source = pipeline.adapter_dir(run.dir)
+        checkpoint = source.parent.name if source.parent.parent.name == "checkpoints" else None
+    path = Path(pipeline.export(config, run.dir, kind, destination, checkpoint=checkpoint))
     folder = path if path.is_dir() else path.parent
     (folder / "README.md").write_text(model_card(run, config, kind, path, checkpoint), encoding="utf-8")
     return path

@@ -165,6 +165,12 @@ def test_killed_worker_becomes_interrupted_and_resumes(home, tmp_path):
              what="interrupted")
     assert registry.get(run_id).status == "interrupted"
     assert studio("runs").stdout.count("interrupted") == 1
+    # with no final adapter, an export is of the latest checkpoint, and its card says so (it told of the last step)
+    latest = max((p.name for p in (run_dir / "checkpoints").iterdir()), key=lambda name: int(name.split("-")[1]))
+    exported = studio("export", run_id, "--adapter", str(tmp_path / "adapter"))
+    assert exported.returncode == 0, exported.stderr
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert f"- Steps: {latest.split('-')[1]} of 60 (checkpoint {latest})" in card
     jobs.resume(run_id, registry)
     wait_for(lambda: registry.get(run_id).status == "completed", what="the resumed run to complete")
     resumed = [e for e in read_events(run_dir)[0] if e["type"] == "resumed"]
