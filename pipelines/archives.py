@@ -9,12 +9,15 @@ byte is written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import stat
+import tempfile
+import time
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -23,6 +26,9 @@ from pipelines.data import DataReport, int_setting
 MAX_ENTRIES = int_setting("STUDIO_MAX_ARCHIVE_ENTRIES", 20_000)
 MAX_UNPACKED_BYTES = int_setting("STUDIO_MAX_ARCHIVE_MB", 4096) * 2**20
 MAX_RATIO = int_setting("STUDIO_MAX_COMPRESSION_RATIO", 200)
+# Unpacked zips and gathered folders not used for this long are removed (clean_unused): each is made again from
+# its upload when needed, and a run trains on its own copy of its data.
+KEEP_UNUSED_HOURS = int_setting("STUDIO_KEEP_UNPACKED_HOURS", 24)
 NESTED = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"}
 JUNK = {".DS_Store", "Thumbs.db", "desktop.ini"}  # operating-system clutter, skipped silently
 # A browser sends the files of an uploaded folder without their folders (Gradio keeps only the name), so
@@ -58,6 +64,8 @@ def unpack_once(archive: Path, folder: Path, report: DataReport) -> Path | None:
             os.replace(tmp, target)
         except OSError:  # unpacked meanwhile by another check: the same files
             shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        _used(target)
     state = json.loads(record.read_text())
     for file, reason in state["problems"]:
         report.problem(file, reason)
@@ -103,6 +111,8 @@ def gather_folder(files: list[Path], folder: Path) -> Path:
             os.replace(tmp, target)
         except OSError:  # gathered meanwhile by another check: the same files
             shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        _used(target)
     tops = list(target.iterdir())
     return tops[0] if len(tops) == 1 and tops[0].is_dir() else target
 
@@ -111,8 +121,9 @@ def folder_as_uploads(source: Path, keep) -> list[str]:
     """The other way: a folder's files as a folder upload names them (`keep(path)` picks which), linked (or
     copied) once into a temporary folder of this source's, for an upload box to hold (a run opened in its tab;
     a run's data does not change, so opening it again reuses them)."""
-    import tempfile
     out = Path(tempfile.gettempdir()) / f"studio-folder-{hashlib.sha256(str(source).encode()).hexdigest()[:20]}"
+    if out.exists():
+        _used(out)
     named = []
     for path in sorted(p for p in source.rglob("*") if p.is_file() and keep(p)):
         name = FOLDER_MARK.join((source.name, *path.relative_to(source).parts))
@@ -122,6 +133,29 @@ def folder_as_uploads(source: Path, keep) -> list[str]:
             _link_or_copy(path, place)
         named.append(str(place))
     return named
+
+
+def _used(folder: Path) -> None:
+    """Mark a folder made once and reused as used now, so that clean_unused keeps it."""
+    with contextlib.suppress(OSError):
+        os.utime(folder)
+
+
+def clean_unused(uploads: Path, hours: float = KEEP_UNUSED_HOURS) -> int:
+    """Remove what unpack_once, gather_folder and folder_as_uploads made and nothing has used for `hours`
+    (leftovers of an unpacking cut short too): a user trying one zip after another filled the disk with
+    unpacked copies. Returns how many were removed."""
+    limit = time.time() - hours * 3600
+    made = [*(uploads.iterdir() if uploads.is_dir() else []), *Path(tempfile.gettempdir()).glob("studio-folder-*")]
+    removed = 0
+    for path in made:
+        try:
+            if path.is_dir() and not path.is_symlink() and path.stat().st_mtime < limit:
+                shutil.rmtree(path)
+                removed += 1
+        except OSError:  # in use elsewhere, or removed meanwhile by another process's cleaning
+            continue
+    return removed
 
 
 def extract_zip(archive: str | Path, destination: str | Path, report: DataReport) -> Path | None:

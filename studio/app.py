@@ -17,7 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from pipelines import MODALITIES
+from pipelines import MODALITIES, archives
 from pipelines.data import int_setting
 from pipelines.hub import workspace
 from studio import jobs, page
@@ -129,9 +129,14 @@ def _poll_queue_gently(app: gr.Blocks, seconds: float = 0.1) -> None:
 
 
 def _keep_queue_moving(stop: threading.Event) -> None:
+    """Start queued runs as slots free up; once an hour (and at start), remove unpacked uploads left unused."""
+    cleaned = None
     while not stop.wait(3.0):
         try:
             jobs.dispatch()
+            if cleaned is None or time.monotonic() - cleaned > 3600:
+                cleaned = time.monotonic()
+                archives.clean_unused(workspace() / "uploads")
         except Exception as err:  # a hiccup (a locked database) must not end the thread
             print(f"queue check failed: {err}", file=sys.stderr)
 

@@ -386,3 +386,33 @@ def test_a_folder_picked_again_keeps_its_later_files(tmp_path):
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == ["cats/0.txt", "dogs/0.txt"]
     assert (folder / "cats" / "0.txt").read_text() == "a cat, fixed"
     assert gather_folder(files, tmp_path / "uploads") == folder  # once: a check again reuses it
+
+
+def test_unpacked_uploads_left_unused_for_a_day_are_removed_and_made_again_when_needed(tmp_path, monkeypatch):
+    """Every zip tried was unpacked into the workspace for good: trying a few large ones filled the disk."""
+    import os
+    import time
+
+    from pipelines.archives import FOLDER_MARK, clean_unused, gather_folder
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "ws"))
+    uploads = tmp_path / "ws" / "uploads"
+    zips = []
+    for name, colour in (("old.zip", (200, 30, 30)), ("kept.zip", (30, 200, 30))):
+        square(tmp_path / name.split(".")[0] / "a.png", colour)
+        shutil.make_archive(str(tmp_path / name.split(".")[0]), "zip", tmp_path / name.split(".")[0])
+        zips.append(tmp_path / name)
+    photo = square(tmp_path / "picked" / FOLDER_MARK.join(["pets", "cat.png"]), caption=None)
+    for archive in zips:
+        assert check(archive).rows_usable == 1
+    gather_folder([photo], uploads)
+    made = sorted(uploads.iterdir())
+    assert len(made) == 3
+    day_ago = time.time() - 25 * 3600
+    for folder in made:
+        os.utime(folder, (day_ago, day_ago))
+    assert check(zips[1]).rows_usable == 1  # used again: kept
+
+    assert clean_unused(uploads) == 2
+    assert len(list(uploads.iterdir())) == 1
+    report = check(zips[0])  # the upload is still there: its files are unpacked again
+    assert report.rows_usable == 1 and report.problems == []

@@ -67,7 +67,7 @@ def _expand(paths: list[str], report: DataReport) -> list[Path]:
             report.roots.append(path)
             files += sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
         elif path.suffix.lower() == ".zip":
-            root = unpack_once(path, workspace() / "unpacked", report)
+            root = unpack_once(path, workspace() / "uploads", report)
             if root is not None:
                 report.roots.append(root)
                 files += sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p, root))
