@@ -157,11 +157,11 @@ def build() -> dict:
     # click on Train straight after typing landed on the still-disabled button.
     check_triggers = [files.change, folder.change, base_model.change, inputs["caption_source"].change,
                       inputs["instance_prompt"].change, inputs["resolution"].change]
-    generate.click(try_prompt, [run_state, checkpoint, prompt, negative, seed, steps, guidance, size, strength],
-                   [base_image, tuned_image], api_visibility="private")
+    trying = generate.click(try_prompt, [run_state, checkpoint, prompt, negative, seed, steps, guidance, size,
+                                         strength], [base_image, tuned_image], api_visibility="private")
     load_outputs = [files, folder, base_model, name, *form, section.message]
     widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
                              {"lora": export_lora, "kohya": export_kohya, "merged": export_merged}, download,
-                             [base_image, tuned_image])
+                             [base_image, tuned_image], trying)
     return {"run_state": run_state, "load_outputs": load_outputs,
             "check": (check_data, everything, check_outputs, check_triggers)}

@@ -264,11 +264,11 @@ def build() -> None:
                       inputs["max_length"].change, inputs["validation_fraction"].change, inputs["system_prompt"].blur,
                       inputs["batch_size"].change, inputs["load_in_4bit"].change, *(c.input for c in mapping)]
 
-    generate.click(try_prompt, [run_state, checkpoint, prompt, system, max_new_tokens, temperature, top_p],
-                   [base_answer, tuned_answer], api_visibility="private")
+    trying = generate.click(try_prompt, [run_state, checkpoint, prompt, system, max_new_tokens, temperature, top_p],
+                            [base_answer, tuned_answer], api_visibility="private")
     load_outputs = [files, validation_files, base_model, name, *form, section.message]
     widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
                              {"adapter": export_adapter, "merged": export_merged}, download,
-                             [base_answer, tuned_answer])
+                             [base_answer, tuned_answer], trying)
     return {"run_state": run_state, "load_outputs": load_outputs,
             "check": (check_data, everything, check_outputs, check_triggers)}

@@ -149,11 +149,11 @@ def build() -> dict:
                       inputs["long_clips"].change, inputs["validation_fraction"].change,
                       inputs["max_label_tokens"].change]
     clip.change(lambda c: c, clip, player, api_visibility="private")
-    transcribe.click(try_audio, [run_state, checkpoint, audio], [base_text, base_time, tuned_text, tuned_time],
-                     api_visibility="private")
+    trying = transcribe.click(try_audio, [run_state, checkpoint, audio], [base_text, base_time, tuned_text,
+                                                                         tuned_time], api_visibility="private")
     load_outputs = [files, folder, validation, base_model, name, *form, section.message]
     widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
                              {"adapter": export_adapter, "merged": export_merged}, download,
-                             [base_text, base_time, tuned_text, tuned_time])
+                             [base_text, base_time, tuned_text, tuned_time], trying)
     return {"run_state": run_state, "load_outputs": load_outputs,
             "check": (check_data, everything, check_outputs, check_triggers)}

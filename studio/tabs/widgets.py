@@ -676,10 +676,11 @@ def run_section(key: str) -> RunSection:
 
 def wire_run_section(section: RunSection, form: TabForm, run_state: gr.Textbox, inputs: list, load_outputs: list,
                      checkpoint: gr.Dropdown, exports: dict[str, gr.Button], download: gr.File,
-                     results: list[gr.Component]) -> None:
+                     results: list[gr.Component], trying: gr.events.Dependency) -> None:
     """The handlers every tab shares: train, save/load config, the live refresh, run controls, the
-    checkpoint choice and the export buttons. `results` are what Try it shows: emptied when the tab shows
-    another run, with the download, so that no answer or file is taken for that run's."""
+    checkpoint choice and the export buttons. `results` are what Try it (the event `trying`) shows: emptied
+    when the tab shows another run, with the download, and a Try it or export still under way is cancelled,
+    so that no answer or file is taken for that run's."""
     private = {"api_visibility": "private"}
     # A new run in this tab (Train, or the newest one shown when the page opens) fills the panel in and
     # starts its timer.
@@ -691,13 +692,11 @@ def wire_run_section(section: RunSection, form: TabForm, run_state: gr.Textbox, 
     section.panel.refresh.click(still_there(form.modality), run_state, run_state, **private)
     run_state.change(lambda r: gr.update(choices=checkpoint_choices(r), value="final"), run_state, checkpoint,
                      **private)
-    run_state.change(lambda: [None] * len(results) + [gr.update(value=None, visible=False)], None,
-                     [*results, download], **private)
-
     checkpoint.focus(current_checkpoints, [run_state, checkpoint], checkpoint, **private)
-    for kind, button in exports.items():
-        button.click(lambda r, c, kind=kind: gr.update(value=export_zip(r, kind, c), visible=True),
-                     [run_state, checkpoint], download, **private)
+    exporting = [button.click(lambda r, c, kind=kind: gr.update(value=export_zip(r, kind, c), visible=True),
+                              [run_state, checkpoint], download, **private) for kind, button in exports.items()]
+    run_state.change(lambda: [None] * len(results) + [gr.update(value=None, visible=False)], None,
+                     [*results, download], cancels=[trying, *exporting], **private)
 
 
 # ---- checkpoints and export -------------------------------------------------------------------
