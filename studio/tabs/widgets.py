@@ -695,8 +695,10 @@ def wire_run_section(section: RunSection, form: TabForm, run_state: gr.Textbox, 
     checkpoint.focus(current_checkpoints, [run_state, checkpoint], checkpoint, **private)
     exporting = [button.click(lambda r, c, kind=kind: gr.update(value=export_zip(r, kind, c), visible=True),
                               [run_state, checkpoint], download, **private) for kind, button in exports.items()]
-    run_state.change(lambda: [None] * len(results) + [gr.update(value=None, visible=False)], None,
-                     [*results, download], cancels=[trying, *exporting], **private)
+    # Emptied in the browser at once: done by the server, the emptying could come after an export the user had
+    # asked for since (on a busy machine), and hide its file.
+    run_state.change(None, None, [*results, download], cancels=[trying, *exporting],
+                     js=f"() => [{'null, ' * len(results)}{{__type__: 'update', value: null, visible: false}}]")
 
 
 # ---- checkpoints and export -------------------------------------------------------------------
