@@ -244,10 +244,3 @@ class _Capped:
         if self.left < 0:
             raise ValueError(f"the archive unpacks to more than {MAX_UNPACKED_BYTES // 2**20:,} MB")
         return data
-
-
-def safe_name(name: str) -> str:
-    """A file name from user text, stripped of folders and odd characters."""
-    base = os.path.basename(name.replace("\\", "/")).strip()
-    cleaned = "".join(c if c.isalnum() or c in "._- " else "_" for c in base).strip(". ")
-    return cleaned or "file"

@@ -24,7 +24,6 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from pipelines import MODALITIES, config_from_dict, load_config
-from pipelines.archives import safe_name
 from pipelines.config import ConfigError, RunConfig
 from pipelines.hub import workspace
 
@@ -338,14 +337,16 @@ def _copy_data_into(config: RunConfig, run_dir: Path) -> RunConfig:
             source = Path(raw)
             if not source.exists():
                 raise FileNotFoundError(f"{name}: {source} does not exist")
-            target_name = safe_name(source.name)
-            stem, n = target_name, 1
-            while target_name in used:
+            # Each keeps its name, which a caption or transcript table may name ('clip (1).wav', 'café.png'):
+            # renamed, it dropped out of the run that the check had passed it for. Of two files with one name
+            # (uploaded from two folders), the second goes into a folder of its own, as Gradio keeps them.
+            target_name, n = source.name, 1
+            while target_name.lower() in used:
                 n += 1
-                target_name = f"{n}-{stem}"
-            used.add(target_name)
-            data_dir.mkdir(exist_ok=True)
+                target_name = f"{n}/{source.name}"
+            used.add(target_name.lower())
             target = data_dir / target_name
+            target.parent.mkdir(parents=True, exist_ok=True)
             if source.is_dir():
                 shutil.copytree(source, target, symlinks=False)
             else:

@@ -423,3 +423,18 @@ def test_a_run_given_a_name_another_run_has_is_named_apart(home, tmp_path):
         registry.rename(first.id, "support bot 2")
     registry.rename(first.id, "support bot")  # its own name is no clash
     assert sorted(run.name for run in registry.list()) == names
+
+
+def test_two_data_files_of_one_name_both_reach_the_run(home, tmp_path):
+    """Uploads from two folders may share a name (two exports named data.csv): the run keeps both, each named as
+    it was (the second in a folder of its own), and trains on the rows of both."""
+    for folder, rows in (("first", "instruction,output\nSay one,one\n"), ("second", "instruction,output\nSay two,two\n")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "data.csv").write_text(rows)
+    config = load_config(config_file(tmp_path, train_files=[str(tmp_path / "first" / "data.csv"),
+                                                             str(tmp_path / "second" / "data.csv")]))
+    run = Registry().create(config, status="stopped")
+    copied = load_config(run.dir / "config.yaml")
+    assert [Path(p).relative_to(run.dir).as_posix() for p in copied.train_files] == ["data/data.csv",
+                                                                                     "data/2/data.csv"]
+    assert jobs.check_data(copied).rows_usable == 2

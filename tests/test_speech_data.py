@@ -355,3 +355,23 @@ def test_what_phones_and_meeting_tools_save_is_read_and_a_silent_video_is_named(
     assert report.rows_usable == 3
     heard = read_audio(tmp_path / "meeting.mp4").samples
     assert abs(len(heard) - len(speech())) < SAMPLE_RATE // 10  # the sound track, not the picture's 2 s
+
+
+def test_a_run_keeps_the_names_its_transcript_table_gives_its_clips(tmp_path, monkeypatch):
+    """The run's copy of the data renamed 'clip (1).wav' to 'clip _1_.wav': the check said 4 of 4 clips usable and
+    the run trained on 2, saying so only in its log."""
+    from studio.runs import Registry
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "ws"))
+    names = ["clip (1).wav", "John's take #2.wav", "café tëst ☕.wav", "plain.wav"]
+    uploads = []
+    for i, (name, source) in enumerate(zip(names, ["cat.wav", "window.wav", "bridge.wav", "apples.wav"])):
+        (tmp_path / f"upload{i}").mkdir()  # as the browser's uploads arrive: each in a folder of its own
+        uploads.append(str(shutil.copy(CLIPS / source, tmp_path / f"upload{i}" / name)))
+    (tmp_path / "meta").mkdir()
+    write_metadata(tmp_path / "meta", [(name, f"Transcript {i}.") for i, name in enumerate(names)])
+    settings = config(data_files=uploads + [str(tmp_path / "meta" / "metadata.csv")])
+    assert inspect_data(settings).rows_usable == 4
+
+    run = Registry().create(settings, status="stopped")
+    report, train, _ = load_clips(load_config(run.dir / "config.yaml"), keep_audio=False)
+    assert report.rows_usable == 4 and sorted(Path(clip.audio).name for clip in train) == sorted(names)
