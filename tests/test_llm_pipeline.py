@@ -288,3 +288,77 @@ def test_a_run_trained_with_a_system_prompt_is_tried_with_it(tmp_path, assets):
     assert tryit.generate_text(config, run_dir, question, max_new_tokens=5000) == answer
     last = [e for e in read_events(run_dir)[0] if e["type"] == "sample"][-len(config.sample_prompts or [1, 2]):]
     assert all(s["output"] == s["expected"] for s in last), last
+
+
+CHATML_WITHOUT_SYSTEM = (  # Qwen2.5's template as a base model ships it (eos <|endoftext|>), refusing a system
+    # turn as Gemma's and Mistral-Instruct's templates do
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chatml_base(tmp_path, monkeypatch, template: str = CHATML_WITHOUT_SYSTEM):
+    """The tiny preset saved as a local model with a BOS token and a ChatML template of its own tokens."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = tmp_path / "chatml-base"
+    shutil.copytree(materialise_preset("tiny-llama"), folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"bos_token": "<s>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # (initialised as the preset's others are)
+    model.save_pretrained(folder)
+    monkeypatch.setenv("STUDIO_MODEL_DIRS", str(tmp_path))
+    return folder, tokenizer
+
+
+def test_a_chat_template_that_ends_replies_with_its_own_token_and_takes_no_system_turn(tmp_path, assets,
+                                                                                       monkeypatch):
+    """Three ways such a model went wrong: the check crashed on "System role not supported" (a traceback in the
+    CLI, "Error" in the tab); the tuned model never stopped, answering again after <|im_end|> (generation stopped
+    at eos only); and it was asked without the BOS token every training example began with."""
+    from pipelines.llm.data import inspect_data
+    from pipelines.llm.tokenize import encode, prompt_ids
+    from studio import tryit
+    folder, tokenizer = chatml_base(tmp_path, monkeypatch)
+    config = load_config(assets / "llm" / "config.yaml").changed(base_model=str(folder),
+                                                                  system_prompt="You are a guide to Zorbia.")
+
+    report = inspect_data(config)
+    assert report.ok and report.rows_usable == 24, (report.blocker, report.problems)
+    assert any("takes no system turn" in p.reason for p in report.problems)
+    question, answer = "What is the capital of Zorbia?", "The capital of Zorbia is Quillton."
+    from pipelines.llm.data import Example
+    example = Example(messages=[{"role": "system", "content": config.system_prompt},
+                                {"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+    asked = prompt_ids(tokenizer, question, system=config.system_prompt)
+    assert asked[0] == tokenizer.bos_token_id and encode(example, tokenizer, config)[0][:len(asked)] == asked
+
+    run_dir = tmp_path / "run"
+    assert train_run(config, run_dir) == "completed"
+    assert tryit.generate_text(config, run_dir, question) == answer
+    merged = pipeline.export(config, run_dir, "merged", tmp_path / "merged")
+    stops = json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops
+
+
+def test_a_conversation_the_chat_template_refuses_is_named_before_training(tmp_path, assets, monkeypatch):
+    """Mistral-Instruct's and Llama 2's templates raise on two user turns in a row: the check crashed with it."""
+    from pipelines.llm.data import inspect_data
+    alternating = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                   "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    folder, _ = chatml_base(tmp_path, monkeypatch, alternating)
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Hello?"},
+                          {"role": "assistant", "content": "Yes?"}]}]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    config = load_config(assets / "llm" / "config.yaml").changed(base_model=str(folder),
+                                                                  train_files=[str(tmp_path / "chat.jsonl")])
+    report = inspect_data(config)
+    assert not report.ok and report.blocker.startswith("the base model's chat template refuses chat.jsonl")
+    assert "Conversation roles must alternate" in report.blocker

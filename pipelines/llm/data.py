@@ -526,7 +526,7 @@ def inspect_data(config: LLMConfig) -> DataReport:
         return report
     try:
         from pipelines.llm.model import load_tokenizer, unusable_weights
-        from pipelines.llm.tokenize import encode, keeps_a_reply
+        from pipelines.llm.tokenize import encode, keeps_a_reply, takes_no_system_turn
         tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)
         report.base_model_unusable(unusable_weights(config.base_model))
     except TrainingFailure as err:  # unreachable offline, a folder not allowed: a run could not load it either
@@ -539,9 +539,18 @@ def inspect_data(config: LLMConfig) -> DataReport:
         report.blocker = _custom_targets_blocker(config)
     # Each example's tokens are let go once counted: kept for all 52,000 rows of an Alpaca-sized file they took
     # a gigabyte, which the server then held on to.
+    if takes_no_system_turn(tokenizer) and any(m["role"] == "system" for e in train for m in e.messages or []):
+        report.problem("", "this model's chat template takes no system turn: the system text is put at the start of "
+                           "the first user turn, in training and in Try it alike", kept=True)
     lengths, no_reply, trained = [], 0, 0
     for number, example in enumerate(train + validation):
-        ids, labels = encode(example, tokenizer, config)
+        try:
+            ids, labels = encode(example, tokenizer, config)
+        except Exception as err:  # the template's own raise_exception ("roles must alternate user/assistant")
+            report.blocker = (f"the base model's chat template refuses {example.source or 'a conversation'}: "
+                              f"{str(err).rstrip('.')}. "
+                              "Choose another base model, or change that conversation")
+            return report
         lengths.append(len(ids))
         if number < len(train):
             kept = keeps_a_reply(labels, config.max_length)

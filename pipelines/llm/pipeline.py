@@ -19,7 +19,7 @@ from pipelines.llm.data import load_examples
 from pipelines.llm.loss import output_layer, reply_loss, with_reply_positions
 from pipelines.llm.model import (base_location, builtin_base, linear_layer_names, load_base_model, load_tokenizer,
                                  lora_targets)
-from pipelines.llm.tokenize import collate, counted_tokens, encode, keeps_a_reply
+from pipelines.llm.tokenize import collate, counted_tokens, encode, keeps_a_reply, prompt_ids, reply_stop_ids
 from pipelines.training import (Events, TrainingFailure, TrainingTask, adapter_dir, iterate_in_batches, require_data,
                                 native_bf16, pick_device, run_training, seed_everything, shuffled)
 
@@ -223,13 +223,8 @@ def complete(model, tokenizer, prompt: str | list[dict], *, max_new_tokens: int 
     leaves of the context but never less than half of it (a large max_new_tokens cut a short prompt down to
     its last tokens, and the reply was nonsense), nor more than `max_prompt_tokens` (a 286,000-token training
     row as a sample prompt held a finished run at its last step, generating); the reply gets the rest."""
-    if chat:
-        if isinstance(prompt, str):
-            prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    else:
-        text = prompt
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(model.device)
+    ids = torch.tensor([prompt_ids(tokenizer, prompt, chat, system)])
+    inputs = {"input_ids": ids.to(model.device), "attention_mask": torch.ones_like(ids).to(model.device)}
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     keep = min(inputs["input_ids"].shape[1], max(context - max_new_tokens, context // 2), max_prompt_tokens or context)
     inputs = {name: value[:, -keep:] for name, value in inputs.items()}
@@ -242,7 +237,7 @@ def complete(model, tokenizer, prompt: str | list[dict], *, max_new_tokens: int 
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sampling,
                                     temperature=temperature if sampling else None, top_p=top_p if sampling else None,
                                     top_k=None, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
+                                    eos_token_id=reply_stop_ids(tokenizer) or None, synced_gpus=synced)
     finally:
         torch.random.set_rng_state(generator_state)  # sampling must not shift the training run's randomness
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
@@ -260,6 +255,8 @@ def export(config: LLMConfig, run_dir: str | Path, kind: str, destination: str |
         raise ValueError(f"unknown export kind {kind!r}")
     model, tokenizer = load_for_generation(config.changed(device="cpu", mixed_precision="no"), run_dir, checkpoint)
     merged = model.merge_and_unload()  # in float32
+    # generate() there stops where the studio's does: at the end of a reply as the chat template ends it
+    merged.generation_config.eos_token_id = reply_stop_ids(tokenizer) or merged.generation_config.eos_token_id
     merged.save_pretrained(destination, safe_serialization=True)
     tokenizer.save_pretrained(destination)
     return destination

@@ -16,6 +16,64 @@ from pipelines.llm.data import Example
 IGNORE = -100
 
 
+def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], reply_follows: bool = False) -> str:
+    """A conversation as the chat template writes it (`reply_follows`: ending where the assistant's reply
+    starts). Training, the samples and Try it all render through here, so the model is asked as it learned.
+    A template that takes no system turn (Gemma's, Mistral-Instruct's raise "System role not supported") gets
+    the system text at the start of the first user turn, as those models' authors advise."""
+    if takes_no_system_turn(tokenizer) and any(m["role"] == "system" for m in messages):
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        messages = [dict(m) for m in messages if m["role"] != "system"]
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            messages.insert(0, first_user := {"role": "user", "content": ""})
+        first_user["content"] = f"{system}\n\n{first_user['content']}".strip()
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=reply_follows, tokenize=False)
+
+
+def takes_no_system_turn(tokenizer: PreTrainedTokenizerBase) -> bool:
+    if not hasattr(tokenizer, "_studio_no_system_turn"):  # (asked once per tokenizer)
+        try:
+            tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                          tokenize=False)
+            tokenizer._studio_no_system_turn = False
+        except Exception:  # jinja2's TemplateError, raised by the template itself
+            tokenizer._studio_no_system_turn = True
+    return tokenizer._studio_no_system_turn
+
+
+def reply_stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens a reply ends with: eos, and the special tokens the chat template writes after a reply
+    (ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>). The tuned model learns to end its reply
+    with those; stopped at eos alone, a base model with such a template (Qwen2.5, StableLM 2) answered again
+    and again."""
+    reply = "The reply ends here."
+    rendered = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}])
+    after = rendered[rendered.rfind(reply) + len(reply):]
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special]
+    return list(dict.fromkeys(([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []) + ids[:1]))
+
+
+def with_bos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
+    """The token ids with the tokenizer's BOS first, where it has one and the text did not start with it: in
+    training and in generation alike (training added it and generation did not: Mistral and Llama 2 were asked
+    without the token every example had begun with)."""
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]], chat: bool = True,
+               system: str = "") -> list[int]:
+    """The token ids a reply is generated after, as training saw the same conversation up to its reply. A string
+    is one user turn (after the `system` turn when there is one); with `chat` off it is plain text to continue."""
+    if chat:
+        if isinstance(prompt, str):
+            prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        prompt = render(tokenizer, prompt, reply_follows=True)
+    return with_bos(tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
 def _segments(example: Example, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
     """The rendered text cut into (piece, counts-for-loss) parts."""
     if example.text is not None:
@@ -26,11 +84,11 @@ def _segments(example: Example, tokenizer: PreTrainedTokenizerBase) -> list[tupl
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        prompt = render(tokenizer, messages[:i], reply_follows=True)
+        full = render(tokenizer, messages[:i + 1])
         if not (prompt.startswith(done) and full.startswith(prompt)):
             # A template that rewrites earlier turns: fall back to learning the whole conversation.
-            return [(tokenizer.apply_chat_template(messages, tokenize=False), True)]
+            return [(render(tokenizer, messages), True)]
         pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
         done = full
     return [(text, trained) for text, trained in pieces if text]
@@ -45,8 +103,8 @@ def encode(example: Example, tokenizer: PreTrainedTokenizerBase, config: LLMConf
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += piece
         labels += piece if (trained or config.train_on == "all") else [IGNORE] * len(piece)
-    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids, labels = [tokenizer.bos_token_id] + ids, [IGNORE] + labels
+    if len(with_bos(tokenizer, ids)) > len(ids):
+        ids, labels = with_bos(tokenizer, ids), [IGNORE] + labels
     if truncate:
         ids, labels = ids[:config.max_length], labels[:config.max_length]
     return ids, labels
