@@ -375,3 +375,35 @@ def test_a_run_keeps_the_names_its_transcript_table_gives_its_clips(tmp_path, mo
     run = Registry().create(settings, status="stopped")
     report, train, _ = load_clips(load_config(run.dir / "config.yaml"), keep_audio=False)
     assert report.rows_usable == 4 and sorted(Path(clip.audio).name for clip in train) == sorted(names)
+
+
+def test_a_common_voice_release_trains_on_its_train_split_and_validates_on_dev(tmp_path):
+    """Every table of a Common Voice folder was read as transcripts alike: the test split and the clips its
+    reviewers had rejected were trained on, the dev split was not the validation data, and validated.tsv named
+    each training clip a second time (a problem line per clip)."""
+    (tmp_path / "clips").mkdir()
+    splits = {"train": ["cat", "window", "bridge"], "dev": ["apples"], "test": ["umbrella"], "invalidated": ["violin"]}
+    for clips in splits.values():
+        for name in clips:
+            shutil.copy(CLIPS / f"{name}.wav", tmp_path / "clips" / f"common_voice_{name}.wav")
+
+    def tsv(name: str, clips: list[str]) -> None:
+        rows = ["client_id\tpath\tsentence_id\tsentence\tup_votes"] + [
+            f"c{i}\tcommon_voice_{clip}.wav\ts{i}\tWhat {clip} says.\t2" for i, clip in enumerate(clips)]
+        (tmp_path / f"{name}.tsv").write_text("\n".join(rows) + "\n")
+    for split, clips in splits.items():
+        tsv(split, clips)
+    tsv("validated", splits["train"] + splits["dev"] + splits["test"])
+    tsv("other", [])
+    (tmp_path / "clip_durations.tsv").write_text("clip\tduration[ms]\ncommon_voice_cat.wav\t1500\n")
+
+    report, train, validation = load_clips(config(data_path=str(tmp_path), validation_fraction=0.1),
+                                           keep_audio=False)
+    assert sorted(Path(c.audio).stem for c in train) == ["common_voice_bridge", "common_voice_cat",
+                                                          "common_voice_window"]
+    assert [Path(c.audio).stem for c in validation] == ["common_voice_apples"]
+    assert {p.file: p.reason for p in report.problems if not p.kept} == {}
+    notes = {p.file: p.reason for p in report.problems if p.kept}
+    assert notes["test.tsv"] == "the test split: not trained on, kept for testing the tuned model (1 clip)"
+    assert notes["invalidated.tsv"].startswith("clips marked invalid") and notes["dev.tsv"].endswith("(1 clip)")
+    assert "validated.tsv" in notes and "clip_durations.tsv" in notes

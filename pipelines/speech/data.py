@@ -29,6 +29,17 @@ TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json"}
 FILE_COLUMNS = ["file_name", "filename", "file", "path", "audio", "audio_file", "audio_path", "audio_filepath",
                 "wav", "clip"]
 TEXT_COLUMNS = ["transcription", "transcript", "text", "sentence", "normalized_text", "label"]
+# A data set released in splits (Common Voice's train/dev/test.tsv, or train/ validation/ test/ folders of a
+# metadata.csv each), told by a table or folder named train: each other split's role, by its name.
+SPLITS = {"train": "train", "dev": "dev", "validation": "dev", "valid": "dev", "test": "test",
+          "validated": "validated", "invalidated": "invalid", "reported": "invalid", "other": "unchecked",
+          "clip_durations": "extra", "validated_sentences": "extra", "unvalidated_sentences": "extra"}
+HELD_OUT = {"test": "the test split: not trained on, kept for testing the tuned model",
+            "validated": "not read: the train split is its share for training",
+            "invalid": "clips marked invalid by the data set's reviewers: not trained on",
+            "unchecked": "clips not yet reviewed: not trained on",
+            "dev": "the dev split: not trained on (the validation data uploaded is used instead)",
+            "extra": "the data set's own records, not clips with transcripts: not read"}
 MAX_SPLIT_SECONDS = 600.0   # longer recordings are not split: a transcript spread over 20 pieces is a guess
 MIN_SECONDS = 0.1
 
@@ -184,8 +195,39 @@ def _tokenizer(config: SpeechConfig):
     return get_tokenizer(not config.base_model.strip().endswith(".en"))
 
 
+def _splits(tables: list[Path], audio: list[Path], report: DataReport, dev_validates: bool
+            ) -> tuple[list[Path], list[Path], set[Path]]:
+    """The tables and audio to read, in a data set released in splits (see SPLITS): the train split's, and the
+    dev split's as validation data (`dev_validates`); the audio of every other split is left out, with a note per
+    table. Else all of them, and no dev split."""
+    role = {t: SPLITS.get(t.stem.lower()) or SPLITS.get(t.parent.name.lower()) for t in tables}
+    if "train" not in role.values():
+        return tables, audio, set()
+    index = FileIndex(audio, AUDIO_SUFFIXES)
+    named: dict[Path, set[Path]] = {}
+    for table in (t for t in tables if role[t]):  # (problems in their rows: said where they are read for training)
+        rows = read_table(table, DataReport())
+        column = _pick(list(dict.fromkeys(k for _, record in rows[:200] for k in record)), FILE_COLUMNS)
+        named[table] = {clip for _, record in rows
+                        if column and (clip := index.find(str(record.get(column) or "").strip(), table.parent))}
+    used = [t for t in tables if role[t] in ("train", None) or (role[t] == "dev" and dev_validates)]
+    dev = set().union(*(named[t] for t in used if role[t] == "dev"))
+    left_out = set().union(*named.values()) - set().union(*(named.get(t, set()) for t in used))
+    def clips(n: int) -> str:
+        return f" ({n:,} clip{'s' if n != 1 else ''})"
+    for table in tables:
+        if role[table] == "dev" and dev_validates:
+            report.problem(table, "the dev split: the validation data" + clips(len(dev)), kept=True)
+        elif table not in used:  # (the validated and extra tables name clips of the other splits)
+            count = "" if role[table] in ("validated", "extra") else clips(len(named[table] & left_out))
+            report.problem(table, HELD_OUT[role[table]] + count, kept=True)
+    return used, [a for a in audio if a not in left_out], dev
+
+
 def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep_audio: bool,
-                count: bool = True) -> list[Clip]:
+                count: bool = True) -> tuple[list[Clip], set[Path]]:
+    """The usable clips of the files, folders and zips named, and of those the ones the data set's dev split
+    names (validation data, see _splits)."""
     files = _expand(paths, report)
     audio = [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
     tables = [p for p in files if p.suffix.lower() in TABLE_SUFFIXES]
@@ -200,6 +242,7 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
     if not audio:
         report.problem(paths[0] if len(paths) == 1 else "data", "holds no audio files (wav, flac, mp3, ogg, m4a, "
                                                                 "webm, mp4...)")
+    tables, audio, dev = _splits(tables, audio, report, count and not config.validation_path.strip())
     transcripts, orphans = _transcripts(tables, texts, audio, others, report, count)
     if count:
         report.rows_found += len(audio) + orphans
@@ -276,7 +319,7 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
                              samples=sound.samples[a:b] if keep_audio else None, start=a / SAMPLE_RATE,
                              source=source, tokens=tokens))
         clips += made
-    return clips
+    return clips, dev
 
 
 def load_clips(config: SpeechConfig, report: DataReport | None = None, keep_audio: bool = True
@@ -285,10 +328,13 @@ def load_clips(config: SpeechConfig, report: DataReport | None = None, keep_audi
     Never raises on bad data. With keep_audio, each clip carries its 16 kHz samples."""
     report = report or DataReport(unit="clips")
     sources = ([config.data_path] if config.data_path.strip() else []) + list(config.data_files)
-    train = _clips_from(sources, config, report, keep_audio)
+    train, dev = _clips_from(sources, config, report, keep_audio)
     validation: list[Clip] = []
     if config.validation_path.strip():
-        validation = _clips_from([config.validation_path], config, report, keep_audio, count=False)
+        validation = _clips_from([config.validation_path], config, report, keep_audio, count=False)[0]
+    elif dev:
+        validation = [c for c in train if Path(c.audio) in dev]
+        train = [c for c in train if Path(c.audio) not in dev]
     elif config.validation_fraction > 0:
         files = sorted({c.audio for c in train})
         if len(files) >= 5:
