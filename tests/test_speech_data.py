@@ -407,3 +407,16 @@ def test_a_common_voice_release_trains_on_its_train_split_and_validates_on_dev(t
     assert notes["test.tsv"] == "the test split: not trained on, kept for testing the tuned model (1 clip)"
     assert notes["invalidated.tsv"].startswith("clips marked invalid") and notes["dev.tsv"].endswith("(1 clip)")
     assert "validated.tsv" in notes and "clip_durations.tsv" in notes
+
+
+def test_a_clip_changed_since_the_last_check_is_heard_again(tmp_path):
+    """What the check heard is kept between checks (each setting the tab watches starts one, and decoding every
+    clip again took minutes): a clip replaced since is decoded again, not taken for the one before."""
+    for name in ("cat", "window"):
+        shutil.copy(CLIPS / f"{name}.wav", tmp_path / f"{name}.wav")
+    write_metadata(tmp_path, [("cat.wav", "The cat sat on the mat."), ("window.wav", "Open the window, please.")])
+    assert inspect_data(config(data_path=str(tmp_path))).rows_usable == 2
+    assert inspect_data(config(data_path=str(tmp_path), validation_fraction=0.5)).rows_usable == 2
+    soundfile.write(tmp_path / "cat.wav", np.zeros(2 * SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
+    report = inspect_data(config(data_path=str(tmp_path)))
+    assert report.rows_usable == 1 and "silent" in reasons(report)["cat.wav"]

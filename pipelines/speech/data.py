@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import statistics
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from pipelines.archives import JUNK, unpack_once
 from pipelines.data import MAX_TABLE_BYTES, DataReport, FileIndex, NotText, decode_text
 from pipelines.hub import workspace
 from pipelines.llm.data import read_table
-from pipelines.speech.audio import (AUDIO_SUFFIXES, SAMPLE_RATE, SILENCE_DBFS, WINDOW_SECONDS, AudioUnreadable,
+from pipelines.speech.audio import (AUDIO_SUFFIXES, SAMPLE_RATE, SILENCE_DBFS, WINDOW_SECONDS, Audio, AudioUnreadable,
                                     divide_words, is_silent, read_audio, split_points)
 from pipelines.speech.config import SpeechConfig
 
@@ -224,6 +224,36 @@ def _splits(tables: list[Path], audio: list[Path], report: DataReport, dev_valid
     return used, [a for a in audio if a not in left_out], dev
 
 
+# What the data check heard in each clip up to 30 s long, by its path, size and time, without the samples: a
+# check again (each setting the tab watches starts one) decoded every clip again, for minutes with thousands.
+_heard: dict[tuple, tuple[Audio, int, bool] | AudioUnreadable] = {}
+
+
+def _hear(path: Path, limit: float, keep_audio: bool) -> tuple[Audio, int, bool]:
+    """(the audio, its number of samples, whether it is silent). Raises AudioUnreadable."""
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise AudioUnreadable(f"cannot be read ({err.strerror or err})") from None
+    key = (str(path), stat.st_size, stat.st_mtime_ns, limit)
+    known = None if keep_audio else _heard.get(key)
+    if isinstance(known, AudioUnreadable):
+        raise known
+    if known:
+        return known
+    try:
+        sound = read_audio(path, max_seconds=limit)
+    except AudioUnreadable as err:
+        _heard[key] = err
+        raise
+    heard = (sound, len(sound.samples), is_silent(sound.samples))
+    if sound.seconds <= WINDOW_SECONDS:  # (a longer one is split, and that needs its samples)
+        if len(_heard) > 200_000:
+            _heard.clear()
+        _heard[key] = (replace(sound, samples=np.empty(0, np.float32)), *heard[1:])
+    return heard
+
+
 def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep_audio: bool,
                 count: bool = True) -> tuple[list[Clip], set[Path]]:
     """The usable clips of the files, folders and zips named, and of those the ones the data set's dev split
@@ -267,7 +297,7 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
             report.problem(where[0], f"the transcript of {path.name} is empty", where[1])
             continue
         try:
-            sound = read_audio(path, max_seconds=limit)
+            sound, frames, silent = _hear(path, limit, keep_audio)
         except AudioUnreadable as err:
             report.problem(path, str(err))
             continue
@@ -277,17 +307,17 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
             stats.setdefault("encodings", Counter())[sound.encoding] += 1
             if sound.converted:
                 stats.setdefault("converted", []).append(f"{report.shown(path)}: {sound.describe()} -> 16000 Hz mono")
-        if len(sound.samples) == 0:
+        if frames == 0:
             report.problem(path, "holds no audio (0 seconds long)")
             continue
         if sound.seconds < MIN_SECONDS:
             report.problem(path, f"is only {sound.seconds * 1000:.0f} ms long: too short to hold speech")
             continue
-        if is_silent(sound.samples):
+        if silent:
             report.problem(path, f"is silent (nothing louder than {SILENCE_DBFS:.0f} dBFS): there is no speech "
                                  "to learn from")
             continue
-        pieces = [(0, len(sound.samples))]
+        pieces = [(0, frames)]
         if sound.seconds > WINDOW_SECONDS:
             if config.long_clips == "reject":  # (split is offered only where it would take the recording)
                 report.problem(path, f"is {sound.seconds:.1f} s long, and Whisper hears at most 30 s at a time: "
