@@ -362,3 +362,20 @@ def test_a_conversation_the_chat_template_refuses_is_named_before_training(tmp_p
     report = inspect_data(config)
     assert not report.ok and report.blocker.startswith("the base model's chat template refuses chat.jsonl")
     assert "Conversation roles must alternate" in report.blocker
+
+
+def test_a_merged_model_is_saved_as_its_base_model_was(tmp_path, assets, monkeypatch):
+    """A bf16 base (as most hub models are saved) was merged and saved in float32: twice the size of the base."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    folder = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(materialise_preset("tiny-llama")).to(torch.bfloat16).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (folder / name).write_bytes((materialise_preset("tiny-llama") / name).read_bytes())
+    monkeypatch.setenv("STUDIO_MODEL_DIRS", str(tmp_path))
+    config = load_config(assets / "llm" / "config.yaml").changed(base_model=str(folder), max_steps=3, sample_every=0)
+    assert train_run(config, tmp_path / "run") == "completed"
+    merged = pipeline.export(config, tmp_path / "run", "merged", tmp_path / "merged")
+    with safe_open(merged / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
+    assert (merged / "model.safetensors").stat().st_size < 1.2 * (folder / "model.safetensors").stat().st_size

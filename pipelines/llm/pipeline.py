@@ -243,6 +243,17 @@ def complete(model, tokenizer, prompt: str | list[dict], *, max_new_tokens: int 
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def _saved_dtype(config: LLMConfig) -> torch.dtype | None:
+    """The dtype the base model's weights are stored in, as its config.json says (None where it says none)."""
+    from transformers import AutoConfig
+    try:
+        stored = AutoConfig.from_pretrained(base_location(config.base_model),
+                                            trust_remote_code=config.trust_remote_code).dtype
+    except Exception:  # (a config transformers cannot read: the float32 of the merge stays)
+        return None
+    return getattr(torch, stored) if isinstance(stored, str) else stored
+
+
 def export(config: LLMConfig, run_dir: str | Path, kind: str, destination: str | Path,
            checkpoint: str | None = None) -> Path:
     """kind "adapter": the peft adapter folder; "merged": a full transformers model with its tokenizer."""
@@ -254,7 +265,11 @@ def export(config: LLMConfig, run_dir: str | Path, kind: str, destination: str |
     if kind != "merged":
         raise ValueError(f"unknown export kind {kind!r}")
     model, tokenizer = load_for_generation(config.changed(device="cpu", mixed_precision="no"), run_dir, checkpoint)
-    merged = model.merge_and_unload()  # in float32
+    merged = model.merge_and_unload()  # in float32, then saved as the base model's weights are (a bf16 base's
+    # merged copy was twice its size)
+    saved_as = _saved_dtype(config)
+    if saved_as in (torch.bfloat16, torch.float16):
+        merged = merged.to(saved_as)
     # generate() there stops where the studio's does: at the end of a reply as the chat template ends it
     merged.generation_config.eos_token_id = reply_stop_ids(tokenizer) or merged.generation_config.eos_token_id
     merged.save_pretrained(destination, safe_serialization=True)
