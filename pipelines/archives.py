@@ -188,16 +188,17 @@ def extract_zip(archive: str | Path, destination: str | Path, report: DataReport
         root = destination.resolve()
         written = 0
         for entry in entries:
-            path = PurePosixPath(entry.filename.replace("\\", "/"))
+            filename = _entry_name(entry)
+            path = PurePosixPath(filename.replace("\\", "/"))
             if entry.is_dir() or path.parts[:1] == ("__MACOSX",) or path.name in JUNK or path.name.startswith("._"):
                 continue
             reason = _unsafe(entry, path)
             if reason:
-                report.problem(name, f"entry '{entry.filename}' skipped: {reason}")
+                report.problem(name, f"entry '{filename}' skipped: {reason}")
                 continue
             target = (root / Path(*path.parts)).resolve()
             if root not in target.parents:
-                report.problem(name, f"entry '{entry.filename}' skipped: it points outside the archive's folder")
+                report.problem(name, f"entry '{filename}' skipped: it points outside the archive's folder")
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -205,7 +206,7 @@ def extract_zip(archive: str | Path, destination: str | Path, report: DataReport
                     # Count real bytes: the sizes in the zip's directory can lie.
                     shutil.copyfileobj(_Capped(source, MAX_UNPACKED_BYTES - written), out)
             except (zipfile.BadZipFile, OSError, RuntimeError, ValueError) as err:
-                report.problem(name, f"entry '{entry.filename}' could not be unpacked: {err}")
+                report.problem(name, f"entry '{filename}' could not be unpacked: {err}")
                 target.unlink(missing_ok=True)
                 continue
             written += target.stat().st_size
@@ -216,6 +217,18 @@ def extract_zip(archive: str | Path, destination: str | Path, report: DataReport
     if len(folders) == 1 and folders[0].is_dir():
         return folders[0]
     return destination
+
+
+def _entry_name(entry: zipfile.ZipInfo) -> str:
+    """An entry's name as its maker wrote it. Without the UTF-8 flag zipfile reads the name as DOS's cp437, but
+    Linux's and macOS's zip write UTF-8 without the flag: `café ☕.wav` came out as `caf├⌐ Γÿò.wav`, and its
+    metadata.csv row found no clip. A real cp437 name with letters outside ASCII is rarely valid UTF-8."""
+    if entry.flag_bits & 0x800:
+        return entry.filename
+    try:
+        return entry.filename.encode("cp437").decode("utf-8")
+    except UnicodeError:
+        return entry.filename
 
 
 def _unsafe(entry: zipfile.ZipInfo, path: PurePosixPath) -> str:

@@ -247,6 +247,36 @@ def test_zip_upload_skips_escaping_entries(tmp_path):
     assert bad.rows_usable == 0 and "not a readable zip" in bad.problems[0].reason
 
 
+class NoUtf8Flag(zipfile.ZipInfo):
+    """An entry named in UTF-8 bytes without the zip's UTF-8 flag, as Linux's and macOS's `zip` write it."""
+    encoding = "utf-8"
+
+    def _encodeFilenameFlags(self):
+        return self.filename.encode(self.encoding), self.flag_bits
+
+
+class DosName(NoUtf8Flag):
+    """An entry named in DOS's cp437, as old Windows tools write it (é is byte 0x82, not UTF-8)."""
+    encoding = "cp437"
+
+
+def test_a_zip_from_linux_zip_keeps_its_non_ascii_names(tmp_path):
+    """Read as DOS's cp437, as zipfile reads a name without the UTF-8 flag, 'café ☕.png' became 'caf├⌐ Γÿò.png'
+    and its metadata row found no image. A name truly in cp437 still reads as cp437."""
+    cup, red = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 120, 200)).save(cup, "PNG")
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(red, "PNG")
+    archive = tmp_path / "upload.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(NoUtf8Flag("shapes/café ☕.png"), cup.getvalue())
+        zf.writestr(DosName("shapes/né.png"), red.getvalue())
+        zf.writestr("shapes/metadata.csv", "file_name,text\ncafé ☕.png,a blue cup\nné.png,a red square\n")
+    report = inspect_data(ImageConfig(data_path=str(archive)))
+    assert report.problems == []
+    assert {Path(p["image"]).name: p["caption"] for p in report.preview} == {"café ☕.png": "a blue cup",
+                                                                             "né.png": "a red square"}
+
+
 def test_uploaded_files_pair_with_captions_by_name(tmp_path):
     # A browser upload puts each file in its own temporary folder.
     image = square(tmp_path / "u1" / "cat.png", caption=None)

@@ -156,6 +156,27 @@ def test_zip_with_escaping_entries_is_unpacked_safely(tmp_path):
     assert [str(p) for p in again.problems] == problems and again.rows_usable == 1
 
 
+class NoUtf8Flag(zipfile.ZipInfo):
+    """An entry named in UTF-8 bytes without the zip's UTF-8 flag, as Linux's and macOS's `zip` write it."""
+
+    def _encodeFilenameFlags(self):
+        return self.filename.encode("utf-8"), self.flag_bits
+
+
+def test_a_zip_from_linux_zip_keeps_its_non_ascii_names(tmp_path):
+    """`zip -r` on Linux writes UTF-8 names without the UTF-8 flag: read as DOS's cp437, the clip became
+    'caf├⌐ t├½st Γÿò 9.wav', with no transcript, and its metadata.csv row found no clip."""
+    archive = tmp_path / "all.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(NoUtf8Flag("fmt/café tëst ☕ 9.wav"), (CLIPS / "cat.wav").read_bytes())
+        zf.writestr(NoUtf8Flag("fmt/metadata.csv"), "file_name,transcription\ncafé tëst ☕ 9.wav,The cat sat.\n")
+    with zipfile.ZipFile(archive) as zf:  # (as a Linux zip is: no flag, read by zipfile as cp437)
+        assert not zf.infolist()[0].flag_bits & 0x800 and zf.namelist()[0] != "fmt/café tëst ☕ 9.wav"
+    report = inspect_data(config(data_path=str(archive)))
+    assert report.problems == [] and report.rows_usable == 1
+    assert report.preview[0]["text"] == "The cat sat." and report.preview[0]["name"] == "café tëst ☕ 9.wav"
+
+
 def test_uploaded_files_and_txt_transcripts(tmp_path):
     # The browser puts each upload in its own folder: clips are matched to metadata rows by file name.
     uploads = []
