@@ -189,16 +189,33 @@ class FileIndex:
             self.tables[fold] = table
 
     def find(self, name: str, base: Path) -> Path | None:
+        found = self.matches(name, base)
+        return found[0] if len(found) == 1 else None
+
+    def matches(self, name: str, base: Path) -> list[Path]:
+        """[the file] a row names; else the files it may mean (the first several a name fits); else []."""
         leaf = Path(name.replace("\\", "/"))
         wanted = [("path", str((base / name).resolve())), ("name", leaf.name)]
         if leaf.suffix.lower() not in self.suffixes:  # an id without its extension
             wanted.append(("stem", leaf.stem))
+        several: list[Path] = []
         for fold, table in self.tables.items():
             for part, text in wanted:
                 found = table.get((part, fold(text)), [])
                 if len(found) == 1:
-                    return found[0]
-        return None
+                    return found
+                several = several or found
+        return several
+
+    def several(self, name: str, base: Path, report: DataReport) -> str:
+        """Why a row found no file when its name fits several, naming them ('' otherwise): anna/001.wav and
+        ben/001.wav for '001.wav' was reported as a file that is not there, and both as lacking their row."""
+        found = self.matches(name, base)
+        if len(found) < 2:
+            return ""
+        shown = sorted(report.shown(p) for p in found)
+        listed = ", ".join(shown[:3]) + (", …" if len(shown) > 3 else "")
+        return f"matches {len(found)} files ({listed}): name it by its path in the folder"
 
     def has_stem(self, stem: str) -> bool:
         return any(("stem", fold(stem)) in table for fold, table in self.tables.items())

@@ -341,6 +341,16 @@ def test_the_tab_names_files_inside_the_zip_and_says_what_it_did(tmp_path):
     assert "2 of 3 images usable" in summary and "Used as follows:\n- print.jpg: is a CMYK" in summary
 
 
+def test_a_metadata_row_naming_an_image_two_folders_have_names_both(tmp_path):
+    """It said the image 'is not among the images', while both were there."""
+    square(tmp_path / "cats" / "001.png", caption=None)
+    square(tmp_path / "dogs" / "001.png", colour=(0, 0, 90), caption=None)
+    (tmp_path / "metadata.csv").write_text("file_name,text\n001.png,a pet\n")
+    found = {(p.file, p.row): p.reason for p in check(tmp_path, caption_source="metadata").problems}
+    assert found[("metadata.csv", 2)] == ("file_name '001.png' matches 2 files (cats/001.png, dogs/001.png): "
+                                          "name it by its path in the folder")
+
+
 def test_a_base_model_that_cannot_be_loaded_stops_train_before_a_run(tmp_path, monkeypatch):
     """The Language tab refused such a model; the Image tab made a run that failed on loading it."""
     import shutil

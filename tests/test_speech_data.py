@@ -250,6 +250,17 @@ def test_the_tab_names_files_inside_the_zip_and_says_what_it_converted(tmp_path)
     assert preview["value"].to_dict("records")[0]["clip"] == "anna/001.wav"
 
 
+def test_a_row_naming_a_clip_two_folders_have_names_both(tmp_path):
+    """It said the clip 'is not among the audio files', while both were there."""
+    for speaker in ("anna", "ben"):
+        (tmp_path / speaker).mkdir()
+        shutil.copy(CLIPS / "cat.wav", tmp_path / speaker / "001.wav")
+    write_metadata(tmp_path, [("001.wav", "The cat sat on the mat.")])
+    found = {(p.file, p.row): p.reason for p in inspect_data(config(data_path=str(tmp_path))).problems}
+    assert found[("metadata.csv", 2)] == ("names '001.wav', which matches 2 files (anna/001.wav, ben/001.wav): "
+                                          "name it by its path in the folder")
+
+
 def test_an_unreadable_transcript_is_named_once_and_the_user_s_table_by_its_name(tmp_path):
     shutil.copy(CLIPS / "cat.wav", tmp_path / "good.wav")
     shutil.copy(CLIPS / "window.wav", tmp_path / "bad.wav")

@@ -184,7 +184,8 @@ def _read_metadata(path: Path, report: DataReport, images: FileIndex) -> dict[Pa
             continue
         image = images.find(name, path.parent)
         if image is None:
-            report.problem(path, f"file_name '{name}' is not among the images", row)
+            why = images.several(name, path.parent, report) or "is not among the images"
+            report.problem(path, f"file_name '{name}' {why}", row)
             continue
         target = image.resolve()
         if not caption:

@@ -156,8 +156,9 @@ def _transcripts(tables: list[Path], texts: list[Path], audio: list[Path], other
             if clip is None:
                 orphans += 1
                 leaf = Path(name.replace("\\", "/")).name
-                what = "not an audio file" if leaf in other_names else "not among the audio files"
-                report.problem(table, f"names '{name}', which is {what}", number)
+                why = index.several(name, table.parent, report) or (
+                    "is not an audio file" if leaf in other_names else "is not among the audio files")
+                report.problem(table, f"names '{name}', which {why}", number)
                 continue
             if clip in found:
                 report.problem(table, f"names '{name}' again (already in {found[clip].origin}"
