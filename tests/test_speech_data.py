@@ -324,6 +324,21 @@ def test_a_base_model_that_cannot_be_loaded_stops_train_before_a_run(tmp_path, m
     assert report.blocker == (f"the base model cannot be used: {cut} could not be read as an openai-whisper "
                               "checkpoint (it is not a complete torch file). Choose a .pt file saved by "
                               "openai-whisper or exported by the studio.")
+    # Another torch file (what a Hugging Face pytorch_model.bin renamed to .pt is) passed, and its run failed on
+    # loading it: "could not be read as an openai-whisper checkpoint ('dims')".
+    import torch
+    torch.save({"foo": 1}, tmp_path / "wrong.pt")
+    torch.save({"model.encoder.conv1.weight": torch.zeros(2)}, tmp_path / "hf.pt")
+    for name in ("wrong.pt", "hf.pt"):
+        report = inspect_data(config(data_path=str(CLIPS), base_model=str(tmp_path / name)))
+        assert not report.ok and report.rows_usable == 8
+        assert report.blocker == (f"the base model cannot be used: {tmp_path / name} is a torch file but not an "
+                                  "openai-whisper checkpoint: it has no 'dims' and no 'model_state_dict', which "
+                                  "openai-whisper's checkpoints hold (Hugging Face transformers Whisper weights are "
+                                  "not supported here). Choose a .pt file saved by openai-whisper or exported by the "
+                                  "studio.")
+    shutil.copy(materialise_preset("tiny-whisper"), tmp_path / "mine.pt")  # a real one still passes
+    assert inspect_data(config(data_path=str(CLIPS), base_model=str(tmp_path / "mine.pt"))).ok
 
 
 def test_a_table_finds_its_clips_whatever_the_case_and_unicode_form_of_their_names(tmp_path):

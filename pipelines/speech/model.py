@@ -128,8 +128,28 @@ def unusable_base(base_model: str) -> str:
         elif not zipfile.is_zipfile(location):  # torch saves a zip; a cut-off copy has no central directory
             return (f"{location} could not be read as an openai-whisper checkpoint (it is not a complete torch "
                     "file). Choose a .pt file saved by openai-whisper or exported by the studio.")
+        else:
+            return _not_whisper(location)
     except ModelUnavailable as err:
         return str(err)
+    return ""
+
+
+def _not_whisper(location: str) -> str:
+    """Why a torch file is no openai-whisper checkpoint ("" when it looks like one): any other torch file (a
+    Hugging Face pytorch_model.bin renamed to .pt) passed the check, and its run failed on loading it with
+    "('dims')". Memory-mapped, so that even large-v3's weights are not read for this."""
+    try:
+        checkpoint = torch.load(location, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # (pickle, zip and unsupported-type errors alike)
+        return (f"{location} could not be read as an openai-whisper checkpoint ({error_text(err)}). Choose a .pt "
+                "file saved by openai-whisper or exported by the studio.")
+    missing = [key for key in ("dims", "model_state_dict") if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        return (f"{location} is a torch file but not an openai-whisper checkpoint: it has no "
+                f"{' and no '.join(repr(key) for key in missing)}, which openai-whisper's checkpoints hold (Hugging "
+                "Face transformers Whisper weights are not supported here). Choose a .pt file saved by "
+                "openai-whisper or exported by the studio.")
     return ""
 
 
