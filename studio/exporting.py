@@ -5,6 +5,7 @@ tabs' downloads and `studio export` all come through here."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -82,8 +83,15 @@ def _usage(modality: str, kind: str, path: Path, config: RunConfig) -> str:
                 f'pipe = StableDiffusionPipeline.from_pretrained("{config.base_model}")\n'
                 f'pipe.load_lora_weights("."{weights})' + ("  # or load the file in A1111, ComfyUI or Forge"
                                                            if kind == "kohya" else ""))
+    # Decoded as the studio decodes (greedy, no timestamps): whisper's defaults, timestamps and a temperature
+    # fallback, gave other text than the studio's for the same model.
+    transcribe = (f'print(model.transcribe("clip.wav", language="{config.language}", task="{config.task}", '
+                  'temperature=0.0, without_timestamps=True)["text"].strip())')
     if kind == "merged":
-        return (f'import whisper\nmodel = whisper.load_model("{here}")\n'
-                f'print(model.transcribe("clip.wav", language="{config.language}", task="{config.task}")["text"])')
+        return f'import whisper\nmodel = whisper.load_model("{here}")\n{transcribe}'
+    # The base as the adapter names it: whisper.load_model does not know the built-in preset by its name, and
+    # loads its file instead.
+    base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    where = f"  # {config.base_model}, as adapter_config.json names it" if base != config.base_model else ""
     return ('import whisper\nfrom peft import PeftModel\n'
-            f'model = PeftModel.from_pretrained(whisper.load_model("{config.base_model}"), ".")')
+            f'model = PeftModel.from_pretrained(whisper.load_model("{base}"), "."){where}\n{transcribe}')

@@ -154,6 +154,31 @@ def test_merged_export_loads_in_plain_whisper_and_transcribes_the_same(trained, 
     assert plain == studio
 
 
+def test_the_model_cards_code_runs_in_plain_whisper_and_transcribes_as_the_studio(trained, tmp_path):
+    """The code in an export's README.md, run as written beside the export. The adapter's loaded
+    whisper.load_model("tiny-whisper"), which plain openai-whisper does not know; the merged model's transcribed
+    with whisper's defaults (timestamps, temperature fallback): other text than the studio's for the same model."""
+    import os
+    import re
+    import shutil
+    from types import SimpleNamespace
+    from studio.exporting import export_run
+    config, run_dir, *_ = trained
+    run = SimpleNamespace(id="speech-run", name="espeak", modality="speech", dir=run_dir, config=lambda: config)
+    studio = transcribe(load_for_transcription(config, run_dir), CLIPS / "cat.wav", "en", "transcribe")[0]
+    assert studio == "The cat sat on the mat."
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # (nothing of the studio importable)
+    for kind in ("adapter", "merged"):
+        path = export_run(run, kind, tmp_path / kind)
+        folder = path if path.is_dir() else path.parent
+        code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+        shutil.copy(CLIPS / "cat.wav", folder / "clip.wav")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder, env=env,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == studio, (kind, code)
+
+
 def test_stop_and_resume_match_an_uninterrupted_run(tmp_path):
     config = load_config(ROOT / "assets" / "speech" / "config.yaml").changed(
         max_steps=6, checkpoint_every=3, eval_every=0, sample_every=0, sample_count=0, batch_size=4)
