@@ -43,7 +43,7 @@ def unpack_once(archive: Path, folder: Path, report: DataReport) -> Path | None:
     every call. Two checks of one new upload at once (a config loaded into both of a tab's boxes) each unpack
     into a folder of their own and the first to finish is kept: a shared temporary folder had one delete
     the other's files mid-way. Returns the data's folder, or None when nothing could be unpacked."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(b"names-v2")  # (how entries are named changed: a zip unpacked before, again)
     try:
         with open(archive, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
