@@ -122,6 +122,9 @@ def cmd_train(args) -> int:
         config = load_config(config_path)
         run = jobs.submit(config, registry)
         print(f"Run {run.id} ({run.name})")
+        # What it trains on, and what it leaves out (said in the tabs, and only there): the check submit made
+        report = jobs.check_data(config)
+        print(f"Data: {report.summary()}{jobs.listed(report.problems)}")
     if run.status == "queued":
         ahead = registry.queue_position(run.id) - 1
         print(f"Queued (position {ahead + 1}): waiting for {len(registry.list(status='running'))} running run(s)"

@@ -41,10 +41,14 @@ class UnusableData(ValueError):
             summary = f"{lead}: {summary}"
         else:  # the summary is "No usable data: <the first problem>": listed once
             problems = problems[1:]
-        listed = "".join(f"\n- {problem}" for problem in problems[:most])
-        more = f"\n- … and {len(problems) - most} more" if len(problems) > most else ""
-        super().__init__(f"{summary}{listed}{more}")
+        super().__init__(summary + listed(problems, most))
         self.report = report
+
+
+def listed(problems: list, most: int = 5) -> str:
+    """The first problems of a data check, a line each, for a terminal."""
+    more = f"\n- … and {len(problems) - most} more" if len(problems) > most else ""
+    return "".join(f"\n- {problem}" for problem in problems[:most]) + more
 
 
 _CHECKS: dict[str, DataReport] = {}  # the last data checks, by what they read (check_data)

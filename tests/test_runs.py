@@ -438,3 +438,15 @@ def test_two_data_files_of_one_name_both_reach_the_run(home, tmp_path):
     assert [Path(p).relative_to(run.dir).as_posix() for p in copied.train_files] == ["data/data.csv",
                                                                                      "data/2/data.csv"]
     assert jobs.check_data(copied).rows_usable == 2
+
+
+def test_studio_train_says_what_the_run_trains_on_and_leaves_out(home, tmp_path):
+    """The tabs show the check's summary and problems; `studio train` said nothing of the rows it left out."""
+    data = tmp_path / "qa.csv"
+    data.write_text("instruction,output\nSay one,one\nSay two,\nSay three,three\n")
+    result = studio("train", str(config_file(tmp_path, train_files=[str(data)], validation_fraction=0,
+                                             max_steps=2, sample_every=0)), "--detach")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1] == "Data: 2 of 3 rows usable (alpaca); 1 row dropped"
+    assert lines[2] == "- qa.csv, row 3: the 'output' column is empty"
