@@ -467,3 +467,14 @@ def test_a_clip_changed_since_the_last_check_is_heard_again(tmp_path):
     soundfile.write(tmp_path / "cat.wav", np.zeros(2 * SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
     report = inspect_data(config(data_path=str(tmp_path)))
     assert report.rows_usable == 1 and "silent" in reasons(report)["cat.wav"]
+
+
+def test_speech_recorded_quietly_is_kept_and_silence_is_not(tmp_path):
+    """A clip recorded 40 dB too quietly (its loudest 25 ms at -55 dBFS) was refused as silent; Whisper hears it."""
+    cat = speech("cat.wav")
+    soundfile.write(tmp_path / "quiet.wav", cat * 0.01, SAMPLE_RATE)
+    soundfile.write(tmp_path / "hiss.wav", cat * 0.0001, SAMPLE_RATE)  # -95 dBFS: nothing to hear
+    write_metadata(tmp_path, [("quiet.wav", "The cat sat on the mat."), ("hiss.wav", "The cat sat on the mat.")])
+    report = inspect_data(config(data_path=str(tmp_path)))
+    assert report.rows_usable == 1 and list(reasons(report)) == ["hiss.wav"]
+    assert "is silent" in reasons(report)["hiss.wav"]

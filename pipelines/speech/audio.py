@@ -21,7 +21,8 @@ WINDOW_SECONDS = 30.0  # Whisper hears 30 s at a time: longer training clips mus
 # What recorders, phones and meeting tools save (a video's sound track included): ffmpeg decodes them all.
 AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".webm", ".aif", ".aiff",
                   ".caf", ".wma", ".amr", ".3gp", ".mp4", ".mov", ".mkv"}
-SILENCE_DBFS = -50.0   # no 25 ms stretch louder than this = nothing to transcribe
+SILENCE_DBFS = -60.0   # no 25 ms stretch louder than this = nothing to transcribe (Whisper hears speech recorded
+# 40 dB too quietly, at -55 dBFS, as well as at full volume: its log-mel input is scaled to each clip's loudest)
 MAX_DECODE_SECONDS = 3600.0
 FFMPEG_TIMEOUT_S = 120
 

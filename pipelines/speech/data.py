@@ -316,7 +316,7 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
             continue
         if silent:
             report.problem(path, f"is silent (nothing louder than {SILENCE_DBFS:.0f} dBFS): there is no speech "
-                                 "to learn from")
+                                 "to learn from, or it was recorded far too quietly to hear")
             continue
         pieces = [(0, frames)]
         if sound.seconds > WINDOW_SECONDS:
