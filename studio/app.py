@@ -58,7 +58,8 @@ def build_app() -> gr.Blocks:
             item.select(widgets.still_there(modality), tabs[modality]["run_state"], tabs[modality]["run_state"],
                         api_visibility="private")
         _api()
-        for modality, parts in tabs.items():
+        for (modality, parts), module in zip(tabs.items(), (llm, image, speech)):
+            widgets.keep_drafts(app, module.FORM_SPEC, parts["load_outputs"])
             # A page opened or reloaded shows the newest run of each tab, with its whole curve so far,
             # and checks the preselected sample data so Train is ready.
             app.load(lambda modality=modality: widgets.latest_run_id(modality), None, parts["run_state"],

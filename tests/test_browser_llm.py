@@ -245,3 +245,25 @@ def test_load_config_keeps_the_data_just_uploaded(server, page, tmp_path):
     expect(page.locator("#llm-train-files")).to_contain_text("mine")  # (shown as "mine .csv")
     expect(page.locator("#llm-data-summary")).to_contain_text("6 of 6 rows usable")
     expect(page.locator("#llm-train")).to_be_enabled()
+
+
+def test_settings_outlive_a_reload_and_reset_returns_to_the_sample(server, page):
+    """A reload (or Gradio's own, after the server restarted) lost every setting made on the page."""
+    page.goto(server.url)
+    expect(page.locator("#llm-train")).to_be_enabled()
+    rank = set_number(page, "LoRA rank", 8)
+    page.get_by_label("Run name").fill("my tuned bot")
+    page.get_by_label("Run name").press("Tab")
+    page.reload()
+    expect(page.locator("#llm-message")).to_contain_text("Your settings from before the page was reloaded are back")
+    expect(page.get_by_label("Run name")).to_have_value("my tuned bot")
+    expect(rank).to_have_value("8")
+    expect(page.locator("#llm-train")).to_be_enabled()
+    page.locator("#llm-reset").click()
+    expect(page.locator("#llm-message")).to_contain_text("Settings reset to the sample run's.")
+    expect(page.get_by_label("Run name")).to_have_value("")
+    expect(rank).to_have_value("16")
+    page.reload()
+    expect(page.locator("#llm-data-summary")).to_contain_text("24 of 24 rows usable")
+    expect(page.get_by_label("Run name")).to_have_value("")
+    expect(page.locator("#llm-message")).not_to_contain_text("are back")

@@ -24,7 +24,8 @@ ADVANCED = ["sample_prompts", "snr_gamma", "mixed_precision", "gradient_checkpoi
             "sample_guidance", "scheduler", "weight_decay", "max_grad_norm", "lora_dropout", "checkpoint_every",
             "keep_checkpoints", "device"]
 FORM = DATA + TRAINING + ADVANCED + widgets.SCALE_OUT
-FORM_SPEC = widgets.TabForm(ImageConfig, FORM, ["data_files", "data_files"], UPLOAD_TYPES)
+FORM_SPEC = widgets.TabForm(ImageConfig, FORM, ["data_files", "data_files"], UPLOAD_TYPES,
+                            defaults=lambda: default_config())
 
 
 def default_config() -> ImageConfig:

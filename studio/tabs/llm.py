@@ -61,7 +61,7 @@ def model_size(base_model: str) -> float | None:
         return None
 
 
-FORM_SPEC = widgets.TabForm(LLMConfig, FORM, ["train_files", "validation_files"])
+FORM_SPEC = widgets.TabForm(LLMConfig, FORM, ["train_files", "validation_files"], defaults=lambda: default_config())
 UPLOAD_TYPES = TABLE_SUFFIXES + list(SAVE_AS_FIRST)  # (the check explains the second kind)
 
 

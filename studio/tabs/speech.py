@@ -21,7 +21,8 @@ TRAINING = ["target", "decoder_only", "lora_rank", "lora_alpha", "lora_dropout",
 ADVANCED = ["max_label_tokens", "mixed_precision", "sample_count", "scheduler", "weight_decay", "max_grad_norm",
             "checkpoint_every", "keep_checkpoints", "device"]
 FORM = DATA + TRAINING + ADVANCED + widgets.SCALE_OUT
-FORM_SPEC = widgets.TabForm(SpeechConfig, FORM, ["data_files", "data_files", "validation_path"])
+FORM_SPEC = widgets.TabForm(SpeechConfig, FORM, ["data_files", "data_files", "validation_path"],
+                            defaults=lambda: default_config())
 
 
 def default_config() -> SpeechConfig:

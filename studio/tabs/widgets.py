@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import re
 import shutil
 import typing
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import pandas as pd
@@ -121,10 +122,41 @@ class TabForm:
     base model, the run name, then the config fields of `form`."""
 
     def __init__(self, config_cls: type[RunConfig], form: list[str], upload_fields: list[str],
-                 upload_types: list[str] | None = None):
+                 upload_types: list[str] | None = None, defaults: Callable[[], RunConfig] | None = None):
         self.config_cls, self.form, self.upload_fields = config_cls, form, upload_fields
         self.upload_types = upload_types  # the suffixes the first upload takes (None: any file)
         self.modality = config_cls.modality
+        self.defaults = defaults or config_cls  # the settings a page opens with (the tab's sample run)
+        self.settings = ["base_model", "name", *form]  # what a draft keeps: all but the uploads
+
+    # ---- drafts: the settings kept in the browser (see keep_drafts) ----
+
+    def shown(self, config: RunConfig) -> list[Any]:
+        """The settings of a config as the form shows them."""
+        return [config.base_model, config.name, *config_to_form(config, self.form)]
+
+    def restore(self, draft):
+        """The page opened again: the settings the browser kept put back, each that still makes a valid config (a
+        draft from an older studio may hold a setting since renamed, or a value since out of range)."""
+        unchanged = [gr.update()] * (len(self.settings) + 1)
+        if not isinstance(draft, dict):
+            return unchanged
+        shown = dict(zip(self.settings, self.shown(self.defaults().changed(name=""))))
+        kept = {k: v for k, v in draft.items() if k in shown and v != shown[k]}
+        values = self.values(*[None] * len(self.upload_fields), *[kept.get(n, shown[n]) for n in self.settings])
+        try:
+            bad = {name for name, _ in self.config_cls.from_dict(values, check=False).problems()}
+        except ConfigError as err:
+            bad = {name for name, _ in err.problems}
+        kept = {k: v for k, v in kept.items() if k not in bad}
+        if not kept:
+            return unchanged
+        return [gr.update(value=kept[n]) if n in kept else gr.update() for n in self.settings] + [
+            "Your settings from before the page was reloaded are back (the data is the sample's again: upload yours "
+            "if it was not). **Reset settings** returns to the sample run's."]
+
+    def reset(self):
+        return self.shown(self.defaults().changed(name="")) + ["Settings reset to the sample run's."]
 
     def values(self, *args) -> dict[str, Any]:
         uploads, (base_model, name), form = (args[:len(self.upload_fields)],
@@ -659,19 +691,21 @@ class RunSection:
     panel: LivePanel
     save: gr.Button
     load: gr.UploadButton
+    reset: gr.Button
     config_file: gr.File
 
 
 def run_section(key: str) -> RunSection:
-    """Train / Save config / Load config, the settings message, and the live training panel."""
+    """Train / Save config / Load config / Reset settings, the settings message, and the live training panel."""
     with gr.Row():
         train = gr.Button("Train", variant="primary", interactive=False, scale=2, elem_id=f"{key}-train")
         save = gr.Button("Save config", scale=1)
         load = gr.UploadButton("Load config", file_types=[".yaml", ".yml"], scale=1)
+        reset = gr.Button("Reset settings", scale=1, elem_id=f"{key}-reset")
     config_file = gr.File(label="config.yaml", visible=False)
     message = gr.Markdown(elem_id=f"{key}-message")
     gr.Markdown("### Training")
-    return RunSection(train, message, live_panel(key), save, load, config_file)
+    return RunSection(train, message, live_panel(key), save, load, reset, config_file)
 
 
 def wire_run_section(section: RunSection, form: TabForm, run_state: gr.Textbox, inputs: list, load_outputs: list,
@@ -688,6 +722,8 @@ def wire_run_section(section: RunSection, form: TabForm, run_state: gr.Textbox, 
     run_state.change(live_values, run_state, section.panel.outputs(), **private)
     section.save.click(form.save, inputs, [section.config_file, section.message], **private)
     section.load.upload(form.load, [section.load, *inputs[:len(form.upload_fields)]], load_outputs, **private)
+    settings = load_outputs[len(form.upload_fields):-1]
+    section.reset.click(form.reset, None, [*settings, section.message], **private)
     wire_controls(section.panel, run_state)
     section.panel.refresh.click(still_there(form.modality), run_state, run_state, **private)
     run_state.change(lambda r: gr.update(choices=checkpoint_choices(r), value="final"), run_state, checkpoint,
@@ -702,6 +738,20 @@ def wire_run_section(section: RunSection, form: TabForm, run_state: gr.Textbox, 
 
 
 # ---- checkpoints and export -------------------------------------------------------------------
+
+def keep_drafts(app: gr.Blocks, form: TabForm, load_outputs: list) -> None:
+    """A tab's settings kept in the browser as they change, and put back when the page opens again: a reload, or
+    Gradio's own after the server restarted, lost settings tuned for an hour. (The data is not kept: the files
+    uploaded stay in Gradio's cache of that page.) `load_outputs` as TabForm.load fills them."""
+    settings, message = load_outputs[len(form.upload_fields):-1], load_outputs[-1]
+    # (Gradio encrypts what it keeps with this key, which the page is sent anyway: a constant, so that a draft
+    # outlives the server that made it)
+    draft = gr.BrowserState(None, storage_key=f"lora-studio-{form.modality}-settings", secret="lora-studio-drafts")
+    # Kept by the page itself, at once (sent to the server and back, a draft changed just before a reload was lost)
+    gr.on([c.change for c in settings], None, settings, draft, show_progress="hidden", api_visibility="private",
+          js=f"(...values) => Object.fromEntries({json.dumps(form.settings)}.map((name, i) => [name, values[i]]))")
+    app.load(form.restore, draft, [*settings, message], api_visibility="private")
+
 
 def checkpoint_choices(run_id: str | None) -> list[str]:
     registry = Registry()
