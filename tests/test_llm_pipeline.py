@@ -379,3 +379,46 @@ def test_a_merged_model_is_saved_as_its_base_model_was(tmp_path, assets, monkeyp
     with safe_open(merged / "model.safetensors", "pt") as weights:
         assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
     assert (merged / "model.safetensors").stat().st_size < 1.2 * (folder / "model.safetensors").stat().st_size
+
+
+def tiny_folder(folder, config, assets):
+    """A tiny random model of another family, saved as a downloaded one looks (with the preset's tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(assets / "tiny-llama-tokenizer")
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def adapted(model):
+    """The layers of the first block that got LoRA, by their names within the block ('attn.c_attn')."""
+    return sorted({name.split(".0.", 1)[1] for name, module in model.named_modules()
+                   if hasattr(module, "lora_A") and ".0." in name})
+
+
+def test_gpt2_s_conv1d_and_phi_2_s_dense_layers_are_lora_targets(tmp_path, assets, monkeypatch):
+    """GPT-2's layers are transformers' Conv1D, not nn.Linear: 'attention' passed the check, then the run failed
+    ("No attention projection layers were recognised"), and a mistyped custom module was told "whose linear layers
+    are:" with nothing after it. Phi-2's attention output projection (dense) was left out of 'attention'."""
+    from pipelines.llm.data import inspect_data
+    from transformers import GPT2Config, PhiConfig
+    monkeypatch.setenv("STUDIO_MODEL_DIRS", str(tmp_path))
+    gpt2 = tiny_folder(tmp_path / "gpt2", GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=256), assets)
+    config = load_config(assets / "llm" / "config.yaml").changed(base_model=gpt2, target_modules="attention",
+                                                                 epochs=1)
+    assert inspect_data(config).ok
+    assert train_run(config, tmp_path / "run") == "completed"
+    cpu = torch.device("cpu")
+    assert adapted(pipeline.attach_lora(load_base_model(gpt2, cpu), config)) == ["attn.c_attn", "attn.c_proj"]
+    everything = pipeline.attach_lora(load_base_model(gpt2, cpu), config.changed(target_modules="all-linear"))
+    assert adapted(everything) == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert not hasattr(everything.base_model.model.lm_head, "lora_A")  # never the output head
+    typo = inspect_data(config.changed(target_modules="custom", custom_target_modules=["c_atn"]))
+    assert typo.blocker == ("the custom target module c_atn is not a layer of this model, whose linear layers are: "
+                            "c_attn, c_fc, c_proj")
+    phi2 = tiny_folder(tmp_path / "phi-2", PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                     num_attention_heads=2), assets)
+    assert adapted(pipeline.attach_lora(load_base_model(phi2, cpu), config.changed(base_model=phi2))) == [
+        "self_attn.dense", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"]

@@ -175,10 +175,16 @@ def builtin_base(model: torch.nn.Module) -> torch.nn.Module | None:
     return base if type(base).__module__.startswith("transformers.models.") else None
 
 
+def _linear(module: torch.nn.Module) -> bool:
+    """A layer LoRA adapts as a linear one, as peft's all-linear does: transformers' Conv1D (GPT-2's c_attn,
+    c_proj and c_fc, a linear layer stored transposed) and a 4-bit linear too."""
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit")
+
+
 def linear_layer_names(model: torch.nn.Module) -> list[str]:
     """The names a custom target module can take: each linear layer's own name (q_proj, down_proj...)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear)} - {"lm_head"})
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _linear(module)}
+                  - {"lm_head"})
 
 
 def missing_targets(model: torch.nn.Module, custom: list[str]) -> list[str]:
@@ -204,9 +210,19 @@ def lora_targets(model: torch.nn.Module, choice: str, custom: list[str]) -> list
         return "all-linear"
     if choice == "custom":
         return custom
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear4bit"}
-    found = sorted(names & ATTENTION_NAMES)
+    found = set()
+    for name, module in model.named_modules():
+        if not _linear(module):
+            continue
+        parent, _, layer = name.rpartition(".")
+        parent = parent.rsplit(".", 1)[-1]
+        if layer in ATTENTION_NAMES:
+            found.add(layer)
+        elif "attn" in parent.lower() or "attention" in parent.lower():
+            # The output projection under another name (Phi-2's dense, GPT-2's c_proj), named with its attention
+            # module, as peft matches a name's dotted end: the MLP's layer of the same name stays out.
+            found.add(f"{parent}.{layer}")
+    found = sorted(found)
     if not found:
         raise TrainingFailure("No attention projection layers were recognised in this model.",
                               "Choose 'all-linear' or list the module names under custom target modules.")
