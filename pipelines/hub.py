@@ -133,6 +133,18 @@ def error_text(err: BaseException, limit: int = 240) -> str:
     return (text[:limit].rsplit(" ", 1)[0] + " …" if len(text) > limit else text).rstrip(".:")
 
 
+def remote_code_refused(err: BaseException, model: str) -> ModelUnavailable | None:
+    """transformers' refusal to run the Python code a model ships with (auto_map in its config.json) while
+    trust_remote_code is off, as one sentence: its own text, cut to a message's length, lost its advice
+    ("pass trust_remote_code=True") and took the folder for an incomplete one. None for any other error."""
+    if not (isinstance(err, ValueError) and "trust_remote_code=True" in str(err)):
+        return None
+    return ModelUnavailable(f'The model {model} ships its own Python code, which runs only with "Trust remote '
+                            'code" on.',
+                            'Tick "Trust remote code" (Advanced; `trust_remote_code: true` in a config file) only if '
+                            "you trust the model's author: its code runs on this machine.")
+
+
 # Where a download's progress is told: printed (a worker's output is its run's log.txt); the worker also
 # makes each line an event, so the live panel's status line and `studio train` show it.
 download_progress: Callable[[str], None] = print
@@ -202,6 +214,8 @@ def load_from_hub(loader: Callable[..., T], repo_id: str, **kwargs) -> T:
     except Exception as err:  # the hub client raises many kinds; sort them by what the user can do
         name = type(err).__name__
         text = str(err)
+        if refused := remote_code_refused(err, f"'{repo_id}'"):
+            raise refused from None
         if "Gated" in name or "gated" in text or "401" in text:
             raise ModelUnavailable(f"'{repo_id}' is a gated model on the Hugging Face hub and needs your access token.",
                                    "Accept its licence on the hub, then set HF_TOKEN or run `hf auth login`.") from None

@@ -67,13 +67,15 @@ def model_card(run: Run, config: RunConfig, kind: str, path: Path, checkpoint: s
 def _usage(modality: str, kind: str, path: Path, config: RunConfig) -> str:
     here = "." if path.is_dir() else path.name
     if modality == "llm":
+        # A model that ships its own code loads only with that code allowed to run, as its run had it.
+        trust = ", trust_remote_code=True" if config.trust_remote_code else ""
         if kind == "merged":
             return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-                    f'model = AutoModelForCausalLM.from_pretrained("{here}")\n'
-                    f'tokenizer = AutoTokenizer.from_pretrained("{here}")')
+                    f'model = AutoModelForCausalLM.from_pretrained("{here}"{trust})\n'
+                    f'tokenizer = AutoTokenizer.from_pretrained("{here}"{trust})')
         return ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n"
-                f'model = AutoPeftModelForCausalLM.from_pretrained("{here}")  # loads {config.base_model} too\n'
-                f'tokenizer = AutoTokenizer.from_pretrained("{here}")')
+                f'model = AutoPeftModelForCausalLM.from_pretrained("{here}"{trust})  # loads {config.base_model} too\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{here}"{trust})')
     if modality == "image":
         if kind in ("merged", "fused"):
             return ("from diffusers import StableDiffusionPipeline\n"

@@ -450,3 +450,47 @@ def test_studio_train_says_what_the_run_trains_on_and_leaves_out(home, tmp_path)
     lines = result.stdout.splitlines()
     assert lines[1] == "Data: 2 of 3 rows usable (alpaca); 1 row dropped"
     assert lines[2] == "- qa.csv, row 3: the 'output' column is empty"
+
+
+REMOTE_CONFIG = ("from transformers import LlamaConfig\n\n\n"
+                 "class TinyRemoteConfig(LlamaConfig):\n    model_type = 'tiny_remote'\n")
+REMOTE_MODEL = ("from transformers import LlamaForCausalLM\nfrom .configuration_tiny import TinyRemoteConfig\n\n\n"
+                "class TinyRemoteForCausalLM(LlamaForCausalLM):\n    config_class = TinyRemoteConfig\n")
+
+
+def test_a_model_that_ships_its_own_code_is_refused_unless_trusted_and_its_card_loads_it(home, tmp_path, monkeypatch):
+    """A model folder with its own code (auto_map in config.json) passed the check, then its run failed with
+    transformers' refusal cut short ("...You can inspect the repository …. Check that the folder is complete."),
+    its advice to trust the code lost; and the model card of a run that trusted it loaded it without."""
+    import shutil
+    from pipelines.llm.model import materialise_preset
+    monkeypatch.setenv("STUDIO_MODEL_DIRS", str(tmp_path))
+    model = tmp_path / "remote-code"
+    shutil.copytree(materialise_preset("tiny-llama"), model)
+    (model / "configuration_tiny.py").write_text(REMOTE_CONFIG)
+    (model / "modeling_tiny.py").write_text(REMOTE_MODEL)
+    settings = json.loads((model / "config.json").read_text())
+    settings.update(model_type="tiny_remote", architectures=["TinyRemoteForCausalLM"],
+                    auto_map={"AutoConfig": "configuration_tiny.TinyRemoteConfig",
+                              "AutoModelForCausalLM": "modeling_tiny.TinyRemoteForCausalLM"})
+    (model / "config.json").write_text(json.dumps(settings))
+    refused = studio("train", str(config_file(tmp_path, base_model=str(model), max_steps=2, sample_every=0)))
+    assert refused.returncode == 2 and refused.stderr == (
+        f"error: Cannot train yet: 24 of 24 rows usable (alpaca); but the base model cannot be used: The model in "
+        f'{model} ships its own Python code, which runs only with "Trust remote code" on. Tick "Trust remote code" '
+        "(Advanced; `trust_remote_code: true` in a config file) only if you trust the model's author: its code runs "
+        "on this machine.\n")
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())  # no run made
+    trusted = studio("train", str(config_file(tmp_path, base_model=str(model), max_steps=2, sample_every=0,
+                                              trust_remote_code=True)))
+    assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+    for kind in ("merged", "adapter"):
+        assert studio("export", run_id_of(trusted.stdout), f"--{kind}", str(tmp_path / kind)).returncode == 0
+    # the code of each model card, as written, loads the model (without trust_remote_code it was refused)
+    code = {kind: (tmp_path / kind / "README.md").read_text().split("```python\n")[1].split("```")[0]
+            for kind in ("merged", "adapter")}
+    for kind in ("merged", "adapter"):
+        loaded = subprocess.run([sys.executable, "-c", code[kind] + "print(type(model.get_base_model() if "
+                                 "hasattr(model, 'get_base_model') else model).__name__)"],
+                                capture_output=True, text=True, cwd=tmp_path / kind, timeout=300)
+        assert loaded.stdout.strip() == "TinyRemoteForCausalLM", loaded.stderr[-2000:]

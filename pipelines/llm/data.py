@@ -525,9 +525,10 @@ def inspect_data(config: LLMConfig) -> DataReport:
     if not train:
         return report
     try:
-        from pipelines.llm.model import load_tokenizer, unusable_weights
+        from pipelines.llm.model import load_model_config, load_tokenizer, unusable_weights
         from pipelines.llm.tokenize import encode, keeps_a_reply, takes_no_system_turn
         tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)
+        load_model_config(config.base_model, config.trust_remote_code)
         report.base_model_unusable(unusable_weights(config.base_model))
     except TrainingFailure as err:  # unreachable offline, a folder not allowed: a run could not load it either
         report.base_model_unusable(str(err))

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from pipelines.hub import (ModelUnavailable, building_presets, error_text, load_from_hub, publish_folder,
-                           resolve_source, workspace)
+                           remote_code_refused, resolve_source, workspace)
 from pipelines.training import TrainingFailure, native_bf16
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -123,6 +123,8 @@ def _load(loader, location: str, **kwargs):
         try:
             return loader(location, **kwargs)
         except (OSError, ValueError) as err:
+            if refused := remote_code_refused(err, f"in {location}"):
+                raise refused from None
             raise ModelUnavailable(f"The model in {location} could not be read: {error_text(err)}.",
                                    "Check that the folder is complete.") from None
     return load_from_hub(loader, location, **kwargs)
@@ -196,11 +198,17 @@ def missing_targets(model: torch.nn.Module, custom: list[str]) -> list[str]:
     return [key for key in custom if not any(name == key or name.endswith("." + key) for name in adaptable)]
 
 
+def load_model_config(base_model: str, trust_remote_code: bool = False):
+    """The base model's config.json as transformers reads it: for the data check, which loads only the tokenizer,
+    this is where a model whose own code may not run is refused (the tokenizer may need none)."""
+    from transformers import AutoConfig
+    return _load(AutoConfig.from_pretrained, base_location(base_model), trust_remote_code=trust_remote_code)
+
+
 def model_skeleton(base_model: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """The base model's layers without its weights (on the meta device): what LoRA could attach to, known in a
     moment from config.json alone, for the data check."""
-    from transformers import AutoConfig
-    config = _load(AutoConfig.from_pretrained, base_location(base_model), trust_remote_code=trust_remote_code)
+    config = load_model_config(base_model, trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
