@@ -234,3 +234,23 @@ def test_the_tiny_preset_stays_in_float32_by_default(sample_config):
     pipe = load_pipeline("tiny-sd")
     assert pipeline._weight_dtype(sample_config, torch.device("cpu"), pipe.unet, lines.append) == torch.float32
     assert sample_config.mixed_precision == "auto" and not lines
+
+
+def test_a_folder_of_fp16_variant_files_trains(sample_config, tmp_path):
+    """A folder holding only fp16 variant files (unet/diffusion_pytorch_model.fp16.safetensors, as a download with
+    variant="fp16" leaves) passed the check, then its run failed: "no file named model.safetensors … Check that
+    the folder is complete". A folder with a component's weights missing is refused by the check."""
+    from pipelines.image.data import inspect_data
+    folder = workspace() / "sd-fp16-variant"  # where models may be loaded from
+    pipe = StableDiffusionPipeline.from_pretrained(materialise_preset("tiny-sd"))
+    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True, variant="fp16")
+    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    config = sample_config.changed(base_model=str(folder), max_steps=2, sample_every=0)
+    assert inspect_data(config).ok
+    status, events = train(config, tmp_path / "run")
+    assert status == "completed", [e for e in events if e["type"] == "failed"]
+    assert load_pipeline(str(folder)).unet.dtype == torch.float32  # read from the fp16 files, as asked
+    (folder / "text_encoder" / "model.fp16.safetensors").unlink()
+    assert inspect_data(config).blocker == (
+        f"the base model cannot be used: The pipeline folder {folder} has no weights in text_encoder/ (.safetensors "
+        "or .bin, the fp16 variant too): copy the folder again, whole.")

@@ -98,6 +98,23 @@ def base_location(base_model: str) -> tuple[str, str]:
 
 # What training loads of a diffusers folder (the safety checker and its feature extractor are left out).
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHTED = ("unet", "vae", "text_encoder")
+
+
+def _weight_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin")]
+
+
+def weights_variant(folder: str | Path) -> str | None:
+    """"fp16" where a component's weights are there only as the fp16 variant (unet/diffusion_pytorch_model
+    .fp16.safetensors, as a download with variant="fp16" or allow_patterns="*.fp16.*" leaves them): diffusers
+    reads those only when told, and otherwise said "no file named model.safetensors". With the variant, a
+    component that has only full-precision files is still read from them."""
+    for name in WEIGHTED:
+        files = _weight_files(Path(folder) / name)
+        if files and all(".fp16." in f for f in files):
+            return "fp16"
+    return None
 
 
 def unusable_base(base_model: str) -> str:
@@ -114,6 +131,10 @@ def unusable_base(base_model: str) -> str:
     if missing:
         return (f"The pipeline folder {where} has no {', '.join(f'{m}/' for m in missing)}: check that it was "
                 "copied whole (unet, vae, text_encoder, tokenizer, scheduler).")
+    unweighted = [name for name in WEIGHTED if kind == "folder" and not _weight_files(Path(where) / name)]
+    if unweighted:
+        return (f"The pipeline folder {where} has no weights in {', '.join(f'{m}/' for m in unweighted)} (.safetensors "
+                "or .bin, the fp16 variant too): copy the folder again, whole.")
     return ""
 
 
@@ -128,7 +149,7 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32):
     if kind == "file":
         return _load_single_file(Path(where), dtype)
     try:
-        return StableDiffusionPipeline.from_pretrained(where, dtype=dtype, **SAFETY_OFF)
+        return StableDiffusionPipeline.from_pretrained(where, dtype=dtype, variant=weights_variant(where), **SAFETY_OFF)
     except Exception as err:  # diffusers raises many kinds for broken folders
         raise ModelUnavailable(f"The pipeline in {where} could not be read: {error_text(err)}.",
                                "Check that the folder is complete (unet, vae, text_encoder, tokenizer, scheduler).") from None
