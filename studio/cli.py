@@ -162,6 +162,7 @@ def follow(run_id: str, registry) -> int:
 
     from studio import jobs
     from studio.progress import Progress
+    from studio.worker import resume_may_help
 
     run = registry.get(run_id)
     progress = Progress(run.dir)
@@ -217,7 +218,7 @@ def follow(run_id: str, registry) -> int:
         if progress.error:
             message += f" {progress.error} {progress.advice}".rstrip()
         print(message)
-        if status in ("stopped", "interrupted", "failed"):
+        if resume_may_help(status, progress.error or run.error):  # not where a resume would fail again
             print(f"Resume:  studio resume {run_id}")
     return EXIT_OK if status == "completed" else EXIT_FAILED
 

@@ -29,6 +29,21 @@ from studio import jobs, tracking
 from studio.runs import Registry, append_event
 
 
+OUT_OF_MEMORY = "The run ran out of memory."
+DISK_FULL = "The disk is full, so a checkpoint could not be written (earlier checkpoints are intact)."
+UNEXPECTED = "Training stopped on an unexpected error"
+ENDED = "A training process ended unexpectedly"
+# Failures a resume, with the run's settings unchanged, may get past: memory or disk that other work held, a
+# crash. The others are TrainingFailures (the settings, the data, the base model, a loss gone to nan), which
+# a resume meets again.
+RETRYABLE = (OUT_OF_MEMORY, DISK_FULL, UNEXPECTED, ENDED)
+
+
+def resume_may_help(status: str, error: str) -> bool:
+    """Whether to suggest a resume for a run that ended so (a multi-process run's error names its process)."""
+    return status in ("stopped", "interrupted") or (status == "failed" and any(c in error for c in RETRYABLE))
+
+
 def explain(error: BaseException) -> tuple[str, str]:
     """(cause in one sentence, what to change) for any failure."""
     if isinstance(error, TrainingFailure):
@@ -40,13 +55,12 @@ def explain(error: BaseException) -> tuple[str, str]:
     lowered = text.lower()
     if (name == "OutOfMemoryError" or isinstance(error, MemoryError) or "out of memory" in lowered
             or "can't allocate memory" in lowered):  # the last: torch's CPU allocator
-        return ("The run ran out of memory.",
+        return (OUT_OF_MEMORY,
                 "Lower the batch size or the max length (raise gradient accumulation to keep the same global batch); "
                 "for a language model on a GPU, 4-bit loading also helps.")
     if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in text:
-        return ("The disk is full, so a checkpoint could not be written (earlier checkpoints are intact).",
-                "Free some disk space, then resume the run.")
-    return f"Training stopped on an unexpected error: {name}: {text}", "See the log below for details."
+        return DISK_FULL, "Free some disk space, then resume the run."
+    return f"{UNEXPECTED}: {name}: {text}", "See the log below for details."
 
 
 def log(message: str) -> None:
@@ -188,7 +202,7 @@ def launch_ranks(config: RunConfig, run_dir: Path, resume: bool, node_rank: int 
         return main_rank["state"]
     if node_rank != 0 and code == 0:
         return "completed"
-    raise TrainingFailure(f"A training process ended unexpectedly (launcher exit code {code}).",
+    raise TrainingFailure(f"{ENDED} (launcher exit code {code}).",
                           "See the log below; resume the run to continue from its last checkpoint.")
 
 

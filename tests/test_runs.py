@@ -254,6 +254,7 @@ def test_ctrl_c_in_studio_train_stops_with_a_checkpoint(home, tmp_path):
                     f"its output: {out!r} {err!r}; stop file there: {(run.dir / STOP_FILE).exists()}; "
                     f"the run's log ends: {log.read_text()[-3000:] if log.exists() else '(none)'}")
     assert process.returncode == 1 and "Stopping: saving a checkpoint" in out
+    assert f"Resume:  studio resume {run.id}" in out
     assert registry.get(run.id).status == "stopped"
     assert list((home / "runs" / run.id / "checkpoints").glob("step-*"))
 
@@ -494,3 +495,20 @@ def test_a_model_that_ships_its_own_code_is_refused_unless_trusted_and_its_card_
                                  "hasattr(model, 'get_base_model') else model).__name__)"],
                                 capture_output=True, text=True, cwd=tmp_path / kind, timeout=300)
         assert loaded.stdout.strip() == "TinyRemoteForCausalLM", loaded.stderr[-2000:]
+
+
+def test_resume_is_suggested_only_where_it_can_help(home, tmp_path):
+    """`studio train` said "Resume: studio resume <id>" after any failure, also after one a resume meets again
+    (the settings, the base model). It still says so after a stop, an interruption, memory running out or a
+    crash."""
+    from pipelines.training import TrainingFailure
+    from studio.worker import explain, resume_may_help
+    failed = studio("train", str(config_file(tmp_path, load_in_4bit=True, device="cpu", max_steps=2)))
+    assert failed.returncode == 1 and "4-bit (QLoRA) loading needs an NVIDIA GPU" in failed.stdout
+    assert "studio resume" not in failed.stdout
+    assert not resume_may_help("failed", explain(TrainingFailure("The loss became nan at step 3.", "Lower it."))[0])
+    for error in (MemoryError(), RuntimeError("CUDA out of memory."), OSError(28, "No space left on device"),
+                  RuntimeError("boom")):
+        assert resume_may_help("failed", explain(error)[0]), error
+    assert resume_may_help("failed", f"Process 1 of 2: {explain(MemoryError())[0]}")  # as a rank's is told
+    assert resume_may_help("stopped", "") and resume_may_help("interrupted", "")
