@@ -267,3 +267,20 @@ def test_settings_outlive_a_reload_and_reset_returns_to_the_sample(server, page)
     expect(page.locator("#llm-data-summary")).to_contain_text("24 of 24 rows usable")
     expect(page.get_by_label("Run name")).to_have_value("")
     expect(page.locator("#llm-message")).not_to_contain_text("are back")
+
+
+def test_a_custom_target_module_the_model_lacks_is_found_as_it_is_typed(server, page):
+    """Editing the custom target modules checked nothing: the mistake showed only when Train was pressed."""
+    page.goto(server.url)
+    expect(page.locator("#llm-train")).to_be_enabled()
+    page.locator("button:visible", has_text="Advanced").first.click()
+    custom = page.get_by_label("Custom target modules")
+    custom.fill("q_proj, v_projj")
+    custom.press("Tab")
+    page.get_by_label("Target modules", exact=True).click()
+    page.get_by_role("option", name="custom", exact=True).click()
+    expect(page.locator("#llm-data-summary")).to_contain_text("module v_projj is not a layer of this model")
+    expect(page.locator("#llm-train")).to_be_disabled()
+    custom.fill("q_proj, v_proj")
+    custom.press("Tab")
+    expect(page.locator("#llm-train")).to_be_enabled()

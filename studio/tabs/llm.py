@@ -260,9 +260,11 @@ def build() -> None:
     mapping = [inputs[k] for k in COLUMNS]
     check_outputs = [data_summary, problems, preview, histogram, *mapping, section.train, preflight]
     files.upload(widgets.upload_replaces_the_sample(sample_files), files, files, api_visibility="private")
+    # (the target modules too: a custom one the model has no layer for is found by the check, before any run)
     check_triggers = [files.change, validation_files.change, base_model.change, inputs["data_format"].change,
                       inputs["max_length"].change, inputs["validation_fraction"].change, inputs["system_prompt"].blur,
-                      inputs["batch_size"].change, inputs["load_in_4bit"].change, *(c.input for c in mapping)]
+                      inputs["batch_size"].change, inputs["load_in_4bit"].change, inputs["target_modules"].change,
+                      inputs["custom_target_modules"].blur, *(c.input for c in mapping)]
 
     trying = generate.click(try_prompt, [run_state, checkpoint, prompt, system, max_new_tokens, temperature, top_p],
                             [base_answer, tuned_answer], api_visibility="private")
