@@ -422,3 +422,17 @@ def test_gpt2_s_conv1d_and_phi_2_s_dense_layers_are_lora_targets(tmp_path, asset
                                                      num_attention_heads=2), assets)
     assert adapted(pipeline.attach_lora(load_base_model(phi2, cpu), config.changed(base_model=phi2))) == [
         "self_attn.dense", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"]
+
+
+def test_a_model_folder_without_its_tokenizer_is_told_so(tmp_path, assets, monkeypatch):
+    """It got transformers' paragraph about tokenizer backends, cut off mid-sentence ("You need to have …")."""
+    import shutil
+
+    from pipelines.llm.data import inspect_data
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(materialise_preset("tiny-llama"), folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (folder / name).unlink()
+    monkeypatch.setenv("STUDIO_MODEL_DIRS", str(tmp_path))
+    report = inspect_data(load_config(assets / "llm" / "config.yaml").changed(base_model=str(folder)))
+    assert not report.ok and f"The folder {folder} has no tokenizer" in report.blocker

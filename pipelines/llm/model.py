@@ -130,8 +130,17 @@ def _load(loader, location: str, **kwargs):
     return load_from_hub(loader, location, **kwargs)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(base_model: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = _load(AutoTokenizer.from_pretrained, base_location(base_model), trust_remote_code=trust_remote_code)
+    location = base_location(base_model)
+    if Path(location).is_dir() and not any((Path(location) / name).exists() for name in TOKENIZER_FILES):
+        # (transformers' own words for it are a paragraph about backends, cut off as a message)
+        raise ModelUnavailable(f"The folder {location} has no tokenizer (tokenizer.json, or tokenizer.model with "
+                               "tokenizer_config.json).",
+                               "Copy the tokenizer files from the model's repository into the folder.")
+    tokenizer = _load(AutoTokenizer.from_pretrained, location, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     if tokenizer.pad_token is None:
