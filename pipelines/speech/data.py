@@ -302,12 +302,6 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
         except AudioUnreadable as err:
             report.problem(path, str(err))
             continue
-        if count:
-            stats.setdefault("sample_rates", Counter())[str(sound.source_rate)] += 1
-            stats.setdefault("channels", Counter())[str(sound.channels)] += 1
-            stats.setdefault("encodings", Counter())[sound.encoding] += 1
-            if sound.converted:
-                stats.setdefault("converted", []).append(f"{report.shown(path)}: {sound.describe()} -> 16000 Hz mono")
         if frames == 0:
             report.problem(path, "holds no audio (0 seconds long)")
             continue
@@ -349,6 +343,12 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
             made.append(Clip(audio=str(path), text=text, seconds=(b - a) / SAMPLE_RATE,
                              samples=sound.samples[a:b] if keep_audio else None, start=a / SAMPLE_RATE,
                              source=source, tokens=tokens))
+        if made and count:  # (of the clips that train: those dropped are counted among the problems)
+            stats.setdefault("sample_rates", Counter())[str(sound.source_rate)] += 1
+            stats.setdefault("channels", Counter())[str(sound.channels)] += 1
+            stats.setdefault("encodings", Counter())[sound.encoding] += 1
+            if sound.converted:
+                stats.setdefault("converted", []).append(f"{report.shown(path)}: {sound.describe()} -> 16000 Hz mono")
         clips += made
     return clips, dev
 
