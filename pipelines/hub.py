@@ -50,7 +50,7 @@ def resolve_source(base_model: str, presets: dict) -> tuple[str, str]:
     if text.startswith(("/", ".", "~")) or path.exists():
         path = path.resolve()
         if not any(path == root or root in path.parents for root in allowed_model_roots()):
-            raise ModelUnavailable(f"The folder {path} is outside the folders models may be loaded from.",
+            raise ModelUnavailable(f"The model path {path} is outside the folders models may be loaded from.",
                                    "Move it under your home or workspace folder, or add its parent to "
                                    "STUDIO_MODEL_DIRS.")
         if not path.exists():

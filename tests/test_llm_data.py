@@ -257,7 +257,7 @@ def test_a_base_model_that_cannot_be_loaded_stops_train_before_a_run(tmp_path, a
                                     base_model="/opt/not-allowed-model"))
     assert not report.ok and report.rows_usable == 24
     assert widgets.headline(report, "data") == (
-        "**Cannot train yet.** 24 of 24 rows usable (alpaca); but the base model cannot be used: The folder "
+        "**Cannot train yet.** 24 of 24 rows usable (alpaca); but the base model cannot be used: The model path "
         "/opt/not-allowed-model is outside the folders models may be loaded from. Move it under your home or "
         "workspace folder, or add its parent to STUDIO_MODEL_DIRS.")
 
