@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 import sys
 import time
+from collections import Counter
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -325,26 +326,28 @@ def _copy_data_into(config: RunConfig, run_dir: Path) -> RunConfig:
     (relative paths), so the run folder alone replays the run, even after uploads are cleaned up."""
     data_dir = run_dir / "data"
     changes: dict[str, Any] = {}
-    used: set[str] = set()
+    names = Counter(_source(raw).name.lower() for field in config.path_fields
+                    for raw in _listed(getattr(config, field)) if raw)
+    shared = 0  # folders made for files of one name
     for name in config.path_fields:
         value = getattr(config, name)
-        paths = value if isinstance(value, list) else [value]
         copied = []
-        for raw in paths:
+        for raw in _listed(value):
             if not raw:
                 copied.append(raw)
                 continue
-            source = Path(raw)
+            source = _source(raw)
             if not source.exists():
                 raise FileNotFoundError(f"{name}: {source} does not exist")
             # Each keeps its name, which a caption or transcript table may name ('clip (1).wav', 'café.png'):
-            # renamed, it dropped out of the run that the check had passed it for. Of two files with one name
-            # (uploaded from two folders), the second goes into a folder of its own, as Gradio keeps them.
-            target_name, n = source.name, 1
-            while target_name.lower() in used:
-                n += 1
-                target_name = f"{n}/{source.name}"
-            used.add(target_name.lower())
+            # renamed, it dropped out of the run that the check had passed it for. Files of one name (uploaded
+            # from two folders) each go into a folder of their own, as Gradio keeps them, named by no other.
+            target_name = source.name
+            if names[source.name.lower()] > 1:
+                shared += 1
+                while f"same-name-{shared}" in names:
+                    shared += 1
+                target_name = f"same-name-{shared}/{source.name}"
             target = data_dir / target_name
             target.parent.mkdir(parents=True, exist_ok=True)
             if source.is_dir():
@@ -354,6 +357,15 @@ def _copy_data_into(config: RunConfig, run_dir: Path) -> RunConfig:
             copied.append(f"data/{target_name}")
         changes[name] = copied if isinstance(value, list) else copied[0]
     return config.changed(**changes)
+
+
+def _listed(value: str | list[str]) -> list[str]:
+    return value if isinstance(value, list) else [value]
+
+
+def _source(raw: str) -> Path:
+    """A data path as given, or made whole where its name is none ('data/..', '/')."""
+    return Path(raw).resolve() if Path(raw).name in ("", "..") else Path(raw)
 
 
 def _row_from_folder(run_dir: Path) -> dict[str, Any] | None:

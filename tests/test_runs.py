@@ -428,7 +428,8 @@ def test_a_run_given_a_name_another_run_has_is_named_apart(home, tmp_path):
 
 def test_two_data_files_of_one_name_both_reach_the_run(home, tmp_path):
     """Uploads from two folders may share a name (two exports named data.csv): the run keeps both, each named as
-    it was (the second in a folder of its own), and trains on the rows of both."""
+    it was in a folder of its own (named as no data folder is: '2' was, and took a speaker folder's place), and
+    trains on the rows of both."""
     for folder, rows in (("first", "instruction,output\nSay one,one\n"), ("second", "instruction,output\nSay two,two\n")):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "data.csv").write_text(rows)
@@ -436,8 +437,8 @@ def test_two_data_files_of_one_name_both_reach_the_run(home, tmp_path):
                                                              str(tmp_path / "second" / "data.csv")]))
     run = Registry().create(config, status="stopped")
     copied = load_config(run.dir / "config.yaml")
-    assert [Path(p).relative_to(run.dir).as_posix() for p in copied.train_files] == ["data/data.csv",
-                                                                                     "data/2/data.csv"]
+    assert [Path(p).relative_to(run.dir).as_posix() for p in copied.train_files] == [
+        "data/same-name-1/data.csv", "data/same-name-2/data.csv"]
     assert jobs.check_data(copied).rows_usable == 2
 
 

@@ -35,11 +35,11 @@ SPLITS = {"train": "train", "dev": "dev", "validation": "dev", "valid": "dev", "
           "validated": "validated", "invalidated": "invalid", "reported": "invalid", "other": "unchecked",
           "clip_durations": "extra", "validated_sentences": "extra", "unvalidated_sentences": "extra"}
 HELD_OUT = {"test": "the test split: not trained on, kept for testing the tuned model",
-            "validated": "not read: the train split is its share for training",
+            "validated": "left out: the train split is its share for training",
             "invalid": "clips marked invalid by the data set's reviewers: not trained on",
             "unchecked": "clips not yet reviewed: not trained on",
             "dev": "the dev split: not trained on (the validation data uploaded is used instead)",
-            "extra": "the data set's own records, not clips with transcripts: not read"}
+            "extra": "the data set's own records, not clips with transcripts: left out"}
 MAX_SPLIT_SECONDS = 600.0   # longer recordings are not split: a transcript spread over 20 pieces is a guess
 MIN_SECONDS = 0.1
 
@@ -211,14 +211,15 @@ def _splits(tables: list[Path], audio: list[Path], report: DataReport, dev_valid
         column = _pick(list(dict.fromkeys(k for _, record in rows[:200] for k in record)), FILE_COLUMNS)
         named[table] = {clip for _, record in rows
                         if column and (clip := index.find(str(record.get(column) or "").strip(), table.parent))}
-    used = [t for t in tables if role[t] in ("train", None) or (role[t] == "dev" and dev_validates)]
+    # (the training tables first: the one a clip with no transcript is told to get a row in)
+    used = [t for t in tables if role[t] in ("train", None)] + [t for t in tables if role[t] == "dev" and dev_validates]
     dev = set().union(*(named[t] for t in used if role[t] == "dev"))
     left_out = set().union(*named.values()) - set().union(*(named.get(t, set()) for t in used))
     def clips(n: int) -> str:
         return f" ({n:,} clip{'s' if n != 1 else ''})"
     for table in tables:
         if role[table] == "dev" and dev_validates:
-            report.problem(table, "the dev split: the validation data" + clips(len(dev)), kept=True)
+            report.problem(table, "the dev split: the validation data" + clips(len(named[table])), kept=True)
         elif table not in used:  # (the validated and extra tables name clips of the other splits)
             count = "" if role[table] in ("validated", "extra") else clips(len(named[table] & left_out))
             report.problem(table, HELD_OUT[role[table]] + count, kept=True)
@@ -227,7 +228,9 @@ def _splits(tables: list[Path], audio: list[Path], report: DataReport, dev_valid
 
 # What the data check heard in each clip up to 30 s long, by its path, size and time, without the samples: a
 # check again (each setting the tab watches starts one) decoded every clip again, for minutes with thousands.
-_heard: dict[tuple, tuple[Audio, int, bool] | AudioUnreadable] = {}
+# (A clip that could not be decoded is tried again each time: the reason may pass, ffmpeg timed out on a busy
+# machine, and such clips are few.)
+_heard: dict[tuple, tuple[Audio, int, bool]] = {}
 
 
 def _hear(path: Path, limit: float, keep_audio: bool) -> tuple[Audio, int, bool]:
@@ -238,15 +241,9 @@ def _hear(path: Path, limit: float, keep_audio: bool) -> tuple[Audio, int, bool]
         raise AudioUnreadable(f"cannot be read ({err.strerror or err})") from None
     key = (str(path), stat.st_size, stat.st_mtime_ns, limit)
     known = None if keep_audio else _heard.get(key)
-    if isinstance(known, AudioUnreadable):
-        raise known
     if known:
         return known
-    try:
-        sound = read_audio(path, max_seconds=limit)
-    except AudioUnreadable as err:
-        _heard[key] = err
-        raise
+    sound = read_audio(path, max_seconds=limit)
     heard = (sound, len(sound.samples), is_silent(sound.samples))
     if sound.seconds <= WINDOW_SECONDS:  # (a longer one is split, and that needs its samples)
         if len(_heard) > 200_000:
