@@ -151,7 +151,10 @@ def clean_unused(uploads: Path, hours: float = KEEP_UNUSED_HOURS) -> int:
     for path in made:
         try:
             if path.is_dir() and not path.is_symlink() and path.stat().st_mtime < limit:
-                shutil.rmtree(path)
+                # out of the way in one step, so that a check asking for it now makes it again
+                doomed = path.with_name(f".removed-{path.name}-{secrets.token_hex(4)}")
+                os.replace(path, doomed)
+                shutil.rmtree(doomed)
                 removed += 1
         except OSError:  # in use elsewhere, or removed meanwhile by another process's cleaning
             continue

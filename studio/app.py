@@ -58,8 +58,8 @@ def build_app() -> gr.Blocks:
             item.select(widgets.still_there(modality), tabs[modality]["run_state"], tabs[modality]["run_state"],
                         api_visibility="private")
         _api()
-        for (modality, parts), module in zip(tabs.items(), (llm, image, speech)):
-            widgets.keep_drafts(app, module.FORM_SPEC, parts["load_outputs"])
+        for modality, parts in tabs.items():
+            widgets.keep_drafts(app, parts["form"], parts["load_outputs"])
             # A page opened or reloaded shows the newest run of each tab, with its whole curve so far,
             # and checks the preselected sample data so Train is ready.
             app.load(lambda modality=modality: widgets.latest_run_id(modality), None, parts["run_state"],
@@ -137,7 +137,8 @@ def _keep_queue_moving(stop: threading.Event) -> None:
             jobs.dispatch()
             if cleaned is None or time.monotonic() - cleaned > 3600:
                 cleaned = time.monotonic()
-                archives.clean_unused(workspace() / "uploads")
+                for folder in ("uploads", "unpacked"):  # (the second: where speech zips went before)
+                    archives.clean_unused(workspace() / folder)
         except Exception as err:  # a hiccup (a locked database) must not end the thread
             print(f"queue check failed: {err}", file=sys.stderr)
 

@@ -250,7 +250,7 @@ class Registry:
 
     def rename(self, run_id: str, name: str) -> None:
         run = self.get(run_id)
-        config = run.config().changed(name=name)
+        config = run.config().changed(name=name.strip())
         config.check()
         if self.unused_name(config.name, run_id) != config.name:
             raise ConfigError([("name", "is already another run's name")])

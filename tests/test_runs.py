@@ -421,7 +421,7 @@ def test_a_run_given_a_name_another_run_has_is_named_apart(home, tmp_path):
     assert names == ["support bot", "support bot 2", "support bot 3"]
     first = registry.list()[-1]
     with pytest.raises(ConfigError, match="is already another run's name"):
-        registry.rename(first.id, "support bot 2")
+        registry.rename(first.id, "support bot 2 ")  # (as the name is kept: without the space)
     registry.rename(first.id, "support bot")  # its own name is no clash
     assert sorted(run.name for run in registry.list()) == names
 

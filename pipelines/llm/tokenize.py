@@ -47,12 +47,16 @@ def reply_stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     (ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>). The tuned model learns to end its reply
     with those; stopped at eos alone, a base model with such a template (Qwen2.5, StableLM 2) answered again
     and again."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     reply = "The reply ends here."
     rendered = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}])
+    if reply not in rendered:  # (a template that rewrites the reply: nothing to tell its end by)
+        return eos
     after = rendered[rendered.rfind(reply) + len(reply):]
-    special = set(tokenizer.all_special_ids)
+    # (an end-of-turn token may be special only in the added tokens, not among the named special tokens)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     ids = [i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special]
-    return list(dict.fromkeys(([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []) + ids[:1]))
+    return list(dict.fromkeys(eos + ids[:1]))
 
 
 def with_bos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:

@@ -164,5 +164,5 @@ def build() -> dict:
     widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
                              {"lora": export_lora, "kohya": export_kohya, "merged": export_merged}, download,
                              [base_image, tuned_image], trying)
-    return {"run_state": run_state, "load_outputs": load_outputs,
+    return {"run_state": run_state, "load_outputs": load_outputs, "form": FORM_SPEC,
             "check": (check_data, everything, check_outputs, check_triggers)}

@@ -272,5 +272,5 @@ def build() -> None:
     widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
                              {"adapter": export_adapter, "merged": export_merged}, download,
                              [base_answer, tuned_answer], trying)
-    return {"run_state": run_state, "load_outputs": load_outputs,
+    return {"run_state": run_state, "load_outputs": load_outputs, "form": FORM_SPEC,
             "check": (check_data, everything, check_outputs, check_triggers)}

@@ -156,5 +156,5 @@ def build() -> dict:
     widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
                              {"adapter": export_adapter, "merged": export_merged}, download,
                              [base_text, base_time, tuned_text, tuned_time], trying)
-    return {"run_state": run_state, "load_outputs": load_outputs,
+    return {"run_state": run_state, "load_outputs": load_outputs, "form": FORM_SPEC,
             "check": (check_data, everything, check_outputs, check_triggers)}

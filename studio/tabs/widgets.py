@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import os
 import re
+import secrets
 import shutil
 import typing
 from collections import Counter
@@ -713,8 +715,8 @@ def wire_run_section(section: RunSection, form: TabForm, run_state: gr.Textbox, 
                      results: list[gr.Component], trying: gr.events.Dependency) -> None:
     """The handlers every tab shares: train, save/load config, the live refresh, run controls, the
     checkpoint choice and the export buttons. `results` are what Try it (the event `trying`) shows: emptied
-    when the tab shows another run, with the download, and a Try it or export still under way is cancelled,
-    so that no answer or file is taken for that run's."""
+    when the tab shows another run, with the download, and a Try it or export still under way is cancelled
+    (its answer or file not shown), so that none is taken for that run's."""
     private = {"api_visibility": "private"}
     # A new run in this tab (Train, or the newest one shown when the page opens) fills the panel in and
     # starts its timer.
@@ -732,7 +734,8 @@ def wire_run_section(section: RunSection, form: TabForm, run_state: gr.Textbox, 
     exporting = [button.click(lambda r, c, kind=kind: gr.update(value=export_zip(r, kind, c), visible=True),
                               [run_state, checkpoint], download, **private) for kind, button in exports.items()]
     # Emptied in the browser at once: done by the server, the emptying could come after an export the user had
-    # asked for since (on a busy machine), and hide its file.
+    # asked for since (on a busy machine), and hide its file. (Cancelled, a Try it or export already under way
+    # still ends in the server; its answer or file is not shown.)
     run_state.change(None, None, [*results, download], cancels=[trying, *exporting],
                      js=f"() => [{'null, ' * len(results)}{{__type__: 'update', value: null, visible: false}}]")
 
@@ -800,10 +803,15 @@ def export_zip(run_id: str | None, kind: str, checkpoint: str | None) -> str:
             raise refused("This run has no adapter yet: wait for its first checkpoint or for it to finish.")
         checkpoint = checkpoints[0]
     label = f"{run.id}-{kind}" + (f"-{checkpoint}" if checkpoint else "")
-    folder = run.dir / "exports" / label
-    shutil.rmtree(folder, ignore_errors=True)
+    # Made in a folder of its own, the zip put in place whole: two exports of one kind at once (asked again
+    # after the tab came back to this run) wrote in one folder, and one removed the other's half-made files.
+    work = run.dir / "exports" / f".{label}-{secrets.token_hex(4)}"
     try:
-        export_run(run, kind, folder, checkpoint=checkpoint)
+        export_run(run, kind, work / label, checkpoint=checkpoint)
+        made = shutil.make_archive(str(work / label), "zip", work / label)
+        os.replace(made, run.dir / "exports" / f"{label}.zip")
     except Exception as err:  # shown as one message, not a traceback
         raise gr.Error(f"Export failed: {getattr(err, 'cause', None) or err}") from None
-    return shutil.make_archive(str(folder), "zip", folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return str(run.dir / "exports" / f"{label}.zip")
