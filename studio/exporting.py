@@ -57,11 +57,28 @@ def model_card(run: Run, config: RunConfig, kind: str, path: Path, checkpoint: s
     if getattr(config, "system_prompt", ""):
         trained.append(f"- System prompt (ask with it too): {config.system_prompt!r}")
     library = "transformers" if run.modality == "llm" and merged else LIBRARY[run.modality]  # (no adapter left)
-    front = "\n".join(["---", f"base_model: {config.base_model}", f"library_name: {library}",
+    hub_base = _hub_id(config.base_model)  # (the hub links the card to it: a path or a preset names nothing there)
+    front = "\n".join(["---", *([f"base_model: {hub_base}"] if hub_base else []), f"library_name: {library}",
                        "tags:", *[f"- {t}" for t in ["lora", "lora-studio", *TAGS[run.modality]]], "---"])
     return (f"{front}\n\n# {run.name}\n\n{what}, fine-tuned with LoRA Studio ({MODALITIES[run.modality]}, run "
             f"`{run.id}`).\n\n## Training\n\n" + "\n".join(trained)
             + f"\n\n## Use\n\n```python\n{_usage(run.modality, kind, path, config)}\n```\n")
+
+
+def _hub_id(base_model: str) -> str:
+    """The hub id of a base model: itself, or for a local folder the id its config.json was saved from ("" where
+    there is none: a preset, a folder made elsewhere)."""
+    from pipelines.hub import HUB_ID
+    text = base_model.strip()
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        try:
+            text = str(json.loads((folder / "config.json").read_text()).get("_name_or_path") or "")
+        except (OSError, ValueError):
+            return ""
+    elif folder.exists() or text.startswith(("/", ".", "~")) or "/" not in text:  # (a file, or a preset's name)
+        return ""
+    return text if "/" in text and HUB_ID.match(text) and not Path(text).is_absolute() else ""
 
 
 def _usage(modality: str, kind: str, path: Path, config: RunConfig) -> str:

@@ -82,7 +82,8 @@ def test_train_then_generate_from_the_command_line(home, tmp_path):
     assert exported.returncode == 0 and (tmp_path / "adapter" / "adapter_config.json").is_file()
     # its model card says what it is and how to load it (it was peft's blank "[More Information Needed]")
     card = (tmp_path / "adapter" / "README.md").read_text()
-    assert "More Information Needed" not in card and "# zorbia-facts" in card and "base_model: tiny-llama" in card
+    assert "More Information Needed" not in card and "# zorbia-facts" in card and "for `tiny-llama`" in card
+    assert "base_model:" not in card  # (the hub would link the card to a model of that name: a preset is none)
     assert "- Steps: 90 of 90" in card and "- LoRA: rank 16" in card and "AutoPeftModelForCausalLM" in card
     # a checkpoint's card tells of the training up to it, not of the run's end; a merged model has no adapter
     merged = studio("export", run_id, "--merged", str(tmp_path / "merged"), "--checkpoint", "step-30")
@@ -513,3 +514,16 @@ def test_resume_is_suggested_only_where_it_can_help(home, tmp_path):
         assert resume_may_help("failed", explain(error)[0]), error
     assert resume_may_help("failed", f"Process 1 of 2: {explain(MemoryError())[0]}")  # as a rank's is told
     assert resume_may_help("stopped", "") and resume_may_help("interrupted", "")
+
+
+def test_a_model_card_names_the_hub_model_a_local_folder_came_from(tmp_path):
+    """A run on a downloaded model saved to a folder put the folder's path in the card's base_model, which the hub
+    reads as a model id."""
+    from studio.exporting import _hub_id
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "Qwen/Qwen2.5-0.5B", "model_type": "qwen2"}))
+    assert _hub_id(str(folder)) == "Qwen/Qwen2.5-0.5B"
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": str(folder), "model_type": "qwen2"}))
+    assert _hub_id(str(folder)) == "" and _hub_id("tiny-llama") == ""
+    assert _hub_id("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
