@@ -456,3 +456,15 @@ def test_unpacked_uploads_left_unused_for_a_day_are_removed_and_made_again_when_
     assert len(list(uploads.iterdir())) == 1
     report = check(zips[0])  # the upload is still there: its files are unpacked again
     assert report.rows_usable == 1 and report.problems == []
+
+
+def test_the_preview_shows_a_phone_photo_the_browser_cannot_draw(tmp_path):
+    """A HEIC photo trained, but the tab's preview sent the browser the .heic itself, which it cannot draw: the
+    gallery showed only the caption."""
+    from studio.tabs import image as tab
+    square(tmp_path / "IMG_0042.heic", colour=(20, 120, 220), caption="a blue photo")
+    square(tmp_path / "drawing.png", caption="a red square")
+    shown = tab.drawable(str(tmp_path / "IMG_0042.heic"))
+    assert shown.endswith(".jpg") and Image.open(shown).format == "JPEG"
+    assert np.asarray(Image.open(shown))[10, 10, 2] > 180  # the photo's blue
+    assert tab.drawable(str(tmp_path / "drawing.png")) == str(tmp_path / "drawing.png")  # drawn as it is

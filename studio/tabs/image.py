@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import gradio as gr
 
 from pipelines.image.config import HUB_MODELS, ImageConfig, oversize
-from pipelines.image.data import CAPTION_SUFFIXES, CONVERT_FIRST, IMAGE_SUFFIXES, METADATA_SUFFIXES
+from pipelines.image.data import CAPTION_SUFFIXES, CONVERT_FIRST, IMAGE_SUFFIXES, METADATA_SUFFIXES, read_image
 from studio import hardware, jobs
 from studio.tabs import widgets
 
@@ -54,8 +57,33 @@ def check_data(*args):
     summary = widgets.headline(report, "images")
     summary += widgets.noted("Used as follows:", report.stats.get("notes", []))
     problems = widgets.problems_table(report)
-    gallery = widgets.shown_if_any([(p["image"], p.get("caption", "")) for p in report.preview], as_value=list)
+    gallery = widgets.shown_if_any([(drawable(p["image"]), p.get("caption", "")) for p in report.preview],
+                                   as_value=list)
     return summary, problems, gallery, gr.update(interactive=report.ok)
+
+
+BROWSERS_DRAW = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".avif"}
+
+
+def drawable(path: str) -> str:
+    """The image as the browser can draw it: a phone's HEIC or a TIFF, which it cannot (the preview showed only
+    captions), as a JPEG thumbnail made once in the temporary folder."""
+    source = Path(path)
+    if source.suffix.lower() in BROWSERS_DRAW or not source.is_file():
+        return path
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+    thumbnail = Path(tempfile.gettempdir()) / "studio-previews" / f"{key}.jpg"
+    if not thumbnail.exists():
+        image = read_image(source)[0]
+        if image is None:
+            return path
+        image.thumbnail((512, 512))
+        thumbnail.parent.mkdir(exist_ok=True)
+        made = thumbnail.with_name(f".{key}-{os.getpid()}.jpg")
+        image.save(made, quality=90)
+        os.replace(made, thumbnail)
+    return str(thumbnail)
 
 
 def try_prompt(run_id, checkpoint, prompt, negative, seed, steps, guidance, size, strength):
