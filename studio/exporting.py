@@ -76,9 +76,9 @@ def _hub_id(base_model: str) -> str:
             text = str(json.loads((folder / "config.json").read_text()).get("_name_or_path") or "")
         except (OSError, ValueError):
             return ""
-    elif folder.exists() or text.startswith(("/", ".", "~")) or "/" not in text:  # (a file, or a preset's name)
+    elif folder.exists():  # (a file: a Whisper .pt)
         return ""
-    return text if "/" in text and HUB_ID.match(text) and not Path(text).is_absolute() else ""
+    return text if "/" in text and HUB_ID.match(text) else ""  # (a preset's name has no "/"; a path fails HUB_ID)
 
 
 def _usage(modality: str, kind: str, path: Path, config: RunConfig) -> str:

@@ -538,11 +538,11 @@ def inspect_data(config: LLMConfig) -> DataReport:
         return report
     if config.target_modules == "custom" and config.custom_target_modules and not report.blocker:
         report.blocker = _custom_targets_blocker(config)
-    # Each example's tokens are let go once counted: kept for all 52,000 rows of an Alpaca-sized file they took
-    # a gigabyte, which the server then held on to.
     if takes_no_system_turn(tokenizer) and any(m["role"] == "system" for e in train for m in e.messages or []):
         report.problem("", "this model's chat template takes no system turn: the system text is put at the start of "
                            "the first user turn, in training and in Try it alike", kept=True)
+    # Each example's tokens are let go once counted: kept for all 52,000 rows of an Alpaca-sized file they took
+    # a gigabyte, which the server then held on to.
     lengths, no_reply, trained = [], 0, 0
     for number, example in enumerate(train + validation):
         try:

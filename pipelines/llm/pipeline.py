@@ -17,8 +17,8 @@ from pipelines.llm.compiled import compile_layers, compiled
 from pipelines.llm.config import LLMConfig
 from pipelines.llm.data import load_examples
 from pipelines.llm.loss import output_layer, reply_loss, with_reply_positions
-from pipelines.llm.model import (base_location, builtin_base, linear_layer_names, load_base_model, load_tokenizer,
-                                 lora_targets)
+from pipelines.llm.model import (base_location, builtin_base, linear_layer_names, load_base_model, load_model_config,
+                                 load_tokenizer, lora_targets)
 from pipelines.llm.tokenize import collate, counted_tokens, encode, keeps_a_reply, prompt_ids, reply_stop_ids
 from pipelines.training import (Events, TrainingFailure, TrainingTask, adapter_dir, iterate_in_batches, require_data,
                                 native_bf16, pick_device, run_training, seed_everything, shuffled)
@@ -245,10 +245,8 @@ def complete(model, tokenizer, prompt: str | list[dict], *, max_new_tokens: int 
 
 def _saved_dtype(config: LLMConfig) -> torch.dtype | None:
     """The dtype the base model's weights are stored in, as its config.json says (None where it says none)."""
-    from transformers import AutoConfig
     try:
-        stored = AutoConfig.from_pretrained(base_location(config.base_model),
-                                            trust_remote_code=config.trust_remote_code).dtype
+        stored = load_model_config(config.base_model, config.trust_remote_code).dtype
     except Exception:  # (a config transformers cannot read: the float32 of the merge stays)
         return None
     return getattr(torch, stored) if isinstance(stored, str) else stored

@@ -107,8 +107,9 @@ def encode(example: Example, tokenizer: PreTrainedTokenizerBase, config: LLMConf
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += piece
         labels += piece if (trained or config.train_on == "all") else [IGNORE] * len(piece)
-    if len(with_bos(tokenizer, ids)) > len(ids):
-        ids, labels = with_bos(tokenizer, ids), [IGNORE] + labels
+    started = with_bos(tokenizer, ids)
+    if len(started) > len(ids):
+        ids, labels = started, [IGNORE] + labels
     if truncate:
         ids, labels = ids[:config.max_length], labels[:config.max_length]
     return ids, labels

@@ -137,13 +137,21 @@ class TabForm:
         """The settings of a config as the form shows them."""
         return [config.base_model, config.name, *config_to_form(config, self.form)]
 
+    def opening(self) -> list[Any]:
+        """The settings as a page opens with them: the sample run's, with no name."""
+        return self.shown(self.defaults().changed(name=""))
+
+    def settings_in(self, load_outputs: list) -> list:
+        """The settings' components among those TabForm.load fills (uploads first, the message last)."""
+        return load_outputs[len(self.upload_fields):-1]
+
     def restore(self, draft):
         """The page opened again: the settings the browser kept put back, each that still makes a valid config (a
         draft from an older studio may hold a setting since renamed, or a value since out of range)."""
         unchanged = [gr.update()] * (len(self.settings) + 1)
         if not isinstance(draft, dict):
             return unchanged
-        shown = dict(zip(self.settings, self.shown(self.defaults().changed(name=""))))
+        shown = dict(zip(self.settings, self.opening()))
         kept = {k: v for k, v in draft.items() if k in shown and v != shown[k]}
         values = self.values(*[None] * len(self.upload_fields), *[kept.get(n, shown[n]) for n in self.settings])
         try:
@@ -158,7 +166,7 @@ class TabForm:
             "if it was not). **Reset settings** returns to the sample run's."]
 
     def reset(self):
-        return self.shown(self.defaults().changed(name="")) + ["Settings reset to the sample run's."]
+        return self.opening() + ["Settings reset to the sample run's."]
 
     def values(self, *args) -> dict[str, Any]:
         uploads, (base_model, name), form = (args[:len(self.upload_fields)],
@@ -724,8 +732,7 @@ def wire_run_section(section: RunSection, form: TabForm, run_state: gr.Textbox, 
     run_state.change(live_values, run_state, section.panel.outputs(), **private)
     section.save.click(form.save, inputs, [section.config_file, section.message], **private)
     section.load.upload(form.load, [section.load, *inputs[:len(form.upload_fields)]], load_outputs, **private)
-    settings = load_outputs[len(form.upload_fields):-1]
-    section.reset.click(form.reset, None, [*settings, section.message], **private)
+    section.reset.click(form.reset, None, [*form.settings_in(load_outputs), section.message], **private)
     wire_controls(section.panel, run_state)
     section.panel.refresh.click(still_there(form.modality), run_state, run_state, **private)
     run_state.change(lambda r: gr.update(choices=checkpoint_choices(r), value="final"), run_state, checkpoint,
@@ -746,7 +753,7 @@ def keep_drafts(app: gr.Blocks, form: TabForm, load_outputs: list) -> None:
     """A tab's settings kept in the browser as they change, and put back when the page opens again: a reload, or
     Gradio's own after the server restarted, lost settings tuned for an hour. (The data is not kept: the files
     uploaded stay in Gradio's cache of that page.) `load_outputs` as TabForm.load fills them."""
-    settings, message = load_outputs[len(form.upload_fields):-1], load_outputs[-1]
+    settings, message = form.settings_in(load_outputs), load_outputs[-1]
     # (Gradio encrypts what it keeps with this key, which the page is sent anyway: a constant, so that a draft
     # outlives the server that made it)
     draft = gr.BrowserState(None, storage_key=f"lora-studio-{form.modality}-settings", secret="lora-studio-drafts")
