@@ -13,7 +13,7 @@ import yaml
 
 from pipelines import load_config
 from pipelines.config import ConfigError
-from pipelines.training import STOP_FILE, read_events
+from pipelines.training import STOP_FILE, latest_checkpoint, read_events
 from studio import jobs
 from studio.runs import Registry
 
@@ -167,7 +167,7 @@ def test_killed_worker_becomes_interrupted_and_resumes(home, tmp_path):
     assert registry.get(run_id).status == "interrupted"
     assert studio("runs").stdout.count("interrupted") == 1
     # with no final adapter, an export is of the latest checkpoint, and its card says so (it told of the last step)
-    latest = max((p.name for p in (run_dir / "checkpoints").iterdir()), key=lambda name: int(name.split("-")[1]))
+    latest = latest_checkpoint(run_dir).name  # (the kill may leave a half-written .tmp-step-N beside them)
     exported = studio("export", run_id, "--adapter", str(tmp_path / "adapter"))
     assert exported.returncode == 0, exported.stderr
     card = (tmp_path / "adapter" / "README.md").read_text()
