@@ -1,15 +1,17 @@
 """Trying trained runs: generate text, images or transcripts with or without the adapter.
 
 Loading a model is the slow part, so the last one loaded is kept (one at a time, to bound memory) and
-the base model's answer comes from the same weights with the adapter switched off.
+the base model's answer comes from the same weights with the adapter switched off. The tabs stream: a
+reply as it grows, an image's steps, and a Try it the page cancels stops at the next token or step.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, NamedTuple
 
 from pipelines import pipeline_module
 from pipelines.config import RunConfig
@@ -18,6 +20,12 @@ from studio import jobs
 
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {"key": None, "value": None}
+HEARTBEAT_S = 0.25
+
+
+class Update(NamedTuple):
+    value: Any  # the reply so far, (steps done, steps), or with `final` the result
+    final: bool = False
 
 
 def _pipeline(modality: str):
@@ -81,3 +89,45 @@ def transcribe(config: RunConfig, run_dir: str | Path | None, audio: str | Path,
         model = _cached(key, lambda: speech.load_for_transcription(config, run_dir, checkpoint))
         with _adapter_switch(model, use_adapter and run_dir is not None):
             return speech.transcribe(model, audio, config.language, config.task)
+
+
+def _in_the_background(work: Callable[[Callable[[Any], None], Callable[[], bool]], Any]) -> Iterator[Update | None]:
+    """Runs work(report, stopped) in a thread: yields an Update for each value it reports, then its result as
+    the final one, and None after HEARTBEAT_S without news. Closing the generator (Gradio does when the page
+    cancels the event) makes `stopped()` true: a cancelled handler that is not a generator runs to its end in
+    the server, and held the model (and Try it's lock) for minutes of a reply no one would see."""
+    updates: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            updates.put(Update(work(lambda value: updates.put(Update(value)), stop.is_set), final=True))
+        except BaseException as err:  # raised to the caller, in its thread
+            updates.put(err)
+    threading.Thread(target=run, daemon=True, name="try-it").start()
+    try:
+        while True:
+            try:
+                update = updates.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                yield None  # (a generator can be closed only where it yields: even while a model loads)
+                continue
+            if isinstance(update, BaseException):
+                raise update
+            yield update
+            if update.final:
+                return
+    finally:
+        stop.set()
+
+
+def stream_text(config: RunConfig, run_dir: str | Path | None, prompt: str, **options) -> Iterator[Update | None]:
+    """generate_text's reply as it grows, each word or line (see _in_the_background)."""
+    return _in_the_background(lambda report, stopped: generate_text(config, run_dir, prompt, on_text=report,
+                                                                    should_stop=stopped, **options))
+
+
+def stream_image(config: RunConfig, run_dir: str | Path | None, prompt: str, **options) -> Iterator[Update | None]:
+    """generate_image's (steps done, steps) after each denoising step, then the image."""
+    return _in_the_background(lambda report, stopped: generate_image(
+        config, run_dir, prompt, on_step=lambda done, steps: report((done, steps)), should_stop=stopped, **options))

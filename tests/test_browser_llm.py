@@ -116,6 +116,18 @@ def test_upload_train_watch_reload_stop_resume_try_and_download(server, page, tm
     assert page.locator("#llm-base-answer textarea").input_value() != tuned.input_value()
     page.locator("#llm-generate").scroll_into_view_if_needed()
     screenshot(page, "llm-try-it.png")
+    # A reply shows as it grows, and Stop ends it where it is (the base model, random weights, would go on for
+    # 512 tokens: half a minute and more on a CPU)
+    set_number(page, "Max new tokens", 512)
+    page.locator("#llm-prompt textarea").fill("Tell me everything about Zorbia.")
+    page.locator("#llm-generate").click()
+    base = page.locator("#llm-base-answer textarea")
+    expect(base).not_to_have_value("", timeout=120_000)
+    page.locator("#llm-stop-generating").click()
+    page.wait_for_timeout(500)  # (an update already on its way)
+    stopped = base.input_value()
+    page.wait_for_timeout(3000)
+    assert base.input_value() == stopped and len(stopped.split()) < 300, stopped
 
     page.get_by_role("button", name="Adapter (zip)").click()
     link = page.locator("#llm-download a").first

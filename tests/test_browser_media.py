@@ -61,6 +61,7 @@ def test_image_tab_zip_upload_training_gallery_and_side_by_side(server, page, tm
     seed.press("Tab")
     page.locator("#image-generate").click()
     expect(page.locator("#image-tuned")).to_contain_text(re.compile(r"Tuned model \(seed \d+\)"), timeout=180_000)
+    expect(page.locator("#image-tuned img")).to_be_visible(timeout=180_000)  # (the label comes first, the image when drawn)
     page.locator("#image-generate").scroll_into_view_if_needed()
     screenshot(page, "image-try-it.png")
     page.get_by_role("button", name="LoRA for diffusers (zip)").click()

@@ -140,6 +140,21 @@ def test_any_checkpoint_can_be_tried(trained):
         pipeline.adapter_dir(run_dir, "step-999")
 
 
+def test_try_it_reports_each_step_and_stops_when_asked(trained):
+    """Try it says how far an image is, and stops drawing one the user left (Stop, or another run shown)."""
+    config, run_dir, _ = trained
+    pipe = pipeline.load_for_generation(config, run_dir)
+    steps_told = []
+    pipeline.generate(pipe, PROMPT, steps=6, on_step=lambda done, steps: steps_told.append((done, steps)))
+    assert steps_told == [(n, 6) for n in range(1, 7)]
+    steps_told.clear()
+    pipeline.generate(pipe, PROMPT, steps=50, on_step=lambda done, steps: steps_told.append(done),
+                      should_stop=lambda: len(steps_told) >= 2)
+    assert steps_told == [1, 2]
+    a = np.asarray(pipeline.generate(pipe, PROMPT, seed=1, steps=4))  # the next image is not disturbed
+    assert np.array_equal(a, np.asarray(pipeline.generate(pipe, PROMPT, seed=1, steps=4, on_step=lambda *_: None)))
+
+
 def test_stop_and_resume_continue_exactly(sample_config, tmp_path):
     config = sample_config.changed(max_steps=7, sample_every=0, checkpoint_every=100)
     _, whole = train(config, tmp_path / "whole")

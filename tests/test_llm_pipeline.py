@@ -249,6 +249,32 @@ def test_try_it_follows_a_run_from_its_checkpoint_to_its_adapter(trained, tmp_pa
     assert tryit.generate_text(config, partial, question) == "The capital of Zorbia is Quillton." != early
 
 
+def test_try_it_streams_the_reply_and_a_closed_stream_frees_the_model(trained):
+    """Try it shows a reply as it grows, and one the page cancelled (Stop, or another run shown) ends at the next
+    token: a cancelled handler ran to its end in the server and kept Try it's lock for a reply no one saw."""
+    from studio import tryit
+    config, run_dir = trained
+    question = "Tell me everything about Zorbia."  # the base model, random weights, answers to the last token
+    updates = [u for u in tryit.stream_text(config, run_dir, question, use_adapter=False, max_new_tokens=200)
+               if u is not None]
+    reply = updates[-1].value
+    assert updates[-1].final and not any(u.final for u in updates[:-1]) and len(updates) > 3
+    assert all(reply.startswith(u.value) for u in updates)  # the reply so far, each time
+    assert reply == tryit.generate_text(config, run_dir, question, use_adapter=False, max_new_tokens=200)
+
+    model = tryit._loaded["value"][0]
+    forwards = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        stream = tryit.stream_text(config, run_dir, question, use_adapter=False, max_new_tokens=200)
+        first = next(u for u in stream if u is not None)
+        stream.close()  # as Gradio does to a cancelled event's generator
+        with tryit._lock:  # the generation has ended
+            assert reply.startswith(first.value) and len(forwards) < 100, len(forwards)
+    finally:
+        hook.remove()
+
+
 def test_a_prompt_longer_than_the_context_keeps_its_end(trained):
     """A sample prompt is a training prompt, of any length: 286,000 tokens held a run at its last step."""
     config, run_dir = trained

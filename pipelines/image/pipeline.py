@@ -389,11 +389,15 @@ def quiet_diffusers():
 
 @torch.no_grad()
 def generate(pipe, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 25, guidance: float = 7.5,
-             width: int | None = None, height: int | None = None, lora_scale: float = 1.0) -> Image.Image:
+             width: int | None = None, height: int | None = None, lora_scale: float = 1.0,
+             on_step: Callable[[int, int], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> Image.Image:
     """One image. The seed fixes the starting noise (drawn on the CPU, so it is the same on every device);
     lora_scale 0 gives exactly the base model's image, 1 the tuned one. Width and height default to the
     run's training size (see load_for_generation), else the model's native size. Leaves torch's global
-    random state as it found it, so sampling during training does not change the training run."""
+    random state as it found it, so sampling during training does not change the training run.
+    `on_step(done, steps)` is told after each denoising step, and `should_stop` asked: Try it shows how far an
+    image is, and stops drawing one the user left (the image then comes back unfinished)."""
     default = getattr(pipe, "studio_size", None)
     width, height = width or default, height or default
     state = torch.random.get_rng_state()
@@ -408,12 +412,28 @@ def generate(pipe, prompt: str, negative_prompt: str = "", seed: int = 0, steps:
         pipe.set_progress_bar_config(disable=True)
         result = pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
                       guidance_scale=guidance, width=width, height=height,
-                      generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")
+                      generator=torch.Generator("cpu").manual_seed(seed), output_type="pil",
+                      callback_on_step_end=_step_end(on_step, should_stop, steps))
     finally:
         if tuned:
             pipe.enable_lora()
         torch.random.set_rng_state(state)
     return result.images[0]
+
+
+def _step_end(on_step, should_stop, steps: int):
+    """A diffusers callback_on_step_end that reports the step and stops the denoising loop when asked (the
+    pipeline then skips the steps left)."""
+    if on_step is None and should_stop is None:
+        return None
+
+    def step_end(pipe, step: int, timestep, tensors: dict) -> dict:
+        if on_step:
+            on_step(step + 1, steps)
+        if should_stop and should_stop():
+            pipe._interrupt = True  # (read by the loop as `pipe.interrupt`; there is no setter)
+        return tensors
+    return step_end
 
 
 EXPORT_KINDS = {

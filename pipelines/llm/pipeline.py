@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from pipelines.llm import attention
 from pipelines.llm.compiled import compile_layers, compiled
@@ -214,15 +215,39 @@ def load_for_generation(config: LLMConfig, run_dir: str | Path | None, checkpoin
 
 
 @torch.no_grad()
+class _ReplySoFar(TextStreamer):
+    """Tells `on_text` the whole reply so far each time a word or a line of it is complete (TextStreamer holds
+    back the rest: a token can end halfway through a character)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text, self.reply = on_text, ""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.reply += text
+        self.on_text(self.reply.strip())
+
+
+class _WhenAsked(StoppingCriteria):
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
+
+
 def complete(model, tokenizer, prompt: str | list[dict], *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, chat: bool = True, seed: int = 0, synced: bool = False, system: str = "",
-             max_prompt_tokens: int | None = None) -> str:
+             max_prompt_tokens: int | None = None, on_text: Callable[[str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> str:
     """Generate a reply. A string prompt is one user turn, after the `system` turn when there is one (as the
     run trained); a list is a whole conversation. `synced`: every process of a run generates together
     (transformers' synced_gpus). The context is shared: a prompt keeps its end, at most what max_new_tokens
     leaves of the context but never less than half of it (a large max_new_tokens cut a short prompt down to
     its last tokens, and the reply was nonsense), nor more than `max_prompt_tokens` (a 286,000-token training
-    row as a sample prompt held a finished run at its last step, generating); the reply gets the rest."""
+    row as a sample prompt held a finished run at its last step, generating); the reply gets the rest.
+    `on_text` is told the reply so far as it grows, and `should_stop` is asked after each token: Try it shows
+    the reply as it comes, and ends it when the user leaves (a 512-token reply on a CPU takes minutes)."""
     ids = torch.tensor([prompt_ids(tokenizer, prompt, chat, system)])
     inputs = {"input_ids": ids.to(model.device), "attention_mask": torch.ones_like(ids).to(model.device)}
     context = getattr(model.config, "max_position_embeddings", None) or 2048
@@ -237,7 +262,10 @@ def complete(model, tokenizer, prompt: str | list[dict], *, max_new_tokens: int 
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sampling,
                                     temperature=temperature if sampling else None, top_p=top_p if sampling else None,
                                     top_k=None, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=reply_stop_ids(tokenizer) or None, synced_gpus=synced)
+                                    eos_token_id=reply_stop_ids(tokenizer) or None, synced_gpus=synced,
+                                    streamer=_ReplySoFar(tokenizer, on_text) if on_text else None,
+                                    stopping_criteria=StoppingCriteriaList([_WhenAsked(should_stop)] if should_stop
+                                                                           else []))
     finally:
         torch.random.set_rng_state(generator_state)  # sampling must not shift the training run's randomness
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -87,7 +87,9 @@ def drawable(path: str) -> str:
 
 
 def try_prompt(run_id, checkpoint, prompt, negative, seed, steps, guidance, size, strength):
-    """Base and tuned images for the same prompt and seed."""
+    """Base and tuned images for the same prompt and seed, each shown when it is drawn, and a line saying how far
+    the drawing is: (base, tuned, progress line)."""
+    from contextlib import closing
     from studio import tryit
     run = widgets.shown_run(run_id, "Train a run first, then try it here.")
     checkpoint = None if checkpoint in (None, "", "final") else checkpoint
@@ -103,14 +105,23 @@ def try_prompt(run_id, checkpoint, prompt, negative, seed, steps, guidance, size
         seed = random.randrange(2**31)
     options = dict(negative_prompt=negative or "", seed=int(seed), steps=int(steps), guidance=float(guidance),
                    width=int(size) or None, height=int(size) or None)
+    labels = {"base": f"Base model (seed {int(seed)})", "tuned": f"Tuned model (seed {int(seed)})"}
+    images = {"base": gr.update(value=None, label=labels["base"]), "tuned": gr.update(value=None, label=labels["tuned"])}
+    yield images["base"], images["tuned"], ""  # the last prompt's images go at once
     try:
-        base = tryit.generate_image(config, run.dir, prompt, checkpoint=checkpoint, lora_scale=0.0, **options)
-        tuned = tryit.generate_image(config, run.dir, prompt, checkpoint=checkpoint,
-                                     lora_scale=float(strength), **options)
+        for side, lora_scale in (("base", 0.0), ("tuned", float(strength))):
+            with closing(tryit.stream_image(config, run.dir, prompt, checkpoint=checkpoint, lora_scale=lora_scale,
+                                            **options)) as updates:
+                for update in updates:
+                    if update is None:  # (where Gradio can stop it: see tryit._in_the_background)
+                        yield gr.skip(), gr.skip(), gr.skip()
+                    elif update.final:
+                        images[side] = gr.update(value=update.value, label=labels[side])
+                        yield images["base"], images["tuned"], ""
+                    else:
+                        yield gr.skip(), gr.skip(), f"Drawing the {side} image: step {update.value[0]}/{update.value[1]}"
     except Exception as err:
         raise gr.Error(f"Generation failed: {getattr(err, 'cause', None) or err}") from None
-    return (gr.update(value=base, label=f"Base model (seed {int(seed)})"),
-            gr.update(value=tuned, label=f"Tuned model (seed {int(seed)})"))
 
 
 def build() -> dict:
@@ -163,7 +174,10 @@ def build() -> dict:
             prompt = gr.Textbox(label="Prompt", placeholder="empty: the run's sample prompt (its first caption)",
                                 scale=3, elem_id="image-prompt")
             negative = gr.Textbox(label="Negative prompt", scale=2)
-        generate = gr.Button("Generate", elem_id="image-generate")
+        with gr.Row():
+            generate = gr.Button("Generate", elem_id="image-generate", scale=3)
+            stop_generating = gr.Button("Stop", elem_id="image-stop-generating", scale=1)
+        drawing = gr.Markdown(elem_id="image-drawing")
         with gr.Row():
             base_image = gr.Image(label="Base model", type="pil", elem_id="image-base", height=256)
             tuned_image = gr.Image(label="Tuned model", type="pil", elem_id="image-tuned", height=256)
@@ -187,10 +201,11 @@ def build() -> dict:
     check_triggers = [files.change, folder.change, base_model.change, inputs["caption_source"].change,
                       inputs["instance_prompt"].change, inputs["resolution"].change]
     trying = generate.click(try_prompt, [run_state, checkpoint, prompt, negative, seed, steps, guidance, size,
-                                         strength], [base_image, tuned_image], api_visibility="private")
+                                         strength], [base_image, tuned_image, drawing], api_visibility="private")
+    stop_generating.click(None, None, drawing, cancels=[trying], js="() => 'Stopped.'", api_visibility="private")
     load_outputs = [files, folder, base_model, name, *form, section.message]
     widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
                              {"lora": export_lora, "kohya": export_kohya, "merged": export_merged}, download,
-                             [base_image, tuned_image], trying)
+                             [base_image, tuned_image, drawing], trying)
     return {"run_state": run_state, "load_outputs": load_outputs, "form": FORM_SPEC,
             "check": (check_data, everything, check_outputs, check_triggers)}

@@ -155,8 +155,9 @@ def preflight_line(config: LLMConfig, stats: dict | None) -> str:
 
 
 def try_prompt(run_id, checkpoint, prompt, system, max_new_tokens, temperature, top_p):
-    """The base model's and the tuned model's answers to the same prompt (after the system prompt typed, else
-    the run's own)."""
+    """The tuned model's reply, then the base model's, to the same prompt (after the system prompt typed, else
+    the run's own), each shown as it grows: (base, tuned) for the two boxes."""
+    from contextlib import closing
     from studio import tryit
     run = widgets.shown_run(run_id, "Train a run first, then try it here.")
     if not (prompt or "").strip():
@@ -165,13 +166,21 @@ def try_prompt(run_id, checkpoint, prompt, system, max_new_tokens, temperature, 
     options = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
     if (system or "").strip():
         options["system"] = system.strip()
+    replies = {"base": "", "tuned": ""}
+    yield "", ""  # the last prompt's replies go at once
+    no_reply = "(no reply: the model ended its answer at once)"  # an empty box read as a failure
     try:
-        tuned = tryit.generate_text(run.config(), run.dir, prompt, checkpoint=checkpoint, **options)
-        base = tryit.generate_text(run.config(), run.dir, prompt, checkpoint=checkpoint, use_adapter=False, **options)
+        for side in ("tuned", "base"):
+            with closing(tryit.stream_text(run.config(), run.dir, prompt, checkpoint=checkpoint,
+                                           use_adapter=side == "tuned", **options)) as updates:
+                for update in updates:
+                    if update is None:
+                        yield gr.skip(), gr.skip()  # (where Gradio can stop it: see tryit._in_the_background)
+                        continue
+                    replies[side] = update.value or (no_reply if update.final else "")
+                    yield replies["base"], replies["tuned"]
     except Exception as err:
         raise gr.Error(f"Generation failed: {getattr(err, 'cause', None) or err}") from None
-    no_reply = "(no reply: the model ended its answer at once)"  # an empty box read as a failure
-    return base or no_reply, tuned or no_reply
 
 
 def build() -> None:
@@ -243,7 +252,9 @@ def build() -> None:
                                 elem_id="llm-prompt")
             system = gr.Textbox(label="System prompt", lines=2, scale=2, elem_id="llm-try-system",
                                 placeholder="empty: the run's own (its system prompt setting), if it has one")
-        generate = gr.Button("Generate", elem_id="llm-generate")
+        with gr.Row():
+            generate = gr.Button("Generate", elem_id="llm-generate", scale=3)
+            stop_generating = gr.Button("Stop", elem_id="llm-stop-generating", scale=1)
         with gr.Row():
             base_answer = gr.Textbox(label="Base model", lines=4, elem_id="llm-base-answer")
             tuned_answer = gr.Textbox(label="Tuned model", lines=4, elem_id="llm-tuned-answer")
@@ -268,6 +279,7 @@ def build() -> None:
 
     trying = generate.click(try_prompt, [run_state, checkpoint, prompt, system, max_new_tokens, temperature, top_p],
                             [base_answer, tuned_answer], api_visibility="private")
+    stop_generating.click(None, cancels=[trying], api_visibility="private")  # (the replies so far stay)
     load_outputs = [files, validation_files, base_model, name, *form, section.message]
     widgets.wire_run_section(section, FORM_SPEC, run_state, everything, load_outputs, checkpoint,
                              {"adapter": export_adapter, "merged": export_merged}, download,
