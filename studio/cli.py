@@ -162,7 +162,7 @@ def follow(run_id: str, registry) -> int:
 
     from studio import jobs
     from studio.progress import Progress
-    from studio.worker import resume_may_help
+    from studio.runs import resume_may_help
 
     run = registry.get(run_id)
     progress = Progress(run.dir)

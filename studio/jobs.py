@@ -150,7 +150,9 @@ def submit(config: RunConfig, registry: Registry | None = None) -> Run:
 
 
 def resume(run_id: str, registry: Registry | None = None) -> Run:
-    """Queue a stopped, interrupted or failed run to continue from its latest checkpoint."""
+    """Queue a stopped, interrupted or failed run to continue from its latest checkpoint. Any failed run: the tabs
+    offer Resume only where runs.resume_may_help, but what failed may have been mended outside the run's settings
+    (a model folder completed, the network back for a download), and a script or `studio resume` may try."""
     registry = registry or Registry()
     run = registry.get(run_id)
     if run is None:

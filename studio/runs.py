@@ -34,6 +34,22 @@ ACTIVE = ("queued", "starting", "running")
 FINAL = ("completed", "stopped", "failed", "cancelled", "interrupted")
 RESUMABLE = ("stopped", "interrupted", "failed")
 
+# How studio.worker tells a failure; here, free of torch, for the tabs to judge a failure as the CLI does.
+OUT_OF_MEMORY = "The run ran out of memory."
+DISK_FULL = "The disk is full, so a checkpoint could not be written (earlier checkpoints are intact)."
+UNEXPECTED = "Training stopped on an unexpected error"
+ENDED = "A training process ended unexpectedly"
+# Failures a resume, with the run's settings unchanged, may get past: memory or disk that other work held, a
+# crash. The others are TrainingFailures (the settings, the data, the base model, a loss gone to nan), which
+# a resume meets again.
+RETRYABLE = (OUT_OF_MEMORY, DISK_FULL, UNEXPECTED, ENDED)
+
+
+def resume_may_help(status: str, error: str) -> bool:
+    """Whether to offer a resume for a run that ended so (a multi-process run's error names its process): the
+    CLI suggests one and the tabs' Resume button is enabled only then."""
+    return status in ("stopped", "interrupted") or (status == "failed" and any(c in error for c in RETRYABLE))
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,

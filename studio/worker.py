@@ -26,22 +26,7 @@ from pipelines.config import ConfigError, RunConfig
 from pipelines.threads import usable_cores
 from pipelines.training import STOP_FILE, Events, TrainingFailure, pick_device, stop_requested
 from studio import jobs, tracking
-from studio.runs import Registry, append_event
-
-
-OUT_OF_MEMORY = "The run ran out of memory."
-DISK_FULL = "The disk is full, so a checkpoint could not be written (earlier checkpoints are intact)."
-UNEXPECTED = "Training stopped on an unexpected error"
-ENDED = "A training process ended unexpectedly"
-# Failures a resume, with the run's settings unchanged, may get past: memory or disk that other work held, a
-# crash. The others are TrainingFailures (the settings, the data, the base model, a loss gone to nan), which
-# a resume meets again.
-RETRYABLE = (OUT_OF_MEMORY, DISK_FULL, UNEXPECTED, ENDED)
-
-
-def resume_may_help(status: str, error: str) -> bool:
-    """Whether to suggest a resume for a run that ended so (a multi-process run's error names its process)."""
-    return status in ("stopped", "interrupted") or (status == "failed" and any(c in error for c in RETRYABLE))
+from studio.runs import DISK_FULL, ENDED, OUT_OF_MEMORY, UNEXPECTED, Registry, append_event
 
 
 def explain(error: BaseException) -> tuple[str, str]:

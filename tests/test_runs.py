@@ -504,7 +504,8 @@ def test_resume_is_suggested_only_where_it_can_help(home, tmp_path):
     (the settings, the base model). It still says so after a stop, an interruption, memory running out or a
     crash."""
     from pipelines.training import TrainingFailure
-    from studio.worker import explain, resume_may_help
+    from studio.runs import resume_may_help
+    from studio.worker import explain
     failed = studio("train", str(config_file(tmp_path, load_in_4bit=True, device="cpu", max_steps=2)))
     assert failed.returncode == 1 and "4-bit (QLoRA) loading needs an NVIDIA GPU" in failed.stdout
     assert "studio resume" not in failed.stdout

@@ -391,6 +391,32 @@ def test_a_run_asked_to_stop_says_so_until_it_ends(tmp_path, monkeypatch):
         in stopped
 
 
+def test_resume_is_offered_only_where_it_can_get_past_the_failure(tmp_path, monkeypatch):
+    """The panel's Resume was enabled for every failed run: pressed after a loss gone to nan it queued the run, which
+    failed again the same way. `studio train` suggested a resume only where it can help; the tabs now agree."""
+    from pipelines import load_config
+    from pipelines.training import TrainingFailure
+    from studio.worker import explain
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "ws"))
+    registry = Registry()
+    config = load_config(ROOT / "assets" / "llm" / "config.yaml")
+    config = config.changed(train_files=[str(ROOT / "assets" / "llm" / "sample.csv")])
+    shown = {}
+    for name, failure in (("nan", TrainingFailure("The loss became nan at step 3.", "Lower the learning rate.")),
+                          ("memory", MemoryError())):
+        run = registry.create(config.changed(name=name), status="running")
+        error, advice = explain(failure)
+        registry.set_status(run.id, "failed", error=error, advice=advice)
+        shown[name] = widgets.live_values(run.id, registry)
+    assert shown["nan"][8]["interactive"] is False  # (Resume: the 9th of LivePanel.outputs)
+    assert "Resuming would fail the same way" in shown["nan"][0] and "Clone" in shown["nan"][0]
+    assert shown["memory"][8]["interactive"] is True  # memory other work held may be free now
+    assert "Resuming would fail" not in shown["memory"][0]
+    stopped = registry.create(config.changed(name="stopped"), status="running")
+    registry.set_status(stopped.id, "stopped")
+    assert widgets.live_values(stopped.id, registry)[8]["interactive"] is True
+
+
 def test_settings_compared_read_as_typed():
     """'epochs 1000.0', 'lora_alpha 32.0': the float settings showed their type, not the value typed."""
     assert [runs_tab._shown(v) for v in (1000.0, 32.0, 0.0002, 1e-05, 3, None, [1.0, 0.5])] == [

@@ -29,7 +29,7 @@ from pipelines.hub import workspace
 from pipelines.events import STOP_FILE, checkpoint_dirs
 from studio import jobs
 from studio.progress import Progress, format_seconds
-from studio.runs import ACTIVE, FINAL, RESUMABLE, Registry
+from studio.runs import ACTIVE, FINAL, RESUMABLE, Registry, resume_may_help
 from studio.tabs.curve import curve_svg
 
 LOG_LINES = 40
@@ -547,6 +547,9 @@ def status_markdown(run, progress: Progress, registry: Registry) -> str:
             for r in ranks)
     if status == "failed":
         text += f"\n\n**Why it failed:** {run.error or progress.error}\n\n**What to change:** {run.advice or progress.advice}"
+        if not resume_may_help(status, run.error or progress.error):  # (so Resume is off: live_values)
+            text += ("\n\nResuming would fail the same way: make the change and train again (**Clone** in the Runs "
+                     "tab fills the run's tab with its settings).")
     elif status == "interrupted":
         text += f"\n\n{run.error} {run.advice}"
     elif status == "stopped" and checkpoint_dirs(run.dir):
@@ -594,7 +597,10 @@ def live_values(run_id: str | None, registry: Registry | None = None) -> list[An
             shown_if_any(images[-12:], as_value=list),
             read_log_tail(run.dir),
             gr.update(interactive=active), gr.update(interactive=active),
-            gr.update(interactive=run.status in RESUMABLE), refresh_timer(run.status)]
+            # Resume only where it can get past what ended the run (the CLI suggests it so): a loss gone to nan or
+            # a setting the base model refuses would only fail again. jobs.resume still takes any of RESUMABLE.
+            gr.update(interactive=resume_may_help(run.status, run.error or progress.error)),
+            refresh_timer(run.status)]
 
 
 def refresh_timer(status: str | None) -> gr.Timer:
