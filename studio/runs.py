@@ -191,15 +191,22 @@ class Registry:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
         name = config.name.strip() or f"{config.modality} run {time.strftime('%m-%d %H.%M.%S')}"
-        config = config.changed(name=self.unused_name(name))
-        config.check()
-        config.save(run_dir / "config.yaml")
-        now = time.time()
-        append_event(run_dir, "status", status=status)  # first: a rebuild made meanwhile finds the run queued
-        self._sql("INSERT OR REPLACE INTO runs (id, name, modality, base_model, status, created, queued_at, "
-                  "config_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                  (run_id, config.name, config.modality, config.base_model, status, now,
-                   now if status == "queued" else None, config_hash(config)))
+
+        def insert(db: sqlite3.Connection) -> None:
+            # The name picked and the row that takes it in one write transaction: two Trains of one name at
+            # once both found it free, and both runs were given it.
+            db.execute("BEGIN IMMEDIATE")
+            named = config.changed(name=self._unused_name(db, name))
+            named.check()
+            named.save(run_dir / "config.yaml")
+            now = time.time()
+            append_event(run_dir, "status", status=status)  # first: a rebuild made meanwhile finds the run queued
+            db.execute("INSERT OR REPLACE INTO runs (id, name, modality, base_model, status, created, queued_at, "
+                       "config_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (run_id, named.name, named.modality, named.base_model, status, now,
+                        now if status == "queued" else None, config_hash(named)))
+            db.execute("COMMIT")
+        self._with_db(insert)
         return self.get(run_id)
 
     # ---- reading -----------------------------------------------------------------------------
@@ -255,10 +262,11 @@ class Registry:
             return changed
         return self._with_db(change)
 
-    def unused_name(self, name: str, run_id: str = "") -> str:
+    @staticmethod
+    def _unused_name(db: sqlite3.Connection, name: str, run_id: str = "") -> str:
         """`name`, or `name 2`, `name 3`… where another run has it: runs compared side by side, or picked in
-        a list, need names apart."""
-        taken = {row["name"] for row in self._sql("SELECT name FROM runs WHERE id != ?", (run_id,))}
+        a list, need names apart. Read inside the write transaction that gives the name, so none is given twice."""
+        taken = {row["name"] for row in db.execute("SELECT name FROM runs WHERE id != ?", (run_id,))}
         found, n = name, 2
         while found in taken:
             found, n = f"{name[:79 - len(str(n))].rstrip()} {n}", n + 1
@@ -268,10 +276,15 @@ class Registry:
         run = self.get(run_id)
         config = run.config().changed(name=name.strip())
         config.check()
-        if self.unused_name(config.name, run_id) != config.name:
-            raise ConfigError([("name", "is already another run's name")])
-        _save_config(run.dir, config)
-        self._sql("UPDATE runs SET name = ? WHERE id = ?", (config.name, run_id))
+
+        def change(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")  # as in create: two renames to one name at once were both let through
+            if self._unused_name(db, config.name, run_id) != config.name:
+                raise ConfigError([("name", "is already another run's name")])
+            _save_config(run.dir, config)
+            db.execute("UPDATE runs SET name = ? WHERE id = ?", (config.name, run_id))
+            db.execute("COMMIT")
+        self._with_db(change)
 
     def delete(self, run_id: str) -> None:
         run = self.get(run_id)

@@ -427,6 +427,42 @@ def test_a_run_given_a_name_another_run_has_is_named_apart(home, tmp_path):
     assert sorted(run.name for run in registry.list()) == names
 
 
+def test_runs_given_one_name_at_the_same_moment_are_still_named_apart(home, tmp_path):
+    """The name was picked, then the run's row written, apart: two Trains of one name pressed at once (two
+    browser windows, a script's runs) both found the name free and both kept it; two renames alike."""
+    import threading
+    config = load_config(config_file(tmp_path, name="support bot"))
+    Registry()  # (the index made first, not by the threads racing)
+    count = 8
+    barrier = threading.Barrier(count)
+    names, refused = [], []
+
+    def train():
+        barrier.wait()  # all at once, each with a Registry and a connection of its own, as each request has
+        names.append(Registry().create(config, status="stopped").name)
+
+    def rename(run_id):
+        barrier.wait()
+        try:
+            Registry().rename(run_id, "the one")
+        except ConfigError:
+            refused.append(run_id)
+
+    def all_at_once(work, args):
+        threads = [threading.Thread(target=work, args=a) for a in args]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    all_at_once(train, [()] * count)
+    assert sorted(names) == sorted(["support bot"] + [f"support bot {n}" for n in range(2, count + 1)])
+    all_at_once(rename, [(run.id,) for run in Registry().list()])
+    assert len(refused) == count - 1
+    assert [run.name for run in Registry().list()].count("the one") == 1
+    assert Registry().rebuild() == count and [run.name for run in Registry().list()].count("the one") == 1
+
+
 def test_two_data_files_of_one_name_both_reach_the_run(home, tmp_path):
     """Uploads from two folders may share a name (two exports named data.csv): the run keeps both, each named as
     it was in a folder of its own (named as no data folder is: '2' was, and took a speaker folder's place), and
