@@ -27,7 +27,7 @@ MAX_ENTRIES = int_setting("STUDIO_MAX_ARCHIVE_ENTRIES", 20_000)
 MAX_UNPACKED_BYTES = int_setting("STUDIO_MAX_ARCHIVE_MB", 4096) * 2**20
 MAX_RATIO = int_setting("STUDIO_MAX_COMPRESSION_RATIO", 200)
 # Unpacked zips and gathered folders not used for this long are removed (clean_unused): each is made again from
-# its upload when needed, and a run trains on its own copy of its data.
+# its upload when needed, and a run trains on its own copy of its data. Uploads and previews too (clean_unused_files).
 KEEP_UNUSED_HOURS = int_setting("STUDIO_KEEP_UNPACKED_HOURS", 24)
 NESTED = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"}
 JUNK = {".DS_Store", "Thumbs.db", "desktop.ini"}  # operating-system clutter, skipped silently
@@ -141,12 +141,51 @@ def _used(folder: Path) -> None:
         os.utime(folder)
 
 
+def mark_used(path: str | Path) -> None:
+    """Mark a file as used now, so that clean_unused_files keeps it: its access time, set here as a read alone may
+    not set it (a file system mounted noatime; relatime sets it once a day). Its modification time stays: the data
+    check's cache and the preview's thumbnails know a file by it."""
+    with contextlib.suppress(OSError):
+        os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns))
+
+
+def clean_unused_files(folder: Path, hours: float = KEEP_UNUSED_HOURS, keep: set[str] = frozenset()) -> int:
+    """Remove the files under `folder` that came there or were used (mark_used, a read) `hours` ago or longer,
+    but those in `keep` (real paths), and the folders older than that left empty: uploads and previews,
+    gigabytes of image folders and audio data sets, stayed in the temporary folder for good. A file's coming is
+    its ctime, not its mtime, which a copy keeps from its source (Gradio copies with copy2, and judges its own
+    cache by ctime too). Returns how many files were removed."""
+    limit = time.time() - hours * 3600
+    removed = 0
+    for place, _, names in os.walk(folder, topdown=False):
+        try:
+            old = os.stat(place).st_mtime < limit  # (before the files' removal changes it; a folder just made
+        except OSError:                            # for an upload on its way in stays)
+            continue
+        for name in names:
+            path = os.path.join(place, name)
+            try:
+                info = os.lstat(path)
+                if max(info.st_atime, info.st_ctime) < limit and os.path.realpath(path) not in keep:
+                    os.unlink(path)
+                    removed += 1
+            except OSError:  # removed meanwhile
+                continue
+        if old and place != str(folder):
+            with contextlib.suppress(OSError):  # (not empty: kept)
+                os.rmdir(place)
+    return removed
+
+
 def clean_unused(uploads: Path, hours: float = KEEP_UNUSED_HOURS) -> int:
     """Remove what unpack_once, gather_folder and folder_as_uploads made and nothing has used for `hours`
-    (leftovers of an unpacking cut short too): a user trying one zip after another filled the disk with
-    unpacked copies. Returns how many were removed."""
+    (leftovers of an unpacking cut short too), and the studio's other temporary folders of that age (a config
+    saved, a run's validation folder zipped for its upload box: Gradio has its own copy of each): a user trying
+    one zip after another filled the disk with unpacked copies. Returns how many were removed."""
     limit = time.time() - hours * 3600
-    made = [*(uploads.iterdir() if uploads.is_dir() else []), *Path(tempfile.gettempdir()).glob("studio-folder-*")]
+    made = [*(uploads.iterdir() if uploads.is_dir() else []),
+            *(path for kind in ("studio-folder-*", "studio-config-*", "studio-upload-*")
+              for path in Path(tempfile.gettempdir()).glob(kind))]
     removed = 0
     for path in made:
         try:

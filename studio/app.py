@@ -11,6 +11,7 @@ import ipaddress
 import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -129,18 +130,34 @@ def _poll_queue_gently(app: gr.Blocks, seconds: float = 0.1) -> None:
             setattr(queue, attribute, max(getattr(queue, attribute), seconds))
 
 
-def _keep_queue_moving(stop: threading.Event) -> None:
-    """Start queued runs as slots free up; once an hour (and at start), remove unpacked uploads left unused."""
+def _keep_queue_moving(stop: threading.Event, app: gr.Blocks) -> None:
+    """Start queued runs as slots free up; once an hour (and at start), remove uploads left unused."""
     cleaned = None
     while not stop.wait(3.0):
         try:
             jobs.dispatch()
             if cleaned is None or time.monotonic() - cleaned > 3600:
                 cleaned = time.monotonic()
-                for folder in ("uploads", "unpacked"):  # (the second: where speech zips went before)
-                    archives.clean_unused(workspace() / folder)
+                clean_unused(app)
         except Exception as err:  # a hiccup (a locked database) must not end the thread
             print(f"queue check failed: {err}", file=sys.stderr)
+
+
+def clean_unused(app: gr.Blocks, hours: float = archives.KEEP_UNUSED_HOURS) -> None:
+    """What uploads leave, removed once nothing has used it for `hours`: unpacked zips and gathered folders, the
+    image preview's thumbnails, and Gradio's own copies of the uploads (its cache), but those of the files the page
+    is built with (the tabs' sample data). An upload a page's form holds is used at each of its checks and Train
+    (TabForm.values). Not Gradio's delete_cache: it removes only what its own process made (a killed server's
+    files stayed for good), and all of that whenever the server stops (an open page's uploads with it)."""
+    from gradio.utils import get_upload_folder
+
+    from studio.tabs import image
+    for folder in ("uploads", "unpacked"):  # (the second: where speech zips went before)
+        archives.clean_unused(workspace() / folder, hours)
+    archives.clean_unused_files(image.previews_folder(), hours)
+    built_with = {os.path.realpath(path) for block in app.blocks.values()
+                  for path in getattr(block, "keep_in_cache", ())}
+    archives.clean_unused_files(Path(get_upload_folder()), hours, built_with)
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth_file: str | None = None,
@@ -159,13 +176,16 @@ def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth_f
     if lost:
         print(f"Marked {len(lost)} run(s) whose process is gone as interrupted: {', '.join(lost)}")
     jobs.dispatch(registry)
-    stop = threading.Event()
-    threading.Thread(target=_keep_queue_moving, args=(stop,), daemon=True).start()
     # The libraries the handlers load, imported as the page is first served (not delaying it), before the first
     # data check asks for them: the checks, Try it and Export wait for it.
     jobs.import_libraries_in_background()
     started = time.monotonic()
+    # Gradio's cache of uploads, a folder of the studio's own: the default is every Gradio app's of this user,
+    # and clean_unused removes what the studio did not use for a day.
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "studio-gradio"))
     app = build_app()
+    stop = threading.Event()
+    threading.Thread(target=_keep_queue_moving, args=(stop, app), daemon=True).start()
     app.queue(default_concurrency_limit=4, max_size=256)
     _poll_queue_gently(app)
     root = workspace()

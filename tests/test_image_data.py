@@ -458,6 +458,52 @@ def test_unpacked_uploads_left_unused_for_a_day_are_removed_and_made_again_when_
     assert report.rows_usable == 1 and report.problems == []
 
 
+def test_uploads_and_previews_unused_for_a_day_are_removed_and_those_a_form_holds_kept(tmp_path, monkeypatch):
+    """Gradio's copy of every upload (folders of images, audio data sets: gigabytes) and the image preview's
+    thumbnails stayed in the temporary folder for good. The server's hourly clean removes them as it removes
+    unpacked zips, once nothing has used them for STUDIO_KEEP_UNPACKED_HOURS (here, 2.5 seconds); an upload
+    the page's form holds is used by each check of it."""
+    import os
+    import secrets
+    import tempfile
+    import time
+
+    from studio import app as studio
+    from studio.tabs import image as tab
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "ws"))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # (as studio serve sets a folder of its own)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    app = studio.build_app()
+    built_with = [p for p in (tmp_path / "gradio").rglob("*") if p.is_file()]  # the tabs' samples, copied there
+    assert len(built_with) >= 8
+
+    def upload(name, colour):  # as Gradio keeps an upload: in a folder of its own in its cache
+        photo = square(tmp_path / "gradio" / secrets.token_hex(8) / name, colour, caption="a square")
+        return [str(photo), str(photo.with_suffix(".txt"))]
+
+    def check(files):
+        return tab.check_data(files, None, *tab.FORM_SPEC.opening())
+
+    replaced, held = upload("old.tif", (200, 30, 30)), upload("photo.tif", (20, 120, 220))
+    assert check(replaced)[0].startswith("**Data:** 1 of 1 images usable")  # then the user picked other photos
+    assert check(held)[0].startswith("**Data:** 1 of 1 images usable")
+    previews = {Path(tab.drawable(files[0])) for files in (replaced, held)}  # (a TIFF is shown as a JPEG thumbnail)
+    assert set(tab.previews_folder().iterdir()) == previews
+    saved = Path(tab.FORM_SPEC.save(held, None, *tab.FORM_SPEC.opening())[0]["value"]).parent  # Save config
+    time.sleep(5)
+    # Gradio's copy of a run's sample image drawn two days ago, made just now: copy2 gives it the image's times
+    copied = square(tmp_path / "gradio" / secrets.token_hex(8) / "sample.png", caption=None)
+    os.utime(copied, (time.time() - 2 * 86400,) * 2)
+    assert check(held)[0].startswith("**Data:** 1 of 1 images usable")  # the page is still open, checked again
+
+    studio.clean_unused(app, hours=2.5 / 3600)
+    assert all(Path(p).exists() for p in held) and copied.exists() and all(p.exists() for p in built_with)
+    assert not Path(replaced[0]).parent.exists()  # the upload, its Gradio folder with it
+    assert list(tab.previews_folder().iterdir()) == [Path(tab.drawable(held[0]))] and not saved.exists()
+    assert check(held)[0].startswith("**Data:** 1 of 1 images usable")
+
+
 def test_the_preview_shows_a_phone_photo_the_browser_cannot_draw(tmp_path):
     """A HEIC photo trained, but the tab's preview sent the browser the .heic itself, which it cannot draw: the
     gallery showed only the caption."""

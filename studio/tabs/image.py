@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from pipelines.archives import mark_used
 from pipelines.image.config import HUB_MODELS, ImageConfig, oversize
 from pipelines.image.data import CAPTION_SUFFIXES, CONVERT_FIRST, IMAGE_SUFFIXES, METADATA_SUFFIXES, read_image
 from studio import hardware, jobs
@@ -65,6 +66,11 @@ def check_data(*args):
 BROWSERS_DRAW = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".avif"}
 
 
+def previews_folder() -> Path:
+    """Where drawable's thumbnails are kept; the server removes those unused for a day (app.clean_unused)."""
+    return Path(tempfile.gettempdir()) / "studio-previews"
+
+
 def drawable(path: str) -> str:
     """The image as the browser can draw it: a phone's HEIC or a TIFF, which it cannot (the preview showed only
     captions), as a JPEG thumbnail made once in the temporary folder."""
@@ -73,8 +79,10 @@ def drawable(path: str) -> str:
         return path
     stat = source.stat()
     key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:20]
-    thumbnail = Path(tempfile.gettempdir()) / "studio-previews" / f"{key}.jpg"
-    if not thumbnail.exists():
+    thumbnail = previews_folder() / f"{key}.jpg"
+    if thumbnail.exists():
+        mark_used(thumbnail)
+    else:
         image = read_image(source)[0]
         if image is None:
             return path

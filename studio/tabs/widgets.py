@@ -22,7 +22,7 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from pipelines.archives import FOLDER_MARK, folder_as_uploads, gather_folder
+from pipelines.archives import FOLDER_MARK, folder_as_uploads, gather_folder, mark_used
 from pipelines.config import ConfigError, RunConfig
 from pipelines.distributed import read_ranks
 from pipelines.hub import workspace
@@ -179,7 +179,10 @@ class TabForm:
         values.update(modality=self.modality, base_model=base_model or "", name=name or "")
         types = typing.get_type_hints(self.config_cls)
         for field, files in zip(self.upload_fields, uploads):
-            paths = gathered([upload_path(f) for f in (files if isinstance(files, list) else [files] if files else [])])
+            paths = [upload_path(f) for f in (files if isinstance(files, list) else [files] if files else [])]
+            for path in paths:  # the page's form still holds it: kept by the server's hourly clean (app.clean_unused)
+                mark_used(path)
+            paths = gathered(paths)
             if typing.get_origin(types[field]) is list:
                 values[field] = values.get(field, []) + paths
             else:
