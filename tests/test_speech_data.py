@@ -478,3 +478,47 @@ def test_speech_recorded_quietly_is_kept_and_silence_is_not(tmp_path):
     report = inspect_data(config(data_path=str(tmp_path)))
     assert report.rows_usable == 1 and list(reasons(report)) == ["hiss.wav"]
     assert "is silent" in reasons(report)["hiss.wav"]
+
+
+@pytest.mark.parametrize("layout", ["txt beside each clip", "one table at the top", "a table per folder"])
+def test_train_validation_and_test_folders_train_on_the_train_split_only(tmp_path, layout):
+    """train/ validation/ test/ folders were read as splits only with a metadata.csv in each: with .txt
+    transcripts, or one metadata.csv at the top naming 'test/...' (Hugging Face's audiofolder), the test
+    clips were trained on and the validation clips were not the validation data."""
+    splits = {"train": ["cat", "window", "bridge"], "validation": ["apples"], "test": ["umbrella", "violin"]}
+    rows = {split: [] for split in splits}
+    for split, names in splits.items():
+        (tmp_path / split).mkdir()
+        for name in names:
+            shutil.copy(CLIPS / f"{name}.wav", tmp_path / split / f"{name}.wav")
+            if layout == "txt beside each clip":
+                (tmp_path / split / f"{name}.txt").write_text(f"What {name} says.")
+            rows[split].append((f"{split}/{name}.wav" if layout == "one table at the top" else f"{name}.wav",
+                                f"What {name} says."))
+        if layout == "a table per folder":
+            write_metadata(tmp_path / split, rows[split])
+    if layout == "one table at the top":
+        write_metadata(tmp_path, [row for split_rows in rows.values() for row in split_rows])
+
+    report, train, validation = load_clips(config(data_path=str(tmp_path), validation_fraction=0.1),
+                                           keep_audio=False)
+    assert sorted(Path(c.audio).stem for c in train) == ["bridge", "cat", "window"]
+    assert [Path(c.audio).stem for c in validation] == ["apples"]
+    assert [p for p in report.problems if not p.kept] == []
+    assert {p.file: p.reason for p in report.problems if p.kept} == {
+        "test": "the test split: not trained on, kept for testing the tuned model (2 clips)",
+        "validation": "the dev split: the validation data (1 clip)"}
+    assert report.summary().startswith("4 of 4 clips usable") and "1 held out for validation" in report.summary()
+
+    # Validation data of their own: the validation folder is left out, as Common Voice's dev.tsv is.
+    held = tmp_path.parent / f"{tmp_path.name}-held"
+    held.mkdir()
+    shutil.copy(CLIPS / "battery.wav", held / "battery.wav")
+    (held / "battery.txt").write_text("The battery is low.")
+    report, train, validation = load_clips(config(data_path=str(tmp_path), validation_path=str(held)),
+                                           keep_audio=False)
+    assert sorted(Path(c.audio).stem for c in train) == ["bridge", "cat", "window"]
+    assert [Path(c.audio).stem for c in validation] == ["battery"]
+    assert {p.file: p.reason for p in report.problems} == {
+        "test": "the test split: not trained on, kept for testing the tuned model (2 clips)",
+        "validation": "the dev split: not trained on (the validation data uploaded is used instead) (1 clip)"}

@@ -29,8 +29,8 @@ TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json"}
 FILE_COLUMNS = ["file_name", "filename", "file", "path", "audio", "audio_file", "audio_path", "audio_filepath",
                 "wav", "clip"]
 TEXT_COLUMNS = ["transcription", "transcript", "text", "sentence", "normalized_text", "label"]
-# A data set released in splits (Common Voice's train/dev/test.tsv, or train/ validation/ test/ folders of a
-# metadata.csv each), told by a table or folder named train: each other split's role, by its name.
+# A data set released in splits (Common Voice's train/dev/test.tsv, or train/ validation/ test/ folders), told by
+# a table or folder named train: each other split's role, by its name.
 SPLITS = {"train": "train", "dev": "dev", "validation": "dev", "valid": "dev", "test": "test",
           "validated": "validated", "invalidated": "invalid", "reported": "invalid", "other": "unchecked",
           "clip_durations": "extra", "validated_sentences": "extra", "unvalidated_sentences": "extra"}
@@ -40,6 +40,9 @@ HELD_OUT = {"test": "the test split: not trained on, kept for testing the tuned 
             "unchecked": "clips not yet reviewed: not trained on",
             "dev": "the dev split: not trained on (the validation data uploaded is used instead)",
             "extra": "the data set's own records, not clips with transcripts: left out"}
+# The split names a folder may have. The rest are Common Voice's tables: a speaker's folder named 'other' is not
+# its clips not yet reviewed.
+FOLDER_SPLITS = {name: role for name, role in SPLITS.items() if role in ("train", "dev", "test")}
 MAX_SPLIT_SECONDS = 600.0   # longer recordings are not split: a transcript spread over 20 pieces is a guess
 MIN_SECONDS = 0.1
 
@@ -128,15 +131,21 @@ def _ljspeech_rows(table: Path, index: FileIndex, report: DataReport) -> list[tu
     return rows
 
 
-def _transcripts(tables: list[Path], texts: list[Path], audio: list[Path], others: list[Path],
-                 report: DataReport, count: bool) -> tuple[dict[Path, _Transcript], int]:
-    """Transcript per audio file, and the number of table rows whose audio is missing."""
+def _read(table: Path, index: FileIndex, report: DataReport) -> list[tuple[int, dict]]:
+    return _ljspeech_rows(table, index, report) or read_table(table, report)
+
+
+def _transcripts(tables: dict[Path, list[tuple[int, dict]]], texts: list[Path], audio: list[Path],
+                 left_out: set[Path], others: list[Path], report: DataReport, count: bool
+                 ) -> tuple[dict[Path, _Transcript], int]:
+    """Transcript per audio file (from the tables' rows, read by _splits), and the number of table rows whose
+    audio is missing. A row or .txt of a clip `left_out` (a split not trained on) is passed over: the split's
+    note counts it."""
     found: dict[Path, _Transcript] = {}
     orphans = 0
-    index = FileIndex(audio, AUDIO_SUFFIXES)
+    index = FileIndex(audio + sorted(left_out), AUDIO_SUFFIXES)
     other_names = {p.name for p in others}
-    for table in tables:
-        rows = _ljspeech_rows(table, index, report) or read_table(table, report)
+    for table, rows in tables.items():
         if not rows:
             continue
         columns = list(dict.fromkeys(k for _, record in rows[:200] for k in record))
@@ -153,6 +162,8 @@ def _transcripts(tables: list[Path], texts: list[Path], audio: list[Path], other
                 report.problem(table, f"the '{file_column}' column is empty", number)
                 continue
             clip = index.find(name, table.parent)
+            if clip in left_out:
+                continue
             if clip is None:
                 orphans += 1
                 leaf = Path(name.replace("\\", "/")).name
@@ -196,34 +207,54 @@ def _tokenizer(config: SpeechConfig):
     return get_tokenizer(not config.base_model.strip().endswith(".en"))
 
 
+def _split_folder(path: Path, roots: list[Path]) -> Path | None:
+    """The folder inside a folder or zip given whose name makes it a split (train/, validation/, test/), nearest
+    first. None for a file given on its own: the folder it sits in is not copied into a run with it."""
+    root = next((r for r in roots if path.is_relative_to(r)), None)
+    if root is None:
+        return None
+    return next((root / folder for folder in path.relative_to(root).parents if folder.name.lower() in FOLDER_SPLITS),
+                None)
+
+
 def _splits(tables: list[Path], audio: list[Path], report: DataReport, dev_validates: bool
-            ) -> tuple[list[Path], list[Path], set[Path]]:
-    """The tables and audio to read, in a data set released in splits (see SPLITS): the train split's, and the
-    dev split's as validation data (`dev_validates`); the audio of every other split is left out, with a note per
-    table. Else all of them, and no dev split."""
-    role = {t: SPLITS.get(t.stem.lower()) or SPLITS.get(t.parent.name.lower()) for t in tables}
-    if "train" not in role.values():
-        return tables, audio, set()
+            ) -> tuple[dict[Path, list[tuple[int, dict]]], list[Path], set[Path], set[Path]]:
+    """In a data set released in splits (see SPLITS): the train split's tables and audio, and the dev split's as
+    validation data (`dev_validates`); every other split is left out, with a note per table or folder. Else all
+    of them, and no dev split. Returns the rows of the tables to read (each table is read once), the audio to
+    use, the clips of the dev split and those left out."""
     index = FileIndex(audio, AUDIO_SUFFIXES)
-    named: dict[Path, set[Path]] = {}
-    for table in (t for t in tables if role[t]):  # (problems in their rows: said where they are read for training)
-        rows = read_table(table, DataReport())
-        column = _pick(list(dict.fromkeys(k for _, record in rows[:200] for k in record)), FILE_COLUMNS)
-        named[table] = {clip for _, record in rows
-                        if column and (clip := index.find(str(record.get(column) or "").strip(), table.parent))}
+    in_folder = {p: folder for p in tables + audio if (folder := _split_folder(p, report.roots))}
+    folders = list(dict.fromkeys(in_folder.values()))
+    # Each split's tables and folders ("sources"), with the clips each names or holds: a table in a split's folder
+    # is of that split, as its clips are, whether a table there, one at the top or .txt files give their words.
+    role = {t: SPLITS.get(t.stem.lower()) or (FOLDER_SPLITS[in_folder[t].name.lower()] if t in in_folder else None)
+            for t in tables} | {f: FOLDER_SPLITS[f.name.lower()] for f in folders}
+    if "train" not in role.values():
+        return {t: _read(t, index, report) for t in tables}, audio, set(), set()
     # (the training tables first: the one a clip with no transcript is told to get a row in)
     used = [t for t in tables if role[t] in ("train", None)] + [t for t in tables if role[t] == "dev" and dev_validates]
-    dev = set().union(*(named[t] for t in used if role[t] == "dev"))
-    left_out = set().union(*named.values()) - set().union(*(named.get(t, set()) for t in used))
+    # Problems in the rows of the tables left out are not said: they do not train.
+    rows = {t: _read(t, index, report if t in used else DataReport()) for t in tables if t in used or role[t]}
+    named: dict[Path, set[Path]] = {f: {a for a in audio if in_folder.get(a) == f} for f in folders}
+    for table in (t for t in tables if role[t]):
+        column = _pick(list(dict.fromkeys(k for _, record in rows[table][:200] for k in record)), FILE_COLUMNS)
+        named[table] = {clip for _, record in rows[table]
+                        if column and (clip := index.find(str(record.get(column) or "").strip(), table.parent))}
+    taken = used + [f for f in folders if role[f] == "train" or (role[f] == "dev" and dev_validates)]
+    dev = set().union(*(named[s] for s in taken if role[s] == "dev"))
+    left_out = set().union(*named.values()) - set().union(*(named.get(s, set()) for s in taken))
+
     def clips(n: int) -> str:
         return f" ({n:,} clip{'s' if n != 1 else ''})"
-    for table in tables:
-        if role[table] == "dev" and dev_validates:
-            report.problem(table, "the dev split: the validation data" + clips(len(named[table])), kept=True)
-        elif table not in used:  # (the validated and extra tables name clips of the other splits)
-            count = "" if role[table] in ("validated", "extra") else clips(len(named[table] & left_out))
-            report.problem(table, HELD_OUT[role[table]] + count, kept=True)
-    return used, [a for a in audio if a not in left_out], dev
+    # A note per split's table or folder (not per table in a split's folder: its folder's note says it).
+    for source in (s for s in tables + folders if role[s] and s not in in_folder):
+        if role[source] == "dev" and dev_validates:
+            report.problem(source, "the dev split: the validation data" + clips(len(named[source])), kept=True)
+        elif source not in taken:  # (the validated and extra tables name clips of the other splits)
+            count = "" if role[source] in ("validated", "extra") else clips(len(named[source] & left_out))
+            report.problem(source, HELD_OUT[role[source]] + count, kept=True)
+    return {t: rows[t] for t in used}, [a for a in audio if a not in left_out], dev, left_out
 
 
 # What the data check heard in each clip up to 30 s long, by its path, size and time, without the samples: a
@@ -270,8 +301,8 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
     if not audio:
         report.problem(paths[0] if len(paths) == 1 else "data", "holds no audio files (wav, flac, mp3, ogg, m4a, "
                                                                 "webm, mp4...)")
-    tables, audio, dev = _splits(tables, audio, report, count and not config.validation_path.strip())
-    transcripts, orphans = _transcripts(tables, texts, audio, others, report, count)
+    tables, audio, dev, left_out = _splits(tables, audio, report, count and not config.validation_path.strip())
+    transcripts, orphans = _transcripts(tables, texts, audio, left_out, others, report, count)
     if count:
         report.rows_found += len(audio) + orphans
         kinds = ([", ".join(sorted({t.name for t in tables}))] if tables else []) + ([".txt files"] if texts else [])
@@ -284,7 +315,7 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
     for path in audio:
         transcript = transcripts.get(path)
         if transcript is None:
-            table = tables[0].name if tables else "metadata.csv"  # the user's own table, where there is one
+            table = next(iter(tables)).name if tables else "metadata.csv"  # the user's own table, where there is one
             report.problem(path, f"has no transcript: add a row for it to {table} (file_name, transcription) "
                                  f"or a {path.stem}.txt beside it")
             continue
