@@ -120,6 +120,21 @@ def test_bad_audio_gets_a_message(server, page, tmp_path):
     expect(page.locator("#speech-train")).to_be_disabled()
 
 
+def test_validation_clips_are_given_as_files_with_their_table(server, page, tmp_path):
+    """The validation box took one zip: clips and their metadata.csv could not be given as files."""
+    import shutil
+    clips = ROOT / "assets" / "speech" / "clips"
+    held = [shutil.copy(clips / name, tmp_path / f"held-{name}") for name in ("battery.wav", "meeting.wav")]
+    (tmp_path / "metadata.csv").write_text("file_name,transcription\nheld-battery.wav,The battery is low.\n"
+                                           "held-meeting.wav,The meeting starts at nine.\n")
+    open_tab(page, server, "Speech (Whisper)")
+    expect(page.locator("#speech-data-summary")).to_contain_text("8 of 8")
+    validation = page.locator("#speech-validation input[type=file]")
+    validation.set_input_files([*map(str, held), str(tmp_path / "metadata.csv")])
+    expect(page.locator("#speech-data-summary")).to_contain_text("plus 2 for validation from the validation data")
+    expect(page.locator("#speech-train")).to_be_enabled()
+
+
 def test_bad_images_get_a_message_and_no_empty_preview(server, page, tmp_path):
     fake = tmp_path / "photo.png"
     fake.write_bytes(b"this is not a picture" * 100)

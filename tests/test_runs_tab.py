@@ -216,22 +216,29 @@ def test_load_config_fills_what_it_names_and_says_what_is_missing(tmp_path):
     assert "The data it names (gone.csv) is not found next to it" in loaded[-1]
 
 
-def test_load_config_gives_the_validation_box_one_file(tmp_path):
-    """The speech tab's validation box takes one .zip: a config naming a zip gets it as one file, and one naming
-    a folder (a run's copy, or a CLI user's) gets that folder zipped. Given a list, Gradio refused the value and
-    the tab broke ('The 'meta' field must be explicitly provided'), Train with it."""
+def test_load_config_fills_the_speech_validation_box_as_the_training_one(tmp_path, monkeypatch):
+    """The speech tab's validation box takes what its training box takes (files, a zip): a config naming a zip
+    gets it, one naming a folder (a run's copy, or a CLI user's) its files as a folder upload, and one naming
+    files those files; Train then validates on the clips the config named. (The box took one zip: a config
+    naming files could not be loaded.)"""
     import shutil
-    import zipfile
+    from pipelines.speech.config import SpeechConfig
+    from pipelines.speech.data import load_clips
     from studio.tabs import speech
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "ws"))
     clips = ROOT / "assets" / "speech" / "clips"
     shutil.make_archive(str(tmp_path / "held"), "zip", clips)
-    for validation in ("held.zip", str(clips)):
+    for validation, held in [("held.zip", 8), (str(clips), 8),
+                             ([str(clips / "cat.wav"), str(clips / "metadata.csv")], 1)]:
         config = tmp_path / "config.yaml"
-        config.write_text(f"modality: speech\ndata_path: {clips}\nvalidation_path: {validation}\n")
+        config.write_text(yaml.safe_dump({"modality": "speech", "data_path": str(clips), "validation_path": validation,
+                                          "validation_fraction": 0}))
         values = speech.FORM_SPEC.load(str(config))
-        assert isinstance(values[2], str) and values[2].endswith(".zip"), values[2]
-        assert "apples.wav" in {Path(n).name for n in zipfile.ZipFile(values[2]).namelist()}
         assert values[-1] == "Settings loaded from the config file."
+        assert isinstance(values[2], list)
+        settings = SpeechConfig.from_dict(speech.FORM_SPEC.values(*values[:-1]))
+        report, _, validation_clips = load_clips(settings, keep_audio=False)
+        assert len(validation_clips) == held, (validation, report.problems)
 
 
 def test_prompts_with_commas_keep_them_through_the_form(tmp_path):

@@ -302,9 +302,9 @@ def test_the_summary_tells_the_validation_upload_s_audio_from_the_training_audio
     held.mkdir()
     subprocess.run(["sox", str(CLIPS / "cat.wav"), "-r", "48000", str(held / "cat.wav")], check=True)
     (held / "cat.txt").write_text("The cat sat on the mat.")
-    settings = dataclasses.asdict(config(validation_path=str(held)))
+    settings = dataclasses.asdict(config())
     files = [str(CLIPS / n) for n in ("window.wav", "apples.wav", "metadata.csv")]
-    summary, *_ = tab.check_data(files, None, str(held), "tiny-whisper", "", *[settings[key] for key in tab.FORM])
+    summary, *_ = tab.check_data(files, None, [str(held)], "tiny-whisper", "", *[settings[key] for key in tab.FORM])
     seconds = {c.audio.split("/")[-1]: c.seconds for c in load_clips(config(data_path=str(CLIPS)))[1]}
     training, validation = seconds["window.wav"] + seconds["apples.wav"], seconds["cat.wav"]
     assert f"Total audio: {training:.1f} s, plus {validation:.1f} s to validate on. Sample rates: 16000 Hz (2)." \
@@ -515,10 +515,56 @@ def test_train_validation_and_test_folders_train_on_the_train_split_only(tmp_pat
     held.mkdir()
     shutil.copy(CLIPS / "battery.wav", held / "battery.wav")
     (held / "battery.txt").write_text("The battery is low.")
-    report, train, validation = load_clips(config(data_path=str(tmp_path), validation_path=str(held)),
+    report, train, validation = load_clips(config(data_path=str(tmp_path), validation_path=[str(held)]),
                                            keep_audio=False)
     assert sorted(Path(c.audio).stem for c in train) == ["bridge", "cat", "window"]
     assert [Path(c.audio).stem for c in validation] == ["battery"]
     assert {p.file: p.reason for p in report.problems} == {
         "test": "the test split: not trained on, kept for testing the tuned model (2 clips)",
         "validation": "the dev split: not trained on (the validation data uploaded is used instead) (1 clip)"}
+
+
+def test_validation_clips_given_as_files_with_their_table_are_the_validation_data(tmp_path, monkeypatch):
+    """The speech tab's validation box took one zip: clips and their metadata.csv uploaded as files could not be
+    given (the first file alone was read, with no transcript), nor a list of them in a config for studio train."""
+    import dataclasses
+    import yaml
+    from pipelines.data import Problem
+    from studio.runs import Registry
+    from studio.tabs import speech as tab
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "ws"))
+    held = tmp_path / "held, take 2"
+    held.mkdir()
+    for name in ("battery", "meeting"):
+        shutil.copy(CLIPS / f"{name}.wav", held / f"{name}.wav")
+    write_metadata(held, [("battery.wav", "The battery is low."), ("meeting.wav", "The meeting starts at nine."),
+                          ("lost.wav", "Not uploaded.")])
+    # As the browser uploads them: each file in a folder of its own, the training data's metadata.csv a second.
+    uploads = []
+    for i, path in enumerate(sorted(held.iterdir())):
+        (tmp_path / f"upload{i}").mkdir()
+        uploads.append(str(shutil.copy(path, tmp_path / f"upload{i}" / path.name)))
+    settings = dataclasses.asdict(config())
+    form = ["tiny-whisper", "", *[settings[key] for key in tab.FORM]]
+    training = [str(p) for p in sorted(CLIPS.iterdir())]
+    summary, *_ = tab.check_data(training, None, uploads, *form)
+    assert summary.startswith("**Data:** 8 of 8 clips usable (metadata.csv), plus 2 for validation from the "
+                              "validation data\n")
+    seconds = sum(soundfile.info(held / f"{name}.wav").duration for name in ("battery", "meeting"))
+    assert f" s, plus {seconds:.1f} s to validate on." in summary
+    report = inspect_data(SpeechConfig.from_dict(tab.FORM_SPEC.values(training, None, uploads, *form)))
+    assert report.problems == [Problem("validation data: metadata.csv", "names 'lost.wav', which is not among the "
+                                                                        "audio files", 4)]
+
+    # studio train --config: a list of files, or a folder, as the training data may be given (a config saved
+    # before, with one folder or zip, names that one, commas and all).
+    for validation in ([f"{held.name}/battery.wav", f"{held.name}/meeting.wav", f"{held.name}/metadata.csv"],
+                       held.name):
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+            {"modality": "speech", "data_path": str(CLIPS), "validation_path": validation}))
+        settings = load_config(tmp_path / "config.yaml")
+        report, train, validation_clips = load_clips(settings, keep_audio=False)
+        assert (len(train), sorted(Path(c.audio).name for c in validation_clips)) == (8, ["battery.wav", "meeting.wav"])
+        run = Registry().create(settings, status="stopped")  # the run's own copy of them validates the same
+        _, _, copied = load_clips(load_config(run.dir / "config.yaml"), keep_audio=False)
+        assert sorted(Path(c.audio).name for c in copied) == ["battery.wav", "meeting.wav"]

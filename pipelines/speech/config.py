@@ -4,7 +4,7 @@ can build its form without loading the ML stack."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pipelines.config import RunConfig, option
 
@@ -57,7 +57,9 @@ class SpeechConfig(RunConfig):
                                 "(file_name, transcription) or a same-name .txt file per clip.")
     data_files: list[str] = option([], "Uploaded files: audio clips (wav, flac, mp3, ogg, m4a, webm, a video's "
                                        "sound track…) plus a metadata.csv or .txt transcripts, or zips of them.")
-    validation_path: str = option("", "Optional folder or .zip of held-out clips to measure the word error rate on.")
+    validation_path: list[str] = option([], "Optional held-out clips to measure the word error rate on, given as "
+                                            "the training data is: folders, zips, or audio files with a metadata.csv "
+                                            "or .txt transcripts.")
     validation_fraction: float = option(0.1, "Share of clips held out for validation when no validation data is "
                                              "given (only with 5 clips or more).", min=0.0, max=0.5, step=0.05)
 
@@ -87,6 +89,15 @@ class SpeechConfig(RunConfig):
 
     sample_count: int = option(3, "Clips transcribed as samples at each sample step (validation clips first).",
                                min=0, max=32, step=1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], check: bool = True) -> "SpeechConfig":
+        # validation_path held one folder or zip before it took a list: such a config (a run's, saved before)
+        # names that one path, commas and all, where a list setting's text is read as items between commas.
+        data = dict(data or {})
+        if isinstance(data.get("validation_path"), str):
+            data["validation_path"] = [data["validation_path"]] if data["validation_path"].strip() else []
+        return super().from_dict(data, check)
 
     def extra_problems(self) -> list[tuple[str, str]]:
         problems = super().extra_problems()

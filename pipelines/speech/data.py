@@ -301,7 +301,7 @@ def _clips_from(paths: list[str], config: SpeechConfig, report: DataReport, keep
     if not audio:
         report.problem(paths[0] if len(paths) == 1 else "data", "holds no audio files (wav, flac, mp3, ogg, m4a, "
                                                                 "webm, mp4...)")
-    tables, audio, dev, left_out = _splits(tables, audio, report, count and not config.validation_path.strip())
+    tables, audio, dev, left_out = _splits(tables, audio, report, count and not config.validation_path)
     transcripts, orphans = _transcripts(tables, texts, audio, left_out, others, report, count)
     if count:
         report.rows_found += len(audio) + orphans
@@ -389,8 +389,11 @@ def load_clips(config: SpeechConfig, report: DataReport | None = None, keep_audi
     sources = ([config.data_path] if config.data_path.strip() else []) + list(config.data_files)
     train, dev = _clips_from(sources, config, report, keep_audio)
     validation: list[Clip] = []
-    if config.validation_path.strip():
-        validation = _clips_from([config.validation_path], config, report, keep_audio, count=False)[0]
+    if config.validation_path:
+        first = len(report.problems)
+        validation = _clips_from(config.validation_path, config, report, keep_audio, count=False)[0]
+        for problem in report.problems[first:]:  # (told from the training data's metadata.csv, its cat.wav)
+            problem.file = "validation data" if problem.file == "data" else f"validation data: {problem.file}"
     elif dev:
         validation = [c for c in train if Path(c.audio) in dev]
         train = [c for c in train if Path(c.audio) not in dev]
@@ -402,10 +405,10 @@ def load_clips(config: SpeechConfig, report: DataReport | None = None, keep_audi
             held = set(files[:max(1, round(len(files) * config.validation_fraction))])
             validation = [c for c in train if c.audio in held]
             train = [c for c in train if c.audio not in held]
-    report.rows_usable = len({c.audio for c in train}) + (0 if config.validation_path.strip()
+    report.rows_usable = len({c.audio for c in train}) + (0 if config.validation_path
                                                           else len({c.audio for c in validation}))
     report.validation_rows = len(validation)
-    report.validation_from_files = bool(config.validation_path.strip())
+    report.validation_from_files = bool(config.validation_path)
     return report, train, validation
 
 

@@ -95,8 +95,9 @@ def build() -> dict:
                             elem_id="speech-files")
             folder = gr.File(file_count="directory", label="…or a whole folder", height=160,
                              elem_id="speech-folder")
-            validation = gr.File(file_count="single", file_types=[".zip"], height=160,
-                                 label="Validation clips (optional zip)")
+            validation = gr.File(file_count="multiple", file_types=UPLOAD_TYPES, height=160,
+                                 label="Validation clips with their transcripts, or a zip (optional)",
+                                 elem_id="speech-validation")
         data_summary = gr.Markdown(elem_id="speech-data-summary")
         problems = widgets.problems_box("speech")
         with gr.Row():

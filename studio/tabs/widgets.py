@@ -262,7 +262,7 @@ class TabForm:
             beside = {p: (config_file.parent / p).resolve() for p in named}
             found[field] = [str(beside[p]) if beside[p].exists() else held[Path(p).name] for p in named
                             if beside[p].exists() or Path(p).name in held]
-            if typing.get_origin(types[field]) is list:  # (a box of one file takes a folder zipped, below)
+            if typing.get_origin(types[field]) is list:
                 found[field] = [q for p in found[field] for q in self._folder_files(Path(p))]
             missing += [p for p in named if not beside[p].exists() and Path(p).name not in held]
         if getattr(config, "data_path", ""):
@@ -277,7 +277,7 @@ class TabForm:
             # they were. Several boxes may feed one setting (image: files, a folder): the first holds its files.
             files = None if field in given else found[field] or None
             if files and typing.get_origin(types[field]) is not list:
-                files = _one_upload(files[0])  # a box of one file (speech validation): given a list, Gradio fails
+                files = files[0]  # a box of one file: given a list, Gradio fails
             uploads.append(files)
             given.add(field)
         message = "Settings loaded from the config file." + (
@@ -338,16 +338,6 @@ def upload_replaces_the_sample(samples):
 def _paths(uploads) -> list[str]:
     """The files of upload boxes' values (each None, one file or a list)."""
     return [upload_path(f) for value in uploads if value for f in (value if isinstance(value, list) else [value])]
-
-
-def _one_upload(path: str) -> str:
-    """A path for an upload box of one file: a folder of the studio's own (a run's copied validation folder) is
-    zipped, as the user would upload it; any other path is left for Gradio to judge (TabForm._folder_files)."""
-    if not Path(path).is_dir() or not may_serve(Path(path)):
-        return path
-    import tempfile
-    archive = Path(tempfile.mkdtemp(prefix="studio-upload-")) / Path(path).name
-    return shutil.make_archive(str(archive), "zip", path)
 
 
 def shown_if_any(rows: list, as_value=pd.DataFrame) -> dict:
