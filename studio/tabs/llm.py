@@ -154,9 +154,19 @@ def preflight_line(config: LLMConfig, stats: dict | None) -> str:
     return text
 
 
-def try_prompt(run_id, checkpoint, prompt, system, max_new_tokens, temperature, top_p):
-    """The tuned model's reply, then the base model's, to the same prompt (after the system prompt typed, else
-    the run's own), each shown as it grows: (base, tuned) for the two boxes."""
+def _turns(chat: list[dict] | None) -> list[dict[str, str]]:
+    """A Chatbot's conversation as messages for the model: Gradio hands each turn's content over in parts."""
+    def text(content) -> str:
+        return content if isinstance(content, str) else "".join(
+            part.get("text", "") for part in content if isinstance(part, dict))
+    return [{"role": turn["role"], "content": text(turn["content"])} for turn in chat or []]
+
+
+def try_prompt(run_id, checkpoint, prompt, system, max_new_tokens, temperature, top_p, follow_up, base_chat,
+               tuned_chat):
+    """The tuned model's reply, then the base model's, to the same prompt, each shown as it grows: (base
+    conversation, tuned conversation). The prompt is asked on its own, or with `follow_up` after each side's
+    conversation so far; after the system prompt typed, else the run's own."""
     from contextlib import closing
     from studio import tryit
     run = widgets.shown_run(run_id, "Train a run first, then try it here.")
@@ -164,21 +174,25 @@ def try_prompt(run_id, checkpoint, prompt, system, max_new_tokens, temperature, 
         raise widgets.refused("Type a prompt first.")
     checkpoint = None if checkpoint in (None, "", "final") else checkpoint
     options = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
-    if (system or "").strip():
-        options["system"] = system.strip()
-    replies = {"base": "", "tuned": ""}
-    yield "", ""  # the last prompt's replies go at once
-    no_reply = "(no reply: the model ended its answer at once)"  # an empty box read as a failure
+    system = (system or "").strip() or run.config().system_prompt
+    asked = {"role": "user", "content": prompt.strip()}
+    chats = {"base": _turns(base_chat) if follow_up else [], "tuned": _turns(tuned_chat) if follow_up else []}
+    chats = {side: turns + [asked] for side, turns in chats.items()}
+    yield chats["base"], chats["tuned"]  # the question at once, and the last one's replies gone unless followed up
+    no_reply = "(no reply: the model ended its answer at once)"  # an empty bubble read as a failure
     try:
         for side in ("tuned", "base"):
-            with closing(tryit.stream_text(run.config(), run.dir, prompt, checkpoint=checkpoint,
+            conversation = ([{"role": "system", "content": system}] if system else []) + chats[side]
+            with closing(tryit.stream_text(run.config(), run.dir, conversation, checkpoint=checkpoint,
                                            use_adapter=side == "tuned", **options)) as updates:
                 for update in updates:
                     if update is None:
                         yield gr.skip(), gr.skip()  # (where Gradio can stop it: see tryit._in_the_background)
                         continue
-                    replies[side] = update.value or (no_reply if update.final else "")
-                    yield replies["base"], replies["tuned"]
+                    reply = {"role": "assistant", "content": update.value or (no_reply if update.final else "…")}
+                    chats[side] = chats[side][:-1] + [reply] if chats[side][-1]["role"] == "assistant" else \
+                        chats[side] + [reply]
+                    yield chats["base"], chats["tuned"]
     except Exception as err:
         raise gr.Error(f"Generation failed: {getattr(err, 'cause', None) or err}") from None
 
@@ -252,12 +266,14 @@ def build() -> None:
                                 elem_id="llm-prompt")
             system = gr.Textbox(label="System prompt", lines=2, scale=2, elem_id="llm-try-system",
                                 placeholder="empty: the run's own (its system prompt setting), if it has one")
-        with gr.Row():
+        with gr.Row(equal_height=True):
             generate = gr.Button("Generate", elem_id="llm-generate", scale=3)
             stop_generating = gr.Button("Stop", elem_id="llm-stop-generating", scale=1)
+            follow_up = gr.Checkbox(False, label="Continue the conversation", scale=2, elem_id="llm-follow-up",
+                                    info="off: each prompt is asked on its own, as the model trained")
         with gr.Row():
-            base_answer = gr.Textbox(label="Base model", lines=4, elem_id="llm-base-answer")
-            tuned_answer = gr.Textbox(label="Tuned model", lines=4, elem_id="llm-tuned-answer")
+            base_answer = gr.Chatbot(label="Base model", height=300, elem_id="llm-base-answer", buttons=["copy"])
+            tuned_answer = gr.Chatbot(label="Tuned model", height=300, elem_id="llm-tuned-answer", buttons=["copy"])
 
     with gr.Group():
         gr.Markdown("### Export")
@@ -277,7 +293,8 @@ def build() -> None:
                       inputs["batch_size"].change, inputs["load_in_4bit"].change, inputs["target_modules"].change,
                       inputs["custom_target_modules"].blur, *(c.input for c in mapping)]
 
-    trying = generate.click(try_prompt, [run_state, checkpoint, prompt, system, max_new_tokens, temperature, top_p],
+    trying = generate.click(try_prompt, [run_state, checkpoint, prompt, system, max_new_tokens, temperature, top_p,
+                                         follow_up, base_answer, tuned_answer],
                             [base_answer, tuned_answer], api_visibility="private")
     stop_generating.click(None, cancels=[trying], api_visibility="private")  # (the replies so far stay)
     load_outputs = [files, validation_files, base_model, name, *form, section.message]
