@@ -742,8 +742,9 @@ def wire_run_section(section: RunSection, form: TabForm, run_state: gr.Textbox, 
     # Emptied in the browser at once: done by the server, the emptying could come after an export the user had
     # asked for since (on a busy machine), and hide its file. (Cancelled, a Try it or export already under way
     # still ends in the server; its answer or file is not shown.)
+    empty = ", ".join("[]" if isinstance(result, gr.Chatbot) else "null" for result in results)  # (null: no change)
     run_state.change(None, None, [*results, download], cancels=[trying, *exporting],
-                     js=f"() => [{'null, ' * len(results)}{{__type__: 'update', value: null, visible: false}}]")
+                     js=f"() => [{empty}, {{__type__: 'update', value: null, visible: false}}]")
 
 
 # ---- checkpoints and export -------------------------------------------------------------------
