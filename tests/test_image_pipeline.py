@@ -2,11 +2,18 @@
 exports loads in plain diffusers with no import of this project."""
 
 import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
@@ -14,7 +21,7 @@ from pipelines import load_config
 from pipelines.hub import ModelUnavailable, workspace
 from pipelines.image import pipeline
 from pipelines.image.config import native_resolution
-from pipelines.image.model import load_pipeline, materialise_preset
+from pipelines.image.model import load_pipeline, materialise_preset, unusable_base
 from pipelines.training import Events, read_events
 
 PROMPT = "a zqx drawing of a red circle on a white background"
@@ -202,7 +209,7 @@ def test_unreachable_models_fail_in_one_sentence():
     # A single-file checkpoint needs its model family's configs, which an offline machine may not have.
     single = workspace() / "downloaded.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, single)
-    with pytest.raises(ModelUnavailable, match="could not be read"):
+    with pytest.raises(ModelUnavailable, match="cannot reach the Hugging Face hub and they are not in the local cache"):
         load_pipeline(str(single))
 
 
@@ -269,3 +276,107 @@ def test_a_folder_of_fp16_variant_files_trains(sample_config, tmp_path):
     assert inspect_data(config).blocker == (
         f"the base model cannot be used: The pipeline folder {folder} has no weights in text_encoder/ (.safetensors "
         "or .bin, the fp16 variant too): copy the folder again, whole.")
+
+
+def a1111_checkpoint(pipe, path: Path) -> Path:
+    """The pipeline as one .safetensors file in the original Stable Diffusion (CompVis, A1111, Civitai) layout:
+    model.diffusion_model.input_blocks..., first_stage_model.encoder.down..., cond_stage_model.transformer...
+    diffusers' single-file loader reads it back (its convert_ldm_* functions, inverted here for any depth)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+    from safetensors.torch import save_file
+    per_block = pipe.unet.config.layers_per_block + 1  # (the down blocks' layers, and a downsampler or skip)
+    attended = {i for i, kind in enumerate(pipe.unet.config.up_block_types) if "CrossAttn" in kind}
+    resnet = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+              ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+    unet_rules = [
+        (r"down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda b, j: f"input_blocks.{b * per_block + j + 1}.0.", True),
+        (r"down_blocks\.(\d+)\.attentions\.(\d+)\.", lambda b, j: f"input_blocks.{b * per_block + j + 1}.1.", False),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.", lambda b: f"input_blocks.{(b + 1) * per_block}.0.op.", False),
+        (r"mid_block\.resnets\.(\d+)\.", lambda j: f"middle_block.{2 * j}.", True),
+        (r"mid_block\.attentions\.0\.", lambda: "middle_block.1.", False),
+        (r"up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda b, j: f"output_blocks.{b * per_block + j}.0.", True),
+        (r"up_blocks\.(\d+)\.attentions\.(\d+)\.", lambda b, j: f"output_blocks.{b * per_block + j}.1.", False),
+        (r"up_blocks\.(\d+)\.upsamplers\.0\.",
+         lambda b: f"output_blocks.{b * per_block + per_block - 1}.{2 if b in attended else 1}.", False)]
+    last = len(pipe.vae.config.block_out_channels) - 1  # (the VAE's decoder blocks are numbered from the bottom)
+    vae_rules = [
+        (r"encoder\.down_blocks\.(\d+)\.resnets\.", lambda b: f"encoder.down.{b}.block.", False),
+        (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda b: f"encoder.down.{b}.downsample.", False),
+        (r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda b: f"decoder.up.{last - b}.block.", False),
+        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda b: f"decoder.up.{last - b}.upsample.", False),
+        (r"(?<=coder\.)mid_block\.resnets\.(\d+)\.", lambda j: f"mid.block_{j + 1}.", False),
+        (r"(?<=coder\.)mid_block\.attentions\.0\.", lambda: "mid.attn_1.", False)]
+
+    def renamed(key: str, fixed: dict, rules: list) -> str:
+        if key in fixed:
+            return fixed[key]
+        for pattern, prefix, in_resnet in rules:
+            if match := re.search(pattern, key):
+                rest = key[match.end():]
+                for ours, theirs in resnet if in_resnet else []:
+                    rest = rest.replace(ours, theirs)
+                return key[:match.start()] + prefix(*map(int, match.groups())) + rest
+        raise KeyError(key)
+
+    state = {"model.diffusion_model." + renamed(k, DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], unet_rules): w
+             for k, w in pipe.unet.state_dict().items()}
+    attention = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+    for key, weight in pipe.vae.state_dict().items():
+        key = renamed(key.replace("conv_shortcut", "nin_shortcut"), DIFFUSERS_TO_LDM_MAPPING["vae"], vae_rules)
+        if ".mid.attn_1." in key:  # (1x1 convolutions there, linear layers in diffusers)
+            for ours, theirs in attention:
+                key = key.replace(f".{ours}.", f".{theirs}.")
+            weight = weight[:, :, None, None] if weight.ndim == 2 else weight
+        state["first_stage_model." + key] = weight
+    for key, weight in pipe.text_encoder.state_dict().items():  # (transformers >= 5.6 has no text_model. prefix)
+        state["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = weight
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: w.contiguous() for k, w in state.items()}, path)
+    return path
+
+
+def test_a_single_file_checkpoint_whose_configs_cannot_be_had_is_refused_before_a_run(assets, tmp_path, monkeypatch):
+    """An A1111/Civitai-style .safetensors as base model: diffusers builds the pipeline with the configuration files
+    of the model family its weights show (SD 1.5's here), from the hub. Offline with none cached, the check passed
+    and the run failed on loading, after Train. With them cached it trains, and online it is not refused."""
+    checkpoint = a1111_checkpoint(StableDiffusionPipeline.from_pretrained(materialise_preset("tiny-sd")),
+                                  tmp_path / "models" / "my-sd15.safetensors")
+    cache = tmp_path / "hub-cache"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load((assets / "image" / "config.yaml").read_text()),
+                                      "base_model": str(checkpoint), "data_path": str(assets / "image"),
+                                      "max_steps": 2, "sample_every": 0, "sample_steps": 2}))
+    env = {**os.environ, "STUDIO_HOME": str(tmp_path / "ws"), "STUDIO_MODEL_DIRS": str(tmp_path),
+           "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+    def studio_train():
+        return subprocess.run([sys.executable, "-m", "studio.cli", "train", str(config)], capture_output=True,
+                              text=True, timeout=600, cwd=assets.parent, env=env)
+
+    refused = studio_train()
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert ("the base model cannot be used: The checkpoint my-sd15.safetensors needs the configuration files of its "
+            "model family (stable-diffusion-v1-5/stable-diffusion-v1-5) to be read, and they cannot be downloaded: "
+            "this machine cannot reach the Hugging Face hub and they are not in the local cache."
+            ) in refused.stdout + refused.stderr
+    assert not list((tmp_path / "ws" / "runs").glob("*"))  # refused before a run was made
+
+    # Cached as a connected first load leaves them (refs/main and a snapshot of the configs; here tiny-sd's,
+    # which describe what this file holds): it loads offline, and trains.
+    family = cache / "models--stable-diffusion-v1-5--stable-diffusion-v1-5"
+    shutil.copytree(materialise_preset("tiny-sd"), family / "snapshots" / ("0" * 40),
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    (family / "refs").mkdir()
+    (family / "refs" / "main").write_text("0" * 40)
+    trained = studio_train()
+    assert trained.returncode == 0 and "Completed" in trained.stdout, trained.stdout + trained.stderr
+
+    # Online, the configuration files come with the first load: nothing to refuse (none cached in this process).
+    monkeypatch.setenv("STUDIO_MODEL_DIRS", str(tmp_path))
+    with socket.create_server(("127.0.0.1", 0)) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
+        for flag in ("STUDIO_OFFLINE", "HF_HUB_OFFLINE"):
+            monkeypatch.delenv(flag, raising=False)
+        assert unusable_base(str(checkpoint)) == ""
+    pickled = shutil.copy(checkpoint, tmp_path / "models" / "my-sd15.ckpt")  # (refused by the load alone, before)
+    assert unusable_base(str(pickled)).startswith("my-sd15.ckpt is a pickled .ckpt file, which can run code")

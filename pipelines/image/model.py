@@ -84,7 +84,10 @@ def base_location(base_model: str) -> tuple[str, str]:
         return "hub", value
     path = Path(value)
     if path.is_file():
-        if path.suffix.lower() not in (".safetensors", ".ckpt"):
+        if path.suffix.lower() == ".ckpt":  # (here, so that the data check says it too, not only the run)
+            raise ModelUnavailable(f"{path.name} is a pickled .ckpt file, which can run code when loaded.",
+                                   "Convert it to .safetensors, or use a diffusers folder.")
+        if path.suffix.lower() != ".safetensors":
             raise ModelUnavailable(f"{path.name} is not a Stable Diffusion checkpoint (.safetensors).",
                                    "Choose a diffusers folder or a single .safetensors file.")
         return "file", value
@@ -125,6 +128,8 @@ def unusable_base(base_model: str) -> str:
         if kind == "hub":  # offline, only what the local cache holds
             from huggingface_hub import hf_hub_download
             load_from_hub(hf_hub_download, where, filename="model_index.json")
+        if kind == "file":
+            check_single_file(Path(where))
     except ModelUnavailable as err:
         return str(err)
     missing = [name for name in COMPONENTS if kind == "folder" and not (Path(where) / name).is_dir()]
@@ -160,18 +165,41 @@ def _load_single_file(path: Path, dtype):
     configs from the hub (or its local cache) by recognising the model family from the weight names."""
     from diffusers import StableDiffusionPipeline
 
-    if path.suffix.lower() == ".ckpt":
-        raise ModelUnavailable(f"{path.name} is a pickled .ckpt file, which can run code when loaded.",
-                               "Convert it to .safetensors, or use a diffusers folder.")
     online = hub_reachable()
     try:
         return StableDiffusionPipeline.from_single_file(str(path), dtype=dtype, local_files_only=not online,
                                                         **SAFETY_OFF)
     except Exception as err:  # diffusers raises many kinds for files it cannot place
-        if not online:
-            raise ModelUnavailable(f"The checkpoint {path.name} could not be read: its model family's configuration "
-                                   "files are not cached and this machine cannot reach the Hugging Face hub.",
-                                   "Load it once on a connected machine, or use a diffusers folder.") from None
+        check_single_file(path)  # (the file unreadable, or its family's configuration files out of reach)
         raise ModelUnavailable(f"The checkpoint {path.name} could not be read as Stable Diffusion 1.x/2.x: "
                                f"{error_text(err)}.",
                                "Check that it is a full SD checkpoint, not a LoRA or a VAE.") from None
+
+
+def check_single_file(path: Path) -> None:
+    """Raise ModelUnavailable where a single-file checkpoint cannot be loaded here, found from the weights' names
+    and shapes in its header alone: a real one is 2-4 GB, and the data check runs at each change of the form.
+    diffusers builds the pipeline with the configuration files of the model family those show (SD 1.5, 2.1...),
+    from the hub; offline, they must be in its local cache (looked up as the check does for a hub id)."""
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config
+    from huggingface_hub import try_to_load_from_cache
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as weights:  # (the tensors stay on disk)
+            shapes = {k: torch.empty(weights.get_slice(k).get_shape(), device="meta") for k in weights.keys()}
+    except Exception as err:  # safetensors' errors for a file cut short or of another kind
+        raise ModelUnavailable(f"{path.name} cannot be read as a .safetensors file ({error_text(err)}).",
+                               "Copy or download it again.") from None
+    if hub_reachable():
+        return  # (the configuration files come with the first load)
+    try:
+        family = fetch_diffusers_config(shapes)["pretrained_model_name_or_path"]
+    except Exception:  # a family diffusers tells by the weights' values, not their shapes: the load finds out
+        return
+    if not isinstance(try_to_load_from_cache(family, "model_index.json"), str):
+        raise ModelUnavailable(f"The checkpoint {path.name} needs the configuration files of its model family "
+                               f"({family}) to be read, and they cannot be downloaded: this machine cannot reach the "
+                               "Hugging Face hub and they are not in the local cache.",
+                               "Connect this machine for the checkpoint's first load (the files are small and stay "
+                               "cached), or use a diffusers folder of the model.")
