@@ -57,7 +57,7 @@ def model_card(run: Run, config: RunConfig, kind: str, path: Path, checkpoint: s
     if getattr(config, "system_prompt", ""):
         trained.append(f"- System prompt (ask with it too): {config.system_prompt!r}")
     library = "transformers" if run.modality == "llm" and merged else LIBRARY[run.modality]  # (no adapter left)
-    hub_base = _hub_id(config.base_model)  # (the hub links the card to it: a path or a preset names nothing there)
+    hub_base = _hub_id(config.base_model, run.modality)  # (the hub links the card to it)
     front = "\n".join(["---", *([f"base_model: {hub_base}"] if hub_base else []), f"library_name: {library}",
                        "tags:", *[f"- {t}" for t in ["lora", "lora-studio", *TAGS[run.modality]]], "---"])
     return (f"{front}\n\n# {run.name}\n\n{what}, fine-tuned with LoRA Studio ({MODALITIES[run.modality]}, run "
@@ -65,20 +65,28 @@ def model_card(run: Run, config: RunConfig, kind: str, path: Path, checkpoint: s
             + f"\n\n## Use\n\n```python\n{_usage(run.modality, kind, path, config)}\n```\n")
 
 
-def _hub_id(base_model: str) -> str:
-    """The hub id of a base model: itself, or for a local folder the id its config.json was saved from ("" where
-    there is none: a preset, a folder made elsewhere)."""
-    from pipelines.hub import HUB_ID
-    text = base_model.strip()
-    folder = Path(text).expanduser()
-    if folder.is_dir():
-        try:
-            text = str(json.loads((folder / "config.json").read_text()).get("_name_or_path") or "")
-        except (OSError, ValueError):
-            return ""
-    elif folder.exists():  # (a file: a Whisper .pt)
+def _hub_id(base_model: str, modality: str) -> str:
+    """The base model's id on the Hugging Face hub, or "" where it has none (a preset, a folder made elsewhere, a
+    file): where the studio loads it from the hub (namespaced or a legacy id: 'gpt2'), or the one a local folder's
+    config.json (a diffusers folder's model_index.json) says it was saved from. Read by the rule the run's load
+    followed, so that a preset's name or a folder's relative name is not taken for an id."""
+    from pipelines import model_module
+    from pipelines.hub import ModelUnavailable, resolve_source
+    if modality == "speech":
+        return ""  # (Whisper's sizes are OpenAI's downloads, not the hub's)
+    presets = model_module(modality).PRESETS
+    try:
+        kind, where = resolve_source(base_model, presets)
+        if kind == "local":
+            folder = Path(where)
+            config = next(folder / n for n in ("config.json", "model_index.json") if (folder / n).is_file())
+            saved_from = str(json.loads(config.read_text()).get("_name_or_path") or "")
+            if not saved_from or (folder.parent / saved_from).exists():  # (a folder beside it, by its relative name)
+                return ""
+            kind, where = resolve_source(saved_from, presets)
+    except (ModelUnavailable, StopIteration, OSError, ValueError, AttributeError):
         return ""
-    return text if "/" in text and HUB_ID.match(text) else ""  # (a preset's name has no "/"; a path fails HUB_ID)
+    return where if kind == "hub" else ""
 
 
 def _usage(modality: str, kind: str, path: Path, config: RunConfig) -> str:

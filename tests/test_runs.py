@@ -556,14 +556,52 @@ def test_resume_is_suggested_only_where_it_can_help(home, tmp_path):
     assert resume_may_help("stopped", "") and resume_may_help("interrupted", "")
 
 
-def test_a_model_card_names_the_hub_model_a_local_folder_came_from(tmp_path):
+def test_a_model_card_names_the_hub_model_a_local_folder_came_from(tmp_path, monkeypatch):
     """A run on a downloaded model saved to a folder put the folder's path in the card's base_model, which the hub
     reads as a model id."""
     from studio.exporting import _hub_id
+    monkeypatch.setenv("STUDIO_MODEL_DIRS", str(tmp_path))
     folder = tmp_path / "qwen"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"_name_or_path": "Qwen/Qwen2.5-0.5B", "model_type": "qwen2"}))
-    assert _hub_id(str(folder)) == "Qwen/Qwen2.5-0.5B"
+    assert _hub_id(str(folder), "llm") == "Qwen/Qwen2.5-0.5B"
     (folder / "config.json").write_text(json.dumps({"_name_or_path": str(folder), "model_type": "qwen2"}))
-    assert _hub_id(str(folder)) == "" and _hub_id("tiny-llama") == ""
-    assert _hub_id("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
+    assert _hub_id(str(folder), "llm") == "" and _hub_id("tiny-llama", "llm") == ""
+    assert _hub_id("meta-llama/Llama-3.2-1B", "llm") == "meta-llama/Llama-3.2-1B"
+    pipeline = tmp_path / "sd15"  # a diffusers folder says it in its model_index.json
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionPipeline", "_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5"}))
+    assert _hub_id(str(pipeline), "image") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_a_model_card_names_a_legacy_hub_id_without_a_namespace(home, tmp_path, monkeypatch):
+    """gpt2, distilgpt2, bert-base-uncased: the hub's ids from before namespaces got no base_model in the card's front
+    matter (an id was told from a preset's name by its '/'), whether the run loaded it from the hub or from a folder
+    it was saved to. A preset's name and a folder's relative name still give none."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from studio.exporting import model_card
+    monkeypatch.setenv("STUDIO_MODEL_DIRS", str(tmp_path))
+    models = tmp_path / "models"
+    saved = models / "my-gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64)).save_pretrained(saved)
+    config_json = json.loads((saved / "config.json").read_text())
+    assert GPT2LMHeadModel.from_pretrained(saved).config.n_layer == 2
+
+    def saved_from(name: str) -> None:
+        # (transformers before 5 wrote the id a model was loaded from into the config.json it saved)
+        (saved / "config.json").write_text(json.dumps({**config_json, "_name_or_path": name}))
+
+    def front_matter(base_model: str) -> list[str]:
+        config = load_config(config_file(tmp_path, base_model=base_model))
+        card = model_card(Registry().create(config, status="stopped"), config, "adapter", tmp_path)
+        return [line for line in card.split("---")[1].splitlines() if line.startswith("base_model:")]
+
+    assert front_matter("gpt2") == ["base_model: gpt2"]
+    saved_from("gpt2")
+    assert front_matter(str(saved)) == ["base_model: gpt2"]
+    assert front_matter("tiny-llama") == []
+    (models / "my-base").mkdir()
+    for local in ("tiny-llama", "my-base"):  # a preset's materialised folder, by its name; a folder beside this one
+        saved_from(local)
+        assert front_matter(str(saved)) == [], local
