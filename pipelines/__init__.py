@@ -50,16 +50,14 @@ def model_module(modality: str) -> ModuleType:
     return importlib.import_module(_package(modality) + ".model")
 
 
-def config_from_dict(data: dict) -> RunConfig:
+def config_from_dict(data: dict, base: Path | None = None) -> RunConfig:
     modality = data.get("modality")
     if not modality:
         raise ConfigError([("modality", f"is missing: say which of {', '.join(MODALITIES)} this run is")])
-    return config_class(modality).from_dict(data)
+    return config_class(modality).from_dict(data, base=base)
 
 
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a run's config.yaml. Relative data paths resolve against the file's folder."""
-    path = Path(path)
-    data = read_yaml(path)
-    config = config_from_dict(data)
-    return config.resolved_paths(path.resolve().parent)
+    folder = Path(path).resolve().parent
+    return config_from_dict(read_yaml(path), base=folder).resolved_paths(folder)

@@ -119,9 +119,10 @@ class RunConfig:
         return {"modality": self.modality, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], check: bool = True) -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any], check: bool = True, base: Path | None = None) -> "RunConfig":
         """Build and check a config from plain data (YAML, form values). Raises ConfigError.
-        check=False only converts types (for filling a form from a config whose data is elsewhere)."""
+        check=False only converts types (for filling a form from a config whose data is elsewhere).
+        base: the folder relative data paths are read against (a config file's own; else the working folder)."""
         data = dict(data or {})
         modality = data.pop("modality", cls.modality)
         problems: list[tuple[str, str]] = []
@@ -130,6 +131,9 @@ class RunConfig:
         known = {f.name for f in cls.fields()}
         problems += [(k, "is not a known setting") for k in data if k not in known]
         types = cls.field_types()
+        for name in set(cls.path_fields) & data.keys():
+            if typing.get_origin(types[name]) is list:
+                data[name] = _one_path(data[name], base)
         values = {}
         for name in known & data.keys():
             try:
@@ -220,6 +224,15 @@ class RunConfig:
 
     def changed(self, **values) -> "RunConfig":
         return dataclasses.replace(self, **values)
+
+
+def _one_path(value: Any, base: Path | None) -> Any:
+    """A list of paths given as text (a config file's `data_files: ...`): the one path it names where that exists,
+    whatever commas its name holds ('Smith, J.csv', a run's copy of such a folder); otherwise left to be read as
+    items between commas."""
+    if isinstance(value, str) and value.strip() and ((base or Path()) / Path(value.strip()).expanduser()).exists():
+        return [value.strip()]
+    return value
 
 
 def _coerce(value: Any, kind: Any) -> Any:

@@ -402,7 +402,7 @@ def _row_from_folder(run_dir: Path) -> dict[str, Any] | None:
     if not (run_dir.is_dir() and valid_run_id(run_dir.name) and config_file.exists()):
         return None
     try:
-        config = config_from_dict(yaml.safe_load(config_file.read_text()))
+        config = config_from_dict(yaml.safe_load(config_file.read_text()), base=run_dir)
     except Exception:
         return None
     status, pid, error, advice, resume = "interrupted", None, "", "", 0

@@ -241,6 +241,39 @@ def test_load_config_fills_the_speech_validation_box_as_the_training_one(tmp_pat
         assert len(validation_clips) == held, (validation, report.problems)
 
 
+def test_a_data_path_with_a_comma_in_its_name_is_one_path(tmp_path):
+    """A list of paths given as text in a config file (`train_files: ...`, `data_files: ...`) was read as items
+    between commas, also where it named one file or folder: 'shapes, set 1' became 'shapes' and 'set 1', neither
+    found, for studio train and Load config alike. Text naming an existing path (read against the config file's
+    folder, as its paths are) is that path; any other text is a list between commas, as before."""
+    import shutil
+    from pipelines import load_config
+    from pipelines.image.data import inspect_data as check_images
+    from pipelines.llm.data import inspect_data as check_rows
+    from studio.tabs import image, llm
+    shapes = tmp_path / "shapes, set 1"
+    shutil.copytree(ROOT / "assets" / "image", shapes, ignore=shutil.ignore_patterns("config.yaml"))
+    (tmp_path / "notes, 2024").mkdir()
+    for copy in ("notes, 2024/sample.csv", "sample.csv", "more.csv"):
+        shutil.copy(ROOT / "assets" / "llm" / "sample.csv", tmp_path / copy)
+    rows = check_rows(load_config(ROOT / "assets" / "llm" / "config.yaml")).rows_usable
+
+    drawings = tmp_path / "image.yaml"
+    drawings.write_text("modality: image\nresolution: 32\ndata_files: shapes, set 1\n")
+    settings = load_config(drawings)
+    assert settings.data_files == [str(shapes)] and check_images(settings).rows_usable == 8
+    assert len(image.FORM_SPEC.load(str(drawings))[0]) == 16  # Load config: the 8 drawings and their captions
+
+    text = tmp_path / "llm.yaml"
+    text.write_text("modality: llm\ntrain_files: notes, 2024/sample.csv\n")
+    settings = load_config(text)
+    assert settings.train_files == [str(tmp_path / "notes, 2024" / "sample.csv")]
+    assert check_rows(settings).rows_usable == rows
+    assert llm.FORM_SPEC.load(str(text))[0] == settings.train_files
+    text.write_text("modality: llm\ntrain_files: sample.csv, more.csv\n")  # no path of that name: a list
+    assert load_config(text).train_files == [str(tmp_path / "sample.csv"), str(tmp_path / "more.csv")]
+
+
 def test_prompts_with_commas_keep_them_through_the_form(tmp_path):
     """Sample prompts are sentences: the form takes them one per line (split at commas, 'Hello, who are you?'
     became two prompts in the saved config). Module names stay comma-separated."""

@@ -4,7 +4,7 @@ can build its form without loading the ML stack."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pipelines.config import RunConfig, option
 
@@ -89,15 +89,6 @@ class SpeechConfig(RunConfig):
 
     sample_count: int = option(3, "Clips transcribed as samples at each sample step (validation clips first).",
                                min=0, max=32, step=1)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], check: bool = True) -> "SpeechConfig":
-        # validation_path held one folder or zip before it took a list: such a config (a run's, saved before)
-        # names that one path, commas and all, where a list setting's text is read as items between commas.
-        data = dict(data or {})
-        if isinstance(data.get("validation_path"), str):
-            data["validation_path"] = [data["validation_path"]] if data["validation_path"].strip() else []
-        return super().from_dict(data, check)
 
     def extra_problems(self) -> list[tuple[str, str]]:
         problems = super().extra_problems()

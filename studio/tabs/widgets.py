@@ -237,19 +237,19 @@ class TabForm:
         in the browser arrives alone, without the data beside it that the user has just uploaded."""
         from pipelines.config import read_yaml
         unchanged = [gr.update()] * (len(self.upload_fields) + 2 + len(self.form))
+        config_file = Path(upload_path(upload)).resolve()
         try:
-            data = read_yaml(upload_path(upload))
+            data = read_yaml(config_file)
             try:
-                config = self.config_cls.from_dict(data)
+                config = self.config_cls.from_dict(data, base=config_file.parent)
             except ConfigError as err:
                 # Data files missing on this machine: still fill the settings; the user uploads the data.
                 if any(name not in self.config_cls.path_fields for name, _ in err.problems):
                     raise
-                config = self.config_cls.from_dict(data, check=False)
+                config = self.config_cls.from_dict(data, check=False, base=config_file.parent)
         except ConfigError as err:
             text = "; ".join(f"`{n}` {w}" for n, w in err.problems)
             return unchanged + [f"**This config.yaml cannot be used:** {text}"]
-        config_file = Path(upload_path(upload)).resolve()
         held_paths = _paths(uploaded)
         names = Counter(Path(p).name for p in held_paths)
         held = {Path(p).name: p for p in held_paths if names[Path(p).name] == 1}  # a name two files share: neither
