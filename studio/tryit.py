@@ -55,6 +55,12 @@ def _key(pipeline, config: RunConfig, run_dir: str | Path | None, checkpoint: st
     return key + (str(folder), *((f.name, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())))
 
 
+def _left_while_waiting(options: dict) -> bool:
+    """A stream closed while it waited for another Try it to end: loading its model (in place of the one kept)
+    would be for nothing."""
+    return bool(options.get("should_stop") and options["should_stop"]())
+
+
 def _adapter_switch(model, use_adapter: bool):
     return nullcontext() if use_adapter or not hasattr(model, "disable_adapter") else model.disable_adapter()
 
@@ -67,6 +73,8 @@ def generate_text(config: RunConfig, run_dir: str | Path | None, prompt: str, *,
     llm = _pipeline("llm")
     key = _key(llm, config, run_dir, checkpoint)
     with _lock:
+        if _left_while_waiting(options):
+            return ""
         model, tokenizer = _cached(key, lambda: llm.load_for_generation(config, run_dir, checkpoint))
         with _adapter_switch(model, use_adapter and run_dir is not None):
             return llm.complete(model, tokenizer, prompt, **options)
@@ -77,6 +85,8 @@ def generate_image(config: RunConfig, run_dir: str | Path | None, prompt: str, *
     image = _pipeline("image")
     key = _key(image, config, run_dir, checkpoint)
     with _lock:
+        if _left_while_waiting(options):
+            return None
         pipe = _cached(key, lambda: image.load_for_generation(config, run_dir, checkpoint))
         return image.generate(pipe, prompt, lora_scale=lora_scale if run_dir is not None else 0.0, **options)
 

@@ -275,6 +275,23 @@ def test_try_it_streams_the_reply_and_a_closed_stream_frees_the_model(trained):
         hook.remove()
 
 
+def test_a_try_it_left_while_it_waited_loads_no_model(trained):
+    """Stopped while another Try it held the model, it loaded its own in that one's place, for nothing."""
+    import threading
+    from studio import tryit
+    config, run_dir = trained
+    tryit.generate_text(config, run_dir, "Hello", max_new_tokens=1)
+    kept = tryit._loaded["key"]
+    with tryit._lock:  # another Try it under way
+        stream = tryit.stream_text(config, None, "Hello")  # the base model alone: another model to load
+        assert next(stream) is None  # waiting
+        stream.close()
+    for thread in threading.enumerate():
+        if thread.name == "try-it":
+            thread.join()
+    assert tryit._loaded["key"] == kept
+
+
 def test_a_prompt_longer_than_the_context_keeps_its_end(trained):
     """A sample prompt is a training prompt, of any length: 286,000 tokens held a run at its last step."""
     config, run_dir = trained
