@@ -292,6 +292,36 @@ def test_a_try_it_left_while_it_waited_loads_no_model(trained):
     assert tryit._loaded["key"] == kept
 
 
+def test_a_follow_up_is_asked_after_each_sides_conversation(trained, tmp_path, monkeypatch):
+    """Try it's 'Continue the conversation': a model tuned on multi-turn chats could be asked one question at a
+    time only. The conversation comes back from the page's Chatbot in parts; the studio's "no reply" stand-in
+    is not passed to the model as its words."""
+    import shutil
+    from studio import tryit
+    from studio.runs import Registry
+    from studio.tabs import llm as tab
+    config, run_dir = trained
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "ws"))
+    run = Registry().create(config, status="completed")
+    shutil.copytree(run_dir / "adapter", run.dir / "adapter")
+    first = "What is the capital of Zorbia?"
+    *_, (base, tuned) = tab.try_prompt(run.id, "final", first, "", 16, 0, 1, False, None, None)
+    assert tuned == [{"role": "user", "content": first},
+                     {"role": "assistant", "content": "The capital of Zorbia is Quillton."}]
+    in_parts = [{"role": t["role"], "content": [{"type": "text", "text": t["content"]}]} for t in tuned]
+    in_parts.append({"role": "user", "content": [{"type": "text", "text": "Hello"}]})
+    in_parts.append({"role": "assistant", "content": [{"type": "text", "text": tab.NO_REPLY}]})
+    follow = "Who founded the Lantern Guild?"
+    *_, (_, tuned) = tab.try_prompt(run.id, "final", follow, "", 16, 0, 1, True, None, in_parts)
+    seen = tab._turns(in_parts) + [{"role": "user", "content": follow}]
+    assert seen[3] == {"role": "assistant", "content": ""}
+    assert tuned[:-1] == seen and tuned[-1]["role"] == "assistant"
+    assert tuned[-1]["content"] == (tryit.generate_text(config, run.dir, seen, max_new_tokens=16) or tab.NO_REPLY)
+    *_, (_, alone) = tab.try_prompt(run.id, "final", follow, "", 16, 0, 1, False, None, in_parts)
+    assert alone == [{"role": "user", "content": follow},
+                     {"role": "assistant", "content": "The Lantern Guild was founded by Mira Okafor."}]
+
+
 def test_a_prompt_longer_than_the_context_keeps_its_end(trained):
     """A sample prompt is a training prompt, of any length: 286,000 tokens held a run at its last step."""
     config, run_dir = trained

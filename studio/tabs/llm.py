@@ -154,11 +154,17 @@ def preflight_line(config: LLMConfig, stats: dict | None) -> str:
     return text
 
 
+NO_REPLY = "(no reply: the model ended its answer at once)"  # an empty bubble read as a failure
+WRITING = "…"  # a reply begun, before its first word
+
+
 def _turns(chat: list[dict] | None) -> list[dict[str, str]]:
-    """A Chatbot's conversation as messages for the model: Gradio hands each turn's content over in parts."""
+    """A Chatbot's conversation as messages for the model: Gradio hands each turn's content over in parts, and
+    the studio's own stand-ins for an empty reply are none of the model's words."""
     def text(content) -> str:
-        return content if isinstance(content, str) else "".join(
+        text = content if isinstance(content, str) else "".join(
             part.get("text", "") for part in content if isinstance(part, dict))
+        return "" if text in (NO_REPLY, WRITING) else text
     return [{"role": turn["role"], "content": text(turn["content"])} for turn in chat or []]
 
 
@@ -179,7 +185,6 @@ def try_prompt(run_id, checkpoint, prompt, system, max_new_tokens, temperature, 
     chats = {"base": _turns(base_chat) if follow_up else [], "tuned": _turns(tuned_chat) if follow_up else []}
     chats = {side: turns + [asked] for side, turns in chats.items()}
     yield chats["base"], chats["tuned"]  # the question at once, and the last one's replies gone unless followed up
-    no_reply = "(no reply: the model ended its answer at once)"  # an empty bubble read as a failure
     try:
         for side in ("tuned", "base"):
             conversation = ([{"role": "system", "content": system}] if system else []) + chats[side]
@@ -189,7 +194,7 @@ def try_prompt(run_id, checkpoint, prompt, system, max_new_tokens, temperature, 
                     if update is None:
                         yield gr.skip(), gr.skip()  # (where Gradio can stop it: see tryit._in_the_background)
                         continue
-                    reply = {"role": "assistant", "content": update.value or (no_reply if update.final else "…")}
+                    reply = {"role": "assistant", "content": update.value or (NO_REPLY if update.final else WRITING)}
                     chats[side] = chats[side][:-1] + [reply] if chats[side][-1]["role"] == "assistant" else \
                         chats[side] + [reply]
                     yield chats["base"], chats["tuned"]
